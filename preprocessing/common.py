@@ -1,0 +1,272 @@
+"""What the preprocessing scripts share: paths.yaml, file lists, the devkit, reports, errors.
+
+    from preprocessing.common import load_paths, default_paths_file
+    paths = load_paths(default_paths_file())
+    paths['train_batch_dir']     # .../data/toy/train_hkl_b256_b_256
+
+Every script turns a PrepError into one line ``error: ...`` on stderr and exit status 1
+(``run_main``); anything else is a bug and keeps its traceback.
+"""
+import os
+import sys
+
+import numpy as np
+import yaml
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BATCH_SIZE = 256
+BATCH_SUFFIX = f'_b{BATCH_SIZE}_b_{BATCH_SIZE}'  # the original's name for one set of full batches
+TOY_IMAGES = 2560  # `make_hkl.py toy`: the first 2560 train and 2560 validation images
+
+PATH_KEYS = ('train_img_dir', 'val_img_dir', 'tar_root_dir', 'tar_train_dir', 'tar_val_dir',
+             'misc_dir', 'meta_clsloc_mat', 'val_label_file', 'valtxt_filename',
+             'traintxt_filename')
+IMAGE_SUFFIXES = ('.jpeg', '.jpg', '.png')  # compared in lower case; ImageNet uses .JPEG
+SHUFFLED_TRAIN_FILE = 'shuffled_train_filenames.npy'
+SHUFFLE_SEED = 1
+
+
+class PrepError(Exception):
+    """An expected problem (bad paths.yaml, missing folder, devkit mismatch, unreadable image).
+    The message is one line that names the thing at fault."""
+
+
+def run_main(main):
+    """Run ``main()``; a PrepError becomes ``error: ...`` and exit status 1, Ctrl-C exit 130."""
+    try:
+        main()
+    except PrepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted: complete batch files are kept; run the same command again to "
+              "continue", file=sys.stderr)
+        sys.exit(130)
+
+
+# ---------------------------------------------------------------- paths.yaml
+
+def default_paths_file():
+    return os.path.join(HERE, 'paths.yaml')
+
+
+def add_paths_argument(parser):
+    parser.add_argument('--paths', default=default_paths_file(), metavar='FILE',
+                        help='paths file (default: paths.yaml beside this script); relative '
+                             'paths in it are relative to its own folder')
+
+
+def load_paths(paths_file):
+    """The paths of ``paths_file`` as absolute paths, plus the derived output locations
+    ``train_batch_dir``, ``val_batch_dir``, ``labels_dir`` and ``paths_file``.
+
+    Relative paths resolve against the folder of the yaml file; ``tar_train_dir`` and
+    ``tar_val_dir`` resolve against ``tar_root_dir`` (an absolute path is kept as it is)."""
+    paths_file = os.path.abspath(paths_file)
+    if not os.path.isfile(paths_file):
+        raise PrepError(f"paths file {paths_file} does not exist")
+    try:
+        with open(paths_file) as f:
+            raw = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise PrepError(f"cannot read paths file {paths_file}: "
+                        f"{' '.join(str(e).split())}") from None
+    if not isinstance(raw, dict):
+        raise PrepError(f"paths file {paths_file} is not a mapping of keys to paths")
+    for key in PATH_KEYS:
+        if key not in raw:
+            raise PrepError(f"paths file {paths_file} has no key '{key}'")
+        if not isinstance(raw[key], str) or not raw[key].strip():
+            raise PrepError(f"paths file {paths_file}: key '{key}' must be a non-empty path")
+
+    base = os.path.dirname(paths_file)
+
+    def resolve(value, against):
+        return os.path.normpath(os.path.join(against, os.path.expanduser(value.strip())))
+
+    paths = {key: resolve(raw[key], base) for key in PATH_KEYS}
+    for key in ('tar_train_dir', 'tar_val_dir'):
+        paths[key] = resolve(raw[key], paths['tar_root_dir'])
+    paths['train_batch_dir'] = paths['tar_train_dir'] + BATCH_SUFFIX
+    paths['val_batch_dir'] = paths['tar_val_dir'] + BATCH_SUFFIX
+    paths['labels_dir'] = os.path.join(paths['tar_root_dir'], 'labels')
+    paths['paths_file'] = paths_file
+    return paths
+
+
+def require_dir(paths, key):
+    """The folder named by ``paths[key]``; a PrepError naming key and folder if it is absent."""
+    if not os.path.isdir(paths[key]):
+        raise PrepError(f"{key} folder {paths[key]} does not exist "
+                        f"(set in {paths['paths_file']})")
+    return paths[key]
+
+
+def require_file(paths, key, hint=''):
+    if not os.path.isfile(paths[key]):
+        raise PrepError(f"{key} file {paths[key]} does not exist "
+                        f"(set in {paths['paths_file']}){hint}")
+    return paths[key]
+
+
+# ---------------------------------------------------------------- file lists
+
+def is_image_name(name):
+    return not name.startswith('.') and name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def list_class_folders(train_img_dir):
+    """Sorted names of the class folders (WNIDs) of the training tree."""
+    folders = sorted(name for name in os.listdir(train_img_dir)
+                     if os.path.isdir(os.path.join(train_img_dir, name)))
+    if not folders:
+        raise PrepError(f"train_img_dir {train_img_dir} holds no class folders "
+                        f"(expected n01440764/, n01443537/, ...)")
+    return folders
+
+
+def list_train_images(train_img_dir):
+    """All training images as sorted 'wnid/name' paths relative to train_img_dir."""
+    files = []
+    for wnid in list_class_folders(train_img_dir):
+        folder = os.path.join(train_img_dir, wnid)
+        files += [f'{wnid}/{name}' for name in os.listdir(folder) if is_image_name(name)]
+    if not files:
+        raise PrepError(f"train_img_dir {train_img_dir}: its class folders hold no images")
+    return sorted(files)
+
+
+def list_val_images(val_img_dir):
+    """The validation image names, sorted (ILSVRC2012_val_00000001.JPEG, ...)."""
+    names = sorted(name for name in os.listdir(val_img_dir)
+                   if is_image_name(name) and os.path.isfile(os.path.join(val_img_dir, name)))
+    if not names:
+        hint = ''
+        if any(os.path.isdir(os.path.join(val_img_dir, n)) for n in os.listdir(val_img_dir)):
+            hint = ' (it holds folders: validation images must lie directly in it, not in ' \
+                   'class folders)'
+        raise PrepError(f"val_img_dir {val_img_dir} holds no images{hint}")
+    return names
+
+
+def shuffled_train_file(paths):
+    return os.path.join(paths['misc_dir'], SHUFFLED_TRAIN_FILE)
+
+
+def load_shuffled_train_list(paths):
+    """misc/shuffled_train_filenames.npy as a list of 'wnid/name' strings."""
+    path = shuffled_train_file(paths)
+    if not os.path.isfile(path):
+        raise PrepError(f"{path} does not exist: run make_hkl.py first")
+    try:
+        names = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise PrepError(f"cannot read {path}: {e}; delete it to make a new one") from None
+    if names.ndim != 1 or names.dtype.kind != 'U':
+        raise PrepError(f"{path} is not a 1-D array of file names; delete it to make a new one")
+    return names.tolist()
+
+
+def get_shuffled_train_list(paths):
+    """The training images in training order: sorted, shuffled once with seed 1 (as the
+    original: np.random.seed(1); np.random.shuffle), saved to misc_dir and reused from there.
+    A saved list that does not match the training tree is an error, not silently reused."""
+    train_dir = require_dir(paths, 'train_img_dir')
+    files = list_train_images(train_dir)
+    path = shuffled_train_file(paths)
+    if os.path.exists(path):
+        shuffled = load_shuffled_train_list(paths)
+        if sorted(shuffled) != files:
+            missing = sorted(set(files) - set(shuffled))[:1]
+            extra = sorted(set(shuffled) - set(files))[:1]
+            example = (f"it lacks {missing[0]}" if missing else
+                       f"{extra[0]} is not in the tree" if extra else "it repeats a file")
+            raise PrepError(f"{path} lists {len(shuffled)} images but train_img_dir {train_dir} "
+                            f"holds {len(files)} ({example}): delete it and the batch folders "
+                            f"to start over")
+        print(f"training order: reusing {path}")
+        return shuffled
+    order = np.asarray(files)
+    np.random.RandomState(SHUFFLE_SEED).shuffle(order)
+    save_npy_atomic(path, order)
+    print(f"training order: {len(files)} images shuffled with seed {SHUFFLE_SEED}, saved to {path}")
+    return order.tolist()
+
+
+# ---------------------------------------------------------------- skipped-image reports
+
+def skipped_report_file(paths, split):
+    """Where `make_hkl.py --skip-bad` lists the images of ``split`` ('train'/'val') it left out."""
+    return os.path.join(paths['misc_dir'], f'skipped_{split}_images.txt')
+
+
+def read_skipped(report_file):
+    """{relative path: reason} of a skipped-images report; {} when there is none."""
+    if not os.path.exists(report_file):
+        return {}
+    skipped = {}
+    with open(report_file) as f:
+        for line in f:
+            line = line.rstrip('\n')
+            if line and not line.startswith('#'):
+                name, _, reason = line.partition('\t')
+                skipped[name] = reason
+    return skipped
+
+
+def write_skipped(report_file, skipped, split):
+    lines = [f"# {split} images left out by make_hkl.py --skip-bad (they could not be decoded).\n",
+             "# Batches and label files leave them out; make_hkl.py keeps leaving them out while\n",
+             "# this file exists. To retry them: delete this file and the batch folder.\n"]
+    lines += [f"{name}\t{' '.join(reason.split())}\n" for name, reason in sorted(skipped.items())]
+    write_text_atomic(report_file, ''.join(lines))
+
+
+# ---------------------------------------------------------------- devkit
+
+def read_devkit_synsets(meta_file):
+    """{wnid: (ILSVRC2012_ID, words)} from the devkit's meta_clsloc.mat (or meta.mat)."""
+    import scipy.io
+    try:
+        mat = scipy.io.loadmat(meta_file, squeeze_me=True)
+    except Exception as e:  # scipy raises ValueError, MatReadError, OSError, ... for a bad file
+        raise PrepError(f"cannot read devkit file {meta_file}: {e}") from None
+    if 'synsets' not in mat:
+        raise PrepError(f"devkit file {meta_file} has no 'synsets' struct")
+    synsets = np.atleast_1d(mat['synsets'])
+    fields = synsets.dtype.names or ()
+    for field in ('ILSVRC2012_ID', 'WNID'):
+        if field not in fields:
+            raise PrepError(f"devkit file {meta_file}: 'synsets' has no field '{field}'")
+    out = {}
+    for s in synsets:
+        words = str(s['words']) if 'words' in fields else ''
+        out[str(s['WNID'])] = (int(s['ILSVRC2012_ID']), words)
+    return out
+
+
+# ---------------------------------------------------------------- atomic writes
+
+def _atomic(path, write):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_npy_atomic(path, array):
+    def write(tmp):
+        with open(tmp, 'wb') as f:
+            np.save(f, array, allow_pickle=False)
+    _atomic(path, write)
+
+
+def write_text_atomic(path, text):
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            f.write(text)
+    _atomic(path, write)

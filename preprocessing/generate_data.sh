@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Preprocess the full ImageNet: label lists, batch files, mean image, label files.
+#
+#   preprocessing/generate_data.sh                          # paths from preprocessing/paths.yaml
+#   preprocessing/generate_data.sh my_paths.yaml            # another paths file
+#   preprocessing/generate_data.sh my_paths.yaml --skip-bad --workers 8   # options of make_hkl.py
+#
+# Works from any folder. make_train_val_txt.py runs first: it only reads the devkit, so a
+# devkit mismatch stops the run at once rather than after hours of make_hkl.py. Stopped or
+# failed runs can be started again: complete batch files are kept. lists.txt lists the outputs.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PY="${PYTHON:-python3}"
+PATHS="$HERE/paths.yaml"
+if [[ $# -gt 0 && "$1" != -* ]]; then PATHS="$1"; shift; fi
+
+"$PY" "$HERE/make_train_val_txt.py" --paths "$PATHS"
+"$PY" "$HERE/make_hkl.py" full --paths "$PATHS" "$@"
+"$PY" "$HERE/make_labels.py" --paths "$PATHS"

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Preprocess a quick subset: the first 2560 training images (in the shuffled order) and the
+# first 2560 validation images, i.e. 10 batches each; label lists and label files as for the
+# full run (the label files cover every image, so they also fit the toy batches).
+#
+#   preprocessing/generate_toy_data.sh                      # paths from preprocessing/paths.yaml
+#   preprocessing/generate_toy_data.sh data/toy_imagenet/paths.yaml
+#   preprocessing/generate_toy_data.sh my_paths.yaml --workers 4   # options of make_hkl.py
+#
+# Works from any folder; prints where the batches are at the end.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PY="${PYTHON:-python3}"
+PATHS="$HERE/paths.yaml"
+if [[ $# -gt 0 && "$1" != -* ]]; then PATHS="$1"; shift; fi
+
+"$PY" "$HERE/make_train_val_txt.py" --paths "$PATHS"
+"$PY" "$HERE/make_hkl.py" toy --paths "$PATHS" "$@"
+"$PY" "$HERE/make_labels.py" --paths "$PATHS"

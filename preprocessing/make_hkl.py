@@ -1,0 +1,269 @@
+"""ImageNet JPEGs -> batch files of 256 images (hickle, uint8 (256, 256, 256, 3) NHWC) + mean image.
+
+    python preprocessing/make_hkl.py                      # full: every train and val image
+    python preprocessing/make_hkl.py toy                  # the first 2560 train and 2560 val images
+    python preprocessing/make_hkl.py --paths other.yaml --workers 8 --skip-bad
+
+Works from any folder; paths come from preprocessing/paths.yaml unless --paths names another.
+
+Writes (SPEC section 5):
+  {misc_dir}/shuffled_train_filenames.npy   training order: sorted, shuffled once with seed 1;
+                                            reused when present
+  {tar_root_dir}/{tar_train_dir}_b256_b_256/0000.hkl, ...   full batches of 256 in that order;
+                                            a last partial batch is dropped, as the original did
+  {tar_root_dir}/{tar_val_dir}_b256_b_256/0000.hkl, ...     sorted validation images, all kept:
+                                            the last batch may be short
+  {misc_dir}/img_mean.npy                   float32 (3, 256, 256): the mean of the training
+                                            batch images (channel first, as the original)
+
+Every core decodes (a process pool; --workers N for fewer). A batch file appears only when it is
+complete, so the run can be stopped at any moment; running the same command again skips the
+complete batches (and reads them back for the mean).
+
+An image that cannot be decoded stops the run with an error naming it. With --skip-bad such
+images are left out instead and listed in {misc_dir}/skipped_train_images.txt or
+skipped_val_images.txt; later batches move up to fill the gap, and make_labels.py leaves the
+same images out of the label files. While a report exists, its images stay left out.
+"""
+import argparse
+import math
+import os
+import queue
+import signal
+import sys
+from collections import deque
+from multiprocessing import Pool
+
+import numpy as np
+from tqdm import tqdm
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # batch_files.py and the preprocessing package live in the repository root
+
+from batch_files import BatchFileError, batch_rows, read_rows, write_batch  # noqa: E402
+from preprocessing.common import (BATCH_SIZE, TOY_IMAGES, PrepError, add_paths_argument,  # noqa: E402
+                                  get_shuffled_train_list, list_val_images, load_paths,
+                                  read_skipped, require_dir, run_main, save_npy_atomic,
+                                  skipped_report_file, write_skipped)
+from preprocessing.image_io import ImageDecodeError, load_image_256  # noqa: E402
+
+
+def available_cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+
+
+def batch_path(folder, k):
+    return os.path.join(folder, f'{k:04d}.hkl')
+
+
+def existing_batches(folder):
+    """{index: path} of the complete batch files NNNN.hkl in ``folder``."""
+    out = {}
+    for name in os.listdir(folder):
+        stem, ext = os.path.splitext(name)
+        if ext == '.hkl' and stem.isdigit():
+            out[int(stem)] = os.path.join(folder, name)
+    return out
+
+
+def remove_leftover_tmp_files(folder):
+    """Half-written batches of an interrupted run (write_batch's NNNN.hkl.tmpPID files)."""
+    leftovers = [n for n in os.listdir(folder) if '.hkl.tmp' in n]
+    for name in leftovers:
+        os.unlink(os.path.join(folder, name))
+    if leftovers:
+        print(f"  removed {len(leftovers)} half-written file(s) of an interrupted run")
+
+
+# ---------------------------------------------------------------- work done in the pool
+
+def ignore_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the main process
+
+
+def run_task(task):
+    """('make', k, out_path, image_paths, want_sum, skip_bad): decode and write batch k.
+    ('read', k, out_path, n_rows, want_sum): a complete batch k, read back for the mean.
+    Returns ('ok', k, n_images, sum over images as float64 (256, 256, 3) or None),
+    ('bad', k, [(index in batch, message), ...]) without writing, or ('write_error', k, message)."""
+    kind, k, out_path = task[:3]
+    if kind == 'read':
+        n_rows, want_sum = task[3:]
+        try:
+            images = read_rows(out_path, 0, n_rows)
+        except BatchFileError as e:
+            return 'write_error', k, str(e)
+        return 'ok', k, n_rows, images.sum(axis=0, dtype=np.float64) if want_sum else None
+
+    image_paths, want_sum, skip_bad = task[3:]
+    images = np.empty((len(image_paths), 256, 256, 3), np.uint8)
+    bad = []
+    for i, path in enumerate(image_paths):
+        try:
+            images[i] = load_image_256(path)
+        except ImageDecodeError as e:
+            bad.append((i, str(e)))
+            if not skip_bad:
+                break
+    if bad:
+        return 'bad', k, bad
+    try:
+        write_batch(out_path, images)
+    except OSError as e:
+        return 'write_error', k, f"cannot write batch file {out_path}: {e}"
+    return 'ok', k, len(image_paths), images.sum(axis=0, dtype=np.float64) if want_sum else None
+
+
+# ---------------------------------------------------------------- one split
+
+def run_tasks(pool, workers, tasks, name, done, skip_bad):
+    """Run ``tasks`` in the pool, keeping every worker busy. Fills ``done`` {k: (n, sum)}.
+    Returns the 'bad' results: without skip_bad the first one at once; with skip_bad no further
+    task starts after the first one (the running ones finish), since the batches after a
+    left-out image change."""
+    results = queue.SimpleQueue()
+    pending = deque(tasks)
+    running = 0
+    bad = []
+    to_make = {t[1] for t in tasks if t[0] == 'make'}
+    total = sum(len(t[3]) for t in tasks if t[0] == 'make')
+    with tqdm(total=total, unit='img', desc=f'  {name}', smoothing=0.05, mininterval=0.5,
+              dynamic_ncols=True, disable=total == 0) as bar:
+        while pending or running:
+            while pending and running < 2 * workers and not bad:
+                pool.apply_async(run_task, (pending.popleft(),), callback=results.put,
+                                 error_callback=results.put)
+                running += 1
+            if not running:
+                break
+            result = results.get()
+            running -= 1
+            if isinstance(result, BaseException):
+                raise result  # a bug in the worker: keep its traceback
+            status, k = result[:2]
+            if status == 'write_error':
+                raise PrepError(result[2])
+            if status == 'bad':
+                bad.append(result)
+                if not skip_bad:
+                    break
+                continue
+            n, total_sum = result[2:]
+            done[k] = (n, total_sum)
+            if k in to_make:
+                bar.update(n)
+    return bad
+
+
+def make_split(pool, workers, name, files, src_dir, out_dir, report_file, drop_last, want_sum,
+               skip_bad):
+    """Write the batches of one split; return {batch index: (n_images, sum or None)}."""
+    os.makedirs(out_dir, exist_ok=True)
+    remove_leftover_tmp_files(out_dir)
+    skipped = read_skipped(report_file)
+    if skipped:
+        print(f"  leaving out {len(skipped)} image(s) listed in {report_file}")
+    done = {}
+    while True:
+        plan = [f for f in files if f not in skipped]
+        n_batches = len(plan) // BATCH_SIZE if drop_last else math.ceil(len(plan) / BATCH_SIZE)
+        if n_batches == 0:
+            raise PrepError(f"{name}: {len(plan)} images are fewer than one batch of {BATCH_SIZE}")
+        existing = existing_batches(out_dir)
+        extra = sorted(k for k in existing if k >= n_batches)
+        if extra:
+            raise PrepError(f"{out_dir} holds {os.path.basename(existing[extra[0]])}, beyond the "
+                            f"{n_batches} batches this run makes (left from a larger run?): "
+                            f"delete the folder or choose another tar_root_dir")
+        tasks = []
+        for k in range(n_batches):
+            if k in done:
+                continue
+            rows = plan[k * BATCH_SIZE:(k + 1) * BATCH_SIZE]
+            path = batch_path(out_dir, k)
+            if k in existing:
+                try:
+                    n_rows = batch_rows(path)
+                except BatchFileError:
+                    n_rows = None
+                if n_rows == len(rows):
+                    tasks.append(('read', k, path, n_rows, want_sum))
+                    continue
+                print(f"  {path} holds {n_rows} images, not {len(rows)}: making it again")
+                os.unlink(path)
+            tasks.append(('make', k, path, [os.path.join(src_dir, f) for f in rows], want_sum,
+                          skip_bad))
+        n_make = sum(t[0] == 'make' for t in tasks)
+        print(f"{name}: {len(plan)} images -> {n_batches} batches in {out_dir} "
+              f"({n_batches - n_make} complete, {n_make} to make)")
+        bad_results = run_tasks(pool, workers, tasks, name, done, skip_bad)
+        if not bad_results:
+            return done
+        newly_bad = {}
+        for _, k, items in bad_results:
+            for i, message in items:
+                newly_bad[plan[k * BATCH_SIZE + i]] = message
+        if not skip_bad:
+            message = next(iter(newly_bad.values()))
+            raise PrepError(f"{message} -- replace or delete the file, or run with --skip-bad "
+                            f"to leave such images out (listed in {report_file})")
+        # The batches after the first left-out image now hold other images: delete them first,
+        # then record the images, so that an interruption never leaves a batch made under the
+        # old list next to a report that already leaves the images out.
+        first = min(k for _, k, _ in bad_results)
+        for k, path in existing_batches(out_dir).items():
+            if k > first:
+                os.unlink(path)
+        done = {k: v for k, v in done.items() if k < first}
+        for file, message in sorted(newly_bad.items()):
+            print(f"  leaving out {file}: {message}")
+        skipped.update(newly_bad)
+        write_skipped(report_file, skipped, name)
+
+
+# ---------------------------------------------------------------- main
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('mode', nargs='?', default='full', choices=['full', 'toy'],
+                        help=f"full (default) or toy: only the first {TOY_IMAGES} train and "
+                             f"{TOY_IMAGES} validation images")
+    add_paths_argument(parser)
+    parser.add_argument('--workers', type=int, default=available_cores(),
+                        help='decoding processes (default: every core, %(default)s here)')
+    parser.add_argument('--skip-bad', action='store_true',
+                        help='leave out images that cannot be decoded and list them in '
+                             'misc_dir/skipped_{train,val}_images.txt, instead of stopping')
+    args = parser.parse_args()
+    if args.workers < 1:
+        parser.error('--workers must be at least 1')
+
+    paths = load_paths(args.paths)
+    train_dir = require_dir(paths, 'train_img_dir')
+    val_dir = require_dir(paths, 'val_img_dir')
+    print(f"make_hkl.py {args.mode}: paths from {paths['paths_file']}, {args.workers} worker(s)")
+
+    train_files = get_shuffled_train_list(paths)
+    val_files = list_val_images(val_dir)
+    if args.mode == 'toy':
+        train_files, val_files = train_files[:TOY_IMAGES], val_files[:TOY_IMAGES]
+
+    with Pool(args.workers, initializer=ignore_sigint) as pool:
+        done = make_split(pool, args.workers, 'train', train_files, train_dir,
+                          paths['train_batch_dir'], skipped_report_file(paths, 'train'),
+                          drop_last=True, want_sum=True, skip_bad=args.skip_bad)
+        n_train = sum(n for n, _ in done.values())
+        total = sum(s for _, s in done.values())
+        mean = (total / n_train).transpose(2, 0, 1).astype(np.float32)  # (3, 256, 256)
+        mean_file = os.path.join(paths['misc_dir'], 'img_mean.npy')
+        save_npy_atomic(mean_file, mean)
+        print(f"train: mean of {n_train} images -> {mean_file}")
+
+        done = make_split(pool, args.workers, 'val', val_files, val_dir, paths['val_batch_dir'],
+                          skipped_report_file(paths, 'val'), drop_last=False, want_sum=False,
+                          skip_bad=args.skip_bad)
+        print(f"val: {sum(n for n, _ in done.values())} images in {len(done)} batches")
+
+
+if __name__ == '__main__':
+    run_main(main)

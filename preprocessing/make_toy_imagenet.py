@@ -1,0 +1,154 @@
+"""A small ImageNet look-alike from scikit-learn's handwritten digits, in the ILSVRC2012 layout.
+
+    python preprocessing/make_toy_imagenet.py data/toy_imagenet        # the quickstart's tree
+    preprocessing/generate_toy_data.sh                                 # default paths.yaml uses it
+    # or, for a tree anywhere else:
+    python preprocessing/make_toy_imagenet.py /tmp/toy && preprocessing/generate_toy_data.sh /tmp/toy/paths.yaml
+
+The 1,797 real 8x8 digit images of sklearn.datasets.load_digits (10 classes) are drawn as
+ImageNet-like photographs: JPEGs of about 280-400 x 200-320 pixels, each digit stroke and
+background in its own colours (so RGB matters), a few greyscale and CMYK files as in ImageNet.
+Deterministic: the same files every time. Writes into OUT_DIR:
+
+  train/<wnid>/<wnid>_<n>.JPEG       1,400 images in 10 class folders (5 full batches of 256)
+  val/ILSVRC2012_val_00000001.JPEG   397 images (one full batch and a short one of 141)
+  devkit/data/meta_clsloc.mat        `synsets` struct (ILSVRC2012_ID, WNID, words, gloss, ...);
+                                     the ids are not in WNID order, as in the real devkit
+  devkit/data/ILSVRC2014_clsloc_validation_ground_truth.txt   one ILSVRC2012_ID per val image
+  paths.yaml                         for generate_toy_data.sh / generate_data.sh; outputs go to
+                                     OUT_DIR/preprocessed unless --tar-root DIR says otherwise
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from preprocessing.common import PrepError, run_main  # noqa: E402
+
+N_TRAIN = 1400
+DIGIT_NAMES = ['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine']
+# WordNet-style ids for the ten classes; their sorted order is not the digit order
+WNIDS = [f'n0{(7 * d + 3) % 10}{d:06d}' for d in range(10)]
+# devkit ids 1..10, in neither digit nor WNID order (the real ids are not in WNID order either)
+ILSVRC_IDS = [(3 * d + 5) % 10 + 1 for d in range(10)]
+OWN_ENTRIES = {'train', 'val', 'devkit', 'paths.yaml', 'preprocessed'}
+
+
+def render(digit_image, rng):
+    """One 8x8 digit (values 0..16) as a colour photograph-like PIL image."""
+    w, h = int(rng.randint(280, 401)), int(rng.randint(200, 321))
+    # background: a vertical gradient between two colours
+    c0, c1 = rng.uniform(0, 255, size=(2, 3))
+    ramp = np.linspace(0, 1, h)[:, None]
+    column = (c0 * (1 - ramp) + c1 * ramp).astype(np.uint8)[:, None, :]   # (h, 1, 3)
+    background = Image.fromarray(column, 'RGB').resize((w, h), Image.Resampling.NEAREST)
+    # ink: a colour whose brightness stands out from the background's (also in greyscale)
+    luma = np.array([0.299, 0.587, 0.114])
+    while True:
+        ink = rng.uniform(0, 255, size=3)
+        if abs(ink @ luma - (c0 + c1) @ luma / 2) > 70:
+            break
+    # the digit fills a random part of the frame, smoothly upscaled
+    dw, dh = int(w * rng.uniform(0.55, 0.95)), int(h * rng.uniform(0.6, 0.95))
+    x0, y0 = int(rng.randint(0, w - dw + 1)), int(rng.randint(0, h - dh + 1))
+    strokes = Image.fromarray((digit_image * (255 / 16)).astype(np.uint8), 'L')
+    mask = Image.new('L', (w, h), 0)
+    mask.paste(strokes.resize((dw, dh), Image.Resampling.BICUBIC), (x0, y0))
+    return Image.composite(Image.new('RGB', (w, h), tuple(int(v) for v in ink)), background, mask)
+
+
+def save_jpeg(img, path, kind):
+    if kind == 'grey':
+        img = img.convert('L')
+    elif kind == 'cmyk':
+        img = img.convert('CMYK')
+    img.save(path, 'JPEG', quality=90)
+
+
+def write_meta(path):
+    import scipy.io
+    fields = ['ILSVRC2012_ID', 'WNID', 'words', 'gloss', 'num_children', 'children',
+              'wordnet_height', 'num_train_images']
+    synsets = np.zeros((1, 10), dtype=[(f, 'O') for f in fields])
+    for d in range(10):
+        synsets[0, d] = (np.array([[ILSVRC_IDS[d]]], np.uint16), WNIDS[d],
+                         f'digit {d}, {DIGIT_NAMES[d]}',
+                         f'the handwritten digit {DIGIT_NAMES[d]} (scikit-learn digits)',
+                         np.array([[0]], np.uint8), np.zeros((1, 0), np.uint16),
+                         np.array([[0]], np.uint8), np.array([[0]], np.uint16))
+    # sorted by id, as in the real file: then neither the digit nor the WNID order
+    synsets = synsets[:, np.argsort(ILSVRC_IDS)]
+    scipy.io.savemat(path, {'synsets': synsets})
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('out_dir', help='folder to write the tree into (created)')
+    parser.add_argument('--tar-root', help='tar_root_dir of the written paths.yaml '
+                                           '(default: OUT_DIR/preprocessed)')
+    args = parser.parse_args()
+    out = os.path.abspath(args.out_dir)
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise PrepError(f"{out} exists and is not a folder")
+        foreign = sorted(set(os.listdir(out)) - OWN_ENTRIES)
+        if foreign:
+            raise PrepError(f"{out} already holds {foreign[0]}, which is not part of a toy "
+                            f"tree: choose an empty or new folder")
+
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    images, targets = digits.images, digits.target
+    rng = np.random.RandomState(1412)  # arXiv:1412.2302
+    order = rng.permutation(len(images))
+    train_idx, val_idx = order[:N_TRAIN], order[N_TRAIN:]
+    # ImageNet holds greyscale and a few CMYK JPEGs; so does this tree
+    kinds = rng.choice(['rgb', 'grey', 'cmyk'], size=len(images), p=[0.93, 0.05, 0.02])
+
+    for wnid in WNIDS:
+        os.makedirs(os.path.join(out, 'train', wnid), exist_ok=True)
+    for i in sorted(train_idx):
+        wnid = WNIDS[targets[i]]
+        save_jpeg(render(images[i], rng), os.path.join(out, 'train', wnid, f'{wnid}_{i}.JPEG'),
+                  kinds[i])
+
+    os.makedirs(os.path.join(out, 'val'), exist_ok=True)
+    devkit = os.path.join(out, 'devkit', 'data')
+    os.makedirs(devkit, exist_ok=True)
+    gt_lines = []
+    for number, i in enumerate(val_idx, 1):
+        save_jpeg(render(images[i], rng),
+                  os.path.join(out, 'val', f'ILSVRC2012_val_{number:08d}.JPEG'), kinds[i])
+        gt_lines.append(f'{ILSVRC_IDS[targets[i]]}\n')
+    gt_file = os.path.join(devkit, 'ILSVRC2014_clsloc_validation_ground_truth.txt')
+    with open(gt_file, 'w') as f:
+        f.writelines(gt_lines)
+    write_meta(os.path.join(devkit, 'meta_clsloc.mat'))
+
+    tar_root = os.path.abspath(args.tar_root) if args.tar_root else 'preprocessed'
+    with open(os.path.join(out, 'paths.yaml'), 'w') as f:
+        f.write(f"""# The toy ImageNet tree written by preprocessing/make_toy_imagenet.py.
+# Relative paths are relative to this file's folder.
+train_img_dir: train
+val_img_dir: val
+tar_root_dir: {tar_root}
+tar_train_dir: train_hkl
+tar_val_dir: val_hkl
+misc_dir: {os.path.join(tar_root, 'misc')}
+meta_clsloc_mat: devkit/data/meta_clsloc.mat
+val_label_file: devkit/data/ILSVRC2014_clsloc_validation_ground_truth.txt
+valtxt_filename: {os.path.join(tar_root, 'misc', 'val.txt')}
+traintxt_filename: {os.path.join(tar_root, 'misc', 'train.txt')}
+""")
+    print(f"make_toy_imagenet.py: {len(train_idx)} train images in 10 class folders and "
+          f"{len(val_idx)} validation images -> {out}")
+    print(f"preprocess with: preprocessing/generate_toy_data.sh {os.path.join(out, 'paths.yaml')}")
+
+
+if __name__ == '__main__':
+    run_main(main)
