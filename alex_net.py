@@ -1,0 +1,208 @@
+"""AlexNet as in the original alex_net.py (SPEC §2), with its parameters in flat buffers.
+
+The network: conv1 -> pool -> LRN -> conv2 (2 groups) -> pool -> LRN -> conv3 -> conv4 (2 groups)
+-> conv5 (2 groups) -> pool -> fc6 -> dropout -> fc7 -> dropout -> fc8 -> softmax.
+
+Parameters and momentum live in one float32 buffer ``state`` = [parameters | momentum], so a
+multi-GPU exchange moves all of them with one copy. Inside each half, every weight comes first
+(in the original param order), then every bias; a weight's elements are a view of the buffer.
+``PARAMS`` lists the original parameters in the original order (W_0, b_0, W0_1, b0_1, W1_1, ...),
+which is also the order of the original's momentum files mom_{k}.
+
+    net = AlexNet('cuda:0')               # initialised from RandomState(23455), as the original
+    logits = net.forward(x, masks)        # x: float (B, 3, 227, 227) mean-subtracted crops
+    arrays = net.to_original()            # {'W_0': (3, 11, 11, 96) ..., 'b_7': (1000,)}
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from layers import (conv_relu, conv_weight_from_original, conv_weight_to_original, dropout,
+                    fc, lrn, max_pool)
+
+INIT_SEED = 23455
+N_CLASSES = 1000
+CROP = 227
+
+
+@dataclass(frozen=True)
+class Layer:
+    kind: str          # 'conv' or 'fc'
+    n_in: int          # input channels / features
+    n_out: int
+    kernel: int = 0
+    stride: int = 1
+    pad: int = 0
+    groups: int = 1
+    init_std: float = 0.01
+    init_bias: float = 0.0
+    pool: bool = False
+    lrn: bool = False
+    relu: bool = True
+    dropout: bool = False
+
+
+LAYERS = (
+    Layer('conv', 3, 96, 11, 4, 0, 1, 0.01, 0.0, pool=True, lrn=True),       # 0 conv1
+    Layer('conv', 96, 256, 5, 1, 2, 2, 0.01, 0.1, pool=True, lrn=True),      # 1 conv2
+    Layer('conv', 256, 384, 3, 1, 1, 1, 0.01, 0.0),                          # 2 conv3
+    Layer('conv', 384, 384, 3, 1, 1, 2, 0.01, 0.1),                          # 3 conv4
+    Layer('conv', 384, 256, 3, 1, 1, 2, 0.01, 0.0, pool=True),               # 4 conv5
+    Layer('fc', 9216, 4096, init_std=0.005, init_bias=0.1, dropout=True),    # 5 fc6
+    Layer('fc', 4096, 4096, init_std=0.005, init_bias=0.1, dropout=True),    # 6 fc7
+    Layer('fc', 4096, N_CLASSES, init_std=0.01, init_bias=0.0, relu=False),  # 7 fc8 (softmax)
+)
+DROPOUT_LAYERS = tuple(i for i, l in enumerate(LAYERS) if l.dropout)
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str            # original file stem: 'W_0', 'b0_1', ...
+    layer: int
+    is_weight: bool
+    original_shape: tuple
+    shape: tuple         # shape of our view (conv W in PyTorch's (out, in, kh, kw) layout)
+    offset: int = 0      # into the parameter half of the state buffer
+
+    @property
+    def size(self):
+        return int(np.prod(self.shape))
+
+
+def _original_params():
+    """The original's params list: [W, b] per layer, [W0, b0, W1, b1] for groups=2."""
+    out = []
+    for i, l in enumerate(LAYERS):
+        halves = [''] if l.groups == 1 else ['0', '1']
+        for h in halves:
+            if l.kind == 'conv':
+                cin, cout = l.n_in // l.groups, l.n_out // l.groups
+                wshape = (cin, l.kernel, l.kernel, cout)
+                ours = (cout, cin, l.kernel, l.kernel)
+            else:
+                cout = l.n_out
+                wshape = ours = (l.n_in, l.n_out)
+            out.append(Param(f'W{h}_{i}', i, True, wshape, ours))
+            out.append(Param(f'b{h}_{i}', i, False, (cout,), (cout,)))
+    return out
+
+
+def _layout(params):
+    """Offsets: all weights first (so a groups=2 layer's W0 and W1 are adjacent and form the
+    grouped convolution's weight), then all biases."""
+    placed, offset = {}, 0
+    for want_weight in (True, False):
+        for p in params:
+            if p.is_weight == want_weight:
+                placed[p.name] = Param(p.name, p.layer, p.is_weight, p.original_shape, p.shape,
+                                       offset)
+                offset += p.size
+    return [placed[p.name] for p in params], offset
+
+
+PARAMS, N_PARAMS = _layout(_original_params())
+N_WEIGHTS = sum(p.size for p in PARAMS if p.is_weight)
+
+
+def _layer_slices():
+    """For each layer, (W offset, W shape, b offset, b size) covering both of its halves."""
+    out = []
+    for i, l in enumerate(LAYERS):
+        ws = [p for p in PARAMS if p.layer == i and p.is_weight]
+        bs = [p for p in PARAMS if p.layer == i and not p.is_weight]
+        shape = ((l.n_out, l.n_in // l.groups, l.kernel, l.kernel) if l.kind == 'conv'
+                 else (l.n_in, l.n_out))
+        out.append((ws[0].offset, shape, bs[0].offset, l.n_out))
+    return tuple(out)
+
+
+LAYER_SLICES = _layer_slices()
+
+
+def original_init(seed=INIT_SEED):
+    """The original initialisation, in original layouts: one RandomState draws every weight in
+    layer order (W0 before W1); biases are constants and draw nothing."""
+    rng = np.random.RandomState(seed)
+    arrays = {}
+    for p in PARAMS:
+        l = LAYERS[p.layer]
+        if p.is_weight:
+            arrays[p.name] = rng.normal(0.0, l.init_std, p.original_shape).astype(np.float32)
+        else:
+            arrays[p.name] = np.full(p.original_shape, l.init_bias, np.float32)
+    return arrays
+
+
+def forward(params, x, masks=None):
+    """Logits of AlexNet. params: the flat parameter buffer; x: (B, 3, 227, 227); masks: None at
+    test time, else the keep-masks (B, 4096) of fc6 and fc7 for training."""
+    for i, (l, (wo, wshape, bo, bn)) in enumerate(zip(LAYERS, LAYER_SLICES)):
+        W = params[wo:wo + int(np.prod(wshape))].view(wshape)
+        b = params[bo:bo + bn]
+        if l.kind == 'conv':
+            x = conv_relu(x, W, b, l.stride, l.pad, l.groups)
+            if l.pool:
+                x = max_pool(x)
+            if l.lrn:
+                x = lrn(x)
+        else:
+            if x.dim() > 2:
+                x = x.flatten(1)  # (channel, row, col) order, as the original's fc6
+            x = fc(x, W, b)
+            if l.relu:
+                x = torch.relu(x)
+            if l.dropout:
+                x = dropout(x, None if masks is None else masks[DROPOUT_LAYERS.index(i)])
+    return x
+
+
+class AlexNet:
+    """The parameters and momentum of one replica, in one flat buffer on ``device``."""
+
+    def __init__(self, device='cpu', init=True):
+        self.device = torch.device(device)
+        self.state = torch.zeros(2 * N_PARAMS, dtype=torch.float32, device=self.device)
+        self.params = self.state[:N_PARAMS].requires_grad_()
+        self.momentum = self.state[N_PARAMS:]
+        if init:
+            self.load_original(original_init())
+
+    def forward(self, x, masks=None):
+        return forward(self.params, x, masks)
+
+    def view(self, buf, p):
+        return buf[p.offset:p.offset + p.size].view(p.shape)
+
+    def load_original(self, arrays, momentum=None):
+        """Fill parameters (and momentum, if given) from original-layout arrays by name
+        (momentum: the list in param order)."""
+        with torch.no_grad():
+            for k, p in enumerate(PARAMS):
+                for buf, src in ((self.params, arrays[p.name]),
+                                 (self.momentum, None if momentum is None else momentum[k])):
+                    if src is None:
+                        continue
+                    src = np.asarray(src, dtype=np.float32)
+                    if src.shape != p.original_shape:
+                        raise ValueError(f"{p.name}: shape {src.shape}, expected {p.original_shape}")
+                    if p.is_weight and LAYERS[p.layer].kind == 'conv':
+                        src = conv_weight_from_original(src)
+                    self.view(buf, p).copy_(torch.from_numpy(np.ascontiguousarray(src)))
+
+    def _to_original(self, buf):
+        out = []
+        for p in PARAMS:
+            a = self.view(buf, p).detach().cpu().numpy()
+            if p.is_weight and LAYERS[p.layer].kind == 'conv':
+                a = conv_weight_to_original(a)
+            out.append(np.ascontiguousarray(a, dtype=np.float32))
+        return out
+
+    def to_original(self):
+        """{name: array} of the parameters in the original layouts."""
+        return dict(zip((p.name for p in PARAMS), self._to_original(self.params)))
+
+    def momentum_to_original(self):
+        """The momentum of each parameter, in param order and the parameter's original layout."""
+        return self._to_original(self.momentum)

@@ -1,0 +1,102 @@
+"""Reading the preprocessed batch files: one place for the format and its checks.
+
+A batch file is a hickle (HDF5) file whose dataset ``data`` holds one uint8 array of shape
+(B, 256, 256, 3), NHWC (SPEC §1). A trainer of an N-replica run reads only its rows of each
+file, as an HDF5 hyperslab, straight into the memory it is given (pinned or shared).
+
+    from batch_files import list_batch_files, read_rows, replica_rows
+    files = list_batch_files('data/toy/train_hkl_b256_b_256')
+    lo, hi = replica_rows(n_rows=256, rank=0, world=2)      # (0, 128)
+    x = read_rows(files[0], lo, hi)                          # uint8 (128, 256, 256, 3)
+"""
+import os
+
+import h5py
+import numpy as np
+
+IMAGE_SHAPE = (256, 256, 3)
+DATASET = 'data'  # where hickle.dump puts a single array
+
+
+class BatchFileError(RuntimeError):
+    """A batch file is missing, unreadable or of the wrong shape/dtype; the message names it."""
+
+
+def list_batch_files(folder):
+    """The sorted ``*.hkl`` files of a batch folder; a clear error if there are none."""
+    if not os.path.isdir(folder):
+        raise BatchFileError(f"batch folder {folder!r} does not exist: run preprocessing "
+                             f"(preprocessing/generate_data.sh) or fix the path in the config")
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith('.hkl'))
+    if not files:
+        raise BatchFileError(f"batch folder {folder!r} holds no .hkl batch files")
+    return files
+
+
+def _dataset(h5, path):
+    if DATASET not in h5:
+        raise BatchFileError(f"batch file {path!r} has no '{DATASET}' array: not a batch file "
+                             f"written by preprocessing/make_hkl.py")
+    d = h5[DATASET]
+    if d.dtype != np.uint8 or d.ndim != 4 or tuple(d.shape[1:]) != IMAGE_SHAPE:
+        raise BatchFileError(f"batch file {path!r} holds {d.dtype} {tuple(d.shape)}; expected "
+                             f"uint8 (B, 256, 256, 3) (NHWC): re-run preprocessing")
+    return d
+
+
+def batch_rows(path):
+    """Number of images in a batch file."""
+    try:
+        with h5py.File(path, 'r') as h5:
+            return int(_dataset(h5, path).shape[0])
+    except BatchFileError:
+        raise
+    except (OSError, KeyError, ValueError) as e:
+        raise BatchFileError(f"cannot read batch file {path!r}: {e}") from e
+
+
+def read_rows(path, lo, hi, out=None):
+    """Rows [lo, hi) of a batch file, read straight into ``out`` (uint8 (hi-lo, 256, 256, 3),
+    C-contiguous) when given. Raises BatchFileError naming the file on any problem."""
+    n = hi - lo
+    if out is None:
+        out = np.empty((n,) + IMAGE_SHAPE, np.uint8)
+    elif out.shape != (n,) + IMAGE_SHAPE or out.dtype != np.uint8 or not out.flags.c_contiguous:
+        raise ValueError(f"read_rows: out must be uint8 C-contiguous {(n,) + IMAGE_SHAPE}")
+    try:
+        with h5py.File(path, 'r') as h5:
+            d = _dataset(h5, path)
+            if hi > d.shape[0] or lo < 0 or lo > hi:
+                raise BatchFileError(f"batch file {path!r} has {d.shape[0]} images; rows "
+                                     f"[{lo}, {hi}) were asked for")
+            if n:
+                d.read_direct(out, source_sel=np.s_[lo:hi])
+    except BatchFileError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise BatchFileError(f"cannot read batch file {path!r} (truncated or corrupt?): {e}") from e
+    return out
+
+
+def replica_rows(n_rows, rank, world):
+    """The rows [lo, hi) of an n_rows batch that replica ``rank`` of ``world`` handles: equal
+    contiguous slices, the remainder spread over the first replicas (a short last validation
+    batch still covers every image exactly once)."""
+    base, extra = divmod(n_rows, world)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
+
+
+def write_batch(path, images):
+    """Write one batch file atomically: the file exists only when complete."""
+    import hickle
+    images = np.ascontiguousarray(images, dtype=np.uint8)
+    if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
+        raise ValueError(f"write_batch: expected (B, 256, 256, 3) uint8, got {images.shape}")
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        hickle.dump(images, tmp, mode='w')
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

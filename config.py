@@ -1,0 +1,213 @@
+"""Configuration: config.yaml merged with a spec file, extra yaml files and key=value overrides.
+
+The values (defaults) live in the yaml files; this module knows each key's type and checks them:
+an unknown key is an error naming the closest known key, a value of the wrong type an error
+naming the key, and a combination that makes no sense an error saying why.
+
+    cfg = load_config('spec_1gpu.yaml', ['n_epochs=2', 'gpu=cpu'])
+    cfg['batch_size'], cfg['device']      # 256, device('cpu')
+
+The yaml files are read from the current directory when it has them, else from this folder.
+Relative paths are relative to the folder of the file that set them (the current directory for
+command-line overrides).
+"""
+import difflib
+import os
+import re
+import sys
+
+import yaml
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+CONFIG_KEYS = {
+    'resume_train': 'bool', 'load_epoch': 'int', 'n_epochs': 'int', 'learning_rate': 'float',
+    'lr_policy': ('step', 'auto'), 'lr_adapt_threshold': 'float', 'lr_step': 'int_list',
+    'use_data_layer': 'bool', 'rand_crop': 'bool', 'shuffle': 'bool', 'para_load': 'bool',
+    'batch_crop_mirror': 'bool', 'prefetch': 'int', 'label_folder': 'path', 'mean_file': 'path',
+    'use_momentum': 'bool', 'use_nesterov_momentum': 'bool', 'momentum': 'float',
+    'weight_decay': 'float', 'weights_dir': 'path', 'snapshot_freq': 'int',
+    'print_train_error': 'bool', 'print_freq': 'int', 'lib_conv': 'str',
+    'precision': ('auto', 'bf16', 'fp32'), 'compile': 'bool', 'seed': 'int',
+    'exchange': ('p2p', 'nccl', 'gloo', 'host'), 'average': ('weights', 'gradients'),
+    'exchange_freq': 'int',
+}
+SPEC_1GPU_KEYS = {'gpu': 'device', 'sock_data': 'int', 'batch_size': 'int',
+                  'train_folder': 'path', 'val_folder': 'path'}
+SPEC_2GPU_KEYS = {'gpu0': 'device', 'gpu1': 'device', 'gpus': 'device_list', 'sock_gpu': 'int',
+                  'sock_data0': 'int', 'sock_data1': 'int', 'batch_size': 'int',
+                  'train_folder': 'path', 'val_folder': 'path'}
+SPECS = {'spec_1gpu.yaml': SPEC_1GPU_KEYS, 'spec_2gpu.yaml': SPEC_2GPU_KEYS}
+POSITIVE = ('n_epochs', 'batch_size', 'snapshot_freq', 'print_freq', 'exchange_freq')
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key or file and says what to do."""
+
+
+def _read_yaml(path):
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path!r} is not valid yaml: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} must hold 'key: value' lines")
+    return data
+
+
+def _find(name):
+    """A config file in the current directory, else beside this module."""
+    if os.path.isabs(name) or os.path.exists(name):
+        return os.path.abspath(name)
+    return os.path.join(HERE, name)
+
+
+def parse_device(value, key='gpu'):
+    """'gpu0', 0, 'cuda:0', 'cpu' -> 'cuda:0' / 'cpu' (a string: torch is not imported here)."""
+    s = str(value).strip().lower()
+    if s == 'cpu':
+        return 'cpu'
+    m = re.fullmatch(r'(?:gpu|cuda:?)?(\d+)', s)
+    if m is None:
+        raise ConfigError(f"{key}: {value!r} is not a device; use gpu0, 0, cuda:0 or cpu")
+    return f'cuda:{int(m.group(1))}'
+
+
+def _check_type(key, kind, value):
+    def bad(want):
+        return ConfigError(f"{key}: {value!r} is not {want}")
+    if isinstance(kind, tuple):
+        if value not in kind:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(kind)}")
+        return value
+    if kind == 'bool':
+        if not isinstance(value, bool):
+            raise bad("True or False")
+        return value
+    if kind == 'int':
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("a whole number")
+        return value
+    if kind == 'float':
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if kind == 'int_list':
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int)
+                                              for v in value):
+            raise bad("a list of whole numbers, e.g. [20, 40]")
+        return value
+    if kind in ('str', 'path'):
+        if not isinstance(value, str) or not value:
+            raise bad("a non-empty string")
+        return value
+    if kind == 'device':
+        return parse_device(value, key)
+    if kind == 'device_list':
+        if value is None:
+            return None
+        if not isinstance(value, list) or not value:
+            raise bad("a list of devices, e.g. [0, 1, 2, 3], or null")
+        return [parse_device(v, key) for v in value]
+    raise AssertionError(kind)
+
+
+def parse_overrides(args):
+    """Command-line words: 'key=value' (value read as yaml) or extra '*.yaml' files."""
+    files, overrides = [], {}
+    for a in args:
+        if '=' in a:
+            k, v = a.split('=', 1)
+            try:
+                overrides[k.strip()] = yaml.safe_load(v) if v.strip() else ''
+            except yaml.YAMLError:
+                overrides[k.strip()] = v
+        elif a.endswith(('.yaml', '.yml')):
+            files.append(a)
+        else:
+            raise ConfigError(f"unexpected argument {a!r}: give settings as key=value "
+                              f"(e.g. n_epochs=2) or a yaml file of them")
+    return files, overrides
+
+
+def load_config(spec='spec_1gpu.yaml', argv=(), config='config.yaml'):
+    """The merged, checked configuration as a dict (plus 'device' or 'devices')."""
+    schema = dict(CONFIG_KEYS, **SPECS[spec])
+    extra_files, overrides = parse_overrides(list(argv))
+    cfg, origin = {}, {}
+    layers = [(_find(config), None), (_find(spec), None)]
+    layers += [(_find(f), None) for f in extra_files]
+    layers.append((None, overrides))
+    for path, data in layers:
+        src = path or 'the command line'
+        data = _read_yaml(path) if data is None else data
+        for k, v in data.items():
+            if k not in schema:
+                close = difflib.get_close_matches(k, list(schema), n=1, cutoff=0.5)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"unknown key {k!r} in {src}{hint}")
+            cfg[k] = v
+            origin[k] = os.path.dirname(path) if path else os.getcwd()
+    missing = [k for k in schema if k not in cfg]
+    if missing:
+        raise ConfigError(f"missing key(s) {', '.join(missing)}: add them to {config} or {spec}")
+    for k, kind in schema.items():
+        cfg[k] = _check_type(k, kind, cfg[k])
+        if kind == 'path':
+            cfg[k] = os.path.normpath(os.path.join(origin[k], os.path.expanduser(cfg[k])))
+    check_combination(cfg)
+    if cfg['lib_conv'] != 'cudnn':
+        print(f"notice: lib_conv={cfg['lib_conv']!r} has no effect (PyTorch chooses the "
+              f"convolution library)", file=sys.stderr)
+    return cfg
+
+
+def check_combination(cfg):
+    """Refuse settings that make no sense together, saying why."""
+    for k in POSITIVE:
+        if k in cfg and cfg[k] < 1:
+            raise ConfigError(f"{k}: {cfg[k]} must be at least 1")
+    if cfg['prefetch'] < 2:
+        raise ConfigError(f"prefetch: {cfg['prefetch']} must be at least 2 (one buffer trains "
+                          f"while the loader fills another)")
+    if cfg['use_nesterov_momentum'] and not cfg['use_momentum']:
+        raise ConfigError("use_nesterov_momentum: True needs use_momentum: True")
+    if cfg['learning_rate'] <= 0:
+        raise ConfigError(f"learning_rate: {cfg['learning_rate']} must be positive")
+    if not 0 <= cfg['momentum'] < 1:
+        raise ConfigError(f"momentum: {cfg['momentum']} must be in [0, 1)")
+    if cfg['average'] == 'gradients' and cfg['exchange_freq'] != 1:
+        raise ConfigError("average: gradients needs exchange_freq: 1 (replicas that skip a "
+                          "gradient average drift apart and are never pulled back together)")
+    if cfg['lr_step'] != sorted(cfg['lr_step']):
+        raise ConfigError(f"lr_step: {cfg['lr_step']} must be increasing")
+    devices = devices_of(cfg)
+    if len(devices) > 1:
+        if cfg['exchange'] in ('p2p', 'nccl') and any(d == 'cpu' for d in devices):
+            raise ConfigError(f"exchange: {cfg['exchange']} needs GPUs, and {devices} includes "
+                              f"the CPU; use exchange: host or exchange: gloo")
+        if len(set(devices)) != len(devices) and 'cpu' not in devices:
+            raise ConfigError(f"the GPU list {devices} names a GPU twice")
+
+
+def devices_of(cfg):
+    """The device of each replica: gpu (1 GPU), or gpus / [gpu0, gpu1]."""
+    if 'gpu' in cfg:
+        return [cfg['gpu']]
+    return cfg['gpus'] if cfg.get('gpus') else [cfg['gpu0'], cfg['gpu1']]
+
+
+def main_config(spec, argv):
+    """load_config for a script's main: a ConfigError is one line on stderr and exit status 2."""
+    try:
+        return load_config(spec, argv)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2)

@@ -1,0 +1,118 @@
+"""Training data on the device: which rows each step reads, serial loading, GPU augmentation.
+
+The training loop asks a loader for a sequence of requests ``(batch_file, lo, hi)`` and gets back,
+for each, a uint8 tensor (hi-lo, 256, 256, 3) on the training device. ``SerialLoader`` (here,
+``para_load: False``) reads in the trainer's own process; ``proc_load.ParallelLoader``
+(``para_load: True``) has a separate loader process fill buffers on the GPU ahead of time. Both
+have the same interface:
+
+    with SerialLoader(device) as loader:
+        for images in loader.iterate([(path, 0, 256), ...]):
+            ...   # images is valid until the next item is taken
+"""
+import numpy as np
+import torch
+
+from batch_files import IMAGE_SHAPE, read_rows
+
+
+class SerialLoader:
+    """Reads each request in the trainer process when it is needed (the original's para_load:
+    False). On a GPU the rows go through a pinned host buffer."""
+
+    def __init__(self, device, max_rows=None):
+        self.device = torch.device(device)
+        self._pinned = None
+
+    def _host_buffer(self, n):
+        if self.device.type != 'cuda':
+            return np.empty((n,) + IMAGE_SHAPE, np.uint8)
+        if self._pinned is None or self._pinned.shape[0] < n:
+            self._pinned = torch.empty((n,) + IMAGE_SHAPE, dtype=torch.uint8).pin_memory()
+        return self._pinned[:n].numpy()
+
+    def iterate(self, requests):
+        for path, lo, hi in requests:
+            host = read_rows(path, lo, hi, self._host_buffer(hi - lo))
+            t = torch.from_numpy(host)
+            if self.device.type == 'cuda':
+                # the pinned buffer is reused next step: the copy must finish before we read again
+                t = t.to(self.device, non_blocking=True)
+                torch.cuda.current_stream(self.device).synchronize()
+            yield t
+
+    def close(self):
+        self._pinned = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+CROP = 227
+CENTRE = (256 - CROP) // 2   # 14
+MAX_OFFSET = 256 - CROP      # offsets 0..29 on each axis
+DROPOUT_UNITS = 4096
+
+
+def step_draws(seed, epoch, step, n, rand_crop=True, batch_crop_mirror=False):
+    """Every random draw of one step, for the whole global batch of n images, from a generator
+    seeded by (seed, epoch, step): crop offsets (n, 2) in [0, 29], mirror flags (n,), and the
+    seed of the dropout masks. Replica r of an N-replica run uses rows [r*n/N, (r+1)*n/N), so a
+    run trains the same way on 1 or N devices."""
+    rng = np.random.default_rng([seed, epoch, step])
+    if not rand_crop:
+        offsets, mirror = np.full((n, 2), CENTRE, np.int64), np.zeros(n, bool)
+    elif batch_crop_mirror:
+        offsets = np.repeat(rng.integers(0, MAX_OFFSET + 1, (1, 2)), n, axis=0)
+        mirror = np.repeat(rng.random(1) < 0.5, n)
+    else:
+        offsets, mirror = rng.integers(0, MAX_OFFSET + 1, (n, 2)), rng.random(n) < 0.5
+    mask_seed = int(rng.integers(0, 2 ** 62))
+    return offsets, mirror, mask_seed
+
+
+def dropout_masks(mask_seed, n, lo, hi, device, dtype=torch.float32):
+    """Keep-masks (p=0.5) of fc6 and fc7 for the global batch of n, rows [lo, hi) of it:
+    a tensor (2, hi-lo, 4096) drawn on ``device`` from a generator seeded by mask_seed."""
+    g = torch.Generator(device=device)
+    g.manual_seed(mask_seed)
+    keep = torch.rand((2, n, DROPOUT_UNITS), generator=g, device=device) < 0.5
+    return keep[:, lo:hi].to(dtype)
+
+
+def centre_draws(n):
+    """Validation: the centre crop without mirror."""
+    return np.full((n, 2), CENTRE, np.int64), np.zeros(n, bool)
+
+
+def mean_image_hwc(mean_file, device):
+    """The mean image file (3, 256, 256) float32, as (256, 256, 3) on device."""
+    try:
+        m = np.load(mean_file, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"mean file {mean_file!r} not found: run preprocessing or fix "
+                                f"mean_file in config.yaml") from None
+    except (ValueError, OSError) as e:
+        raise ValueError(f"mean file {mean_file!r} is not a .npy array: {e}") from None
+    if m.shape != (3, 256, 256):
+        raise ValueError(f"mean file {mean_file!r} has shape {m.shape}; expected (3, 256, 256)")
+    if not np.isfinite(m).all():
+        raise ValueError(f"mean file {mean_file!r} holds NaN or infinite values")
+    return torch.from_numpy(np.ascontiguousarray(m.transpose(1, 2, 0), np.float32)).to(device)
+
+
+def crop_mirror(images, mean_hwc, offsets, mirror):
+    """Mean-subtracted 227x227 crops, mirrored where asked, as float (B, 3, 227, 227) whose
+    memory is channels-last. images: uint8 (B, 256, 256, 3) on the device; offsets (B, 2) and
+    mirror (B,) tensors on the device. The mean is subtracted before cropping, as the original
+    did, so crop and mirror apply to the mean too. One gather does all of it."""
+    ar = torch.arange(CROP, device=images.device)
+    rows = offsets[:, 0, None] + ar
+    cols = offsets[:, 1, None] + torch.where(mirror[:, None], CROP - 1 - ar, ar)
+    r, c = rows[:, :, None], cols[:, None, :]
+    b = torch.arange(images.shape[0], device=images.device)[:, None, None]
+    x = images[b, r, c].float() - mean_hwc[r, c]
+    return x.permute(0, 3, 1, 2)

@@ -1,0 +1,101 @@
+"""Snapshots in the original's file format (SPEC §4), every file written atomically.
+
+After epoch e, weights_dir holds W_{i}_{e}.npy / b_{i}_{e}.npy (W0_/W1_/b0_/b1_ for the groups=2
+layers) in the original layouts, mom_{k}_{e}.npy for the k-th parameter in param order, and
+lr_{e}.npy, the learning rate the next epoch uses. lr_{e}.npy is written last: a snapshot whose
+lr file exists is complete. val_record.npy holds one row [val_error, val_loss] per epoch.
+
+    save_snapshot('models', 3, net, lr=0.01)
+    lr = load_snapshot('models', 3, net)     # parameters, momentum; returns lr
+"""
+import os
+
+import numpy as np
+
+from alex_net import PARAMS
+
+
+class SnapshotError(RuntimeError):
+    """A snapshot is missing or malformed; the message names the file."""
+
+
+def save_array(path, array):
+    """np.save that leaves either the old file or the complete new one, never a partial file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, 'wb') as f:
+            np.save(f, np.asarray(array), allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_array(path, shape=None, what='array'):
+    try:
+        a = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise SnapshotError(f"missing {what} file {path}") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise SnapshotError(f"cannot read {what} file {path}: {e}") from None
+    if shape is not None and tuple(a.shape) != tuple(shape):
+        raise SnapshotError(f"{path} has shape {tuple(a.shape)}, expected {tuple(shape)}")
+    return a
+
+
+def param_file(weights_dir, name, epoch):
+    return os.path.join(weights_dir, f"{name}_{epoch}.npy")
+
+
+def mom_file(weights_dir, k, epoch):
+    return os.path.join(weights_dir, f"mom_{k}_{epoch}.npy")
+
+
+def lr_file(weights_dir, epoch):
+    return os.path.join(weights_dir, f"lr_{epoch}.npy")
+
+
+def save_snapshot(weights_dir, epoch, net, lr):
+    os.makedirs(weights_dir, exist_ok=True)
+    for name, a in net.to_original().items():
+        save_array(param_file(weights_dir, name, epoch), a)
+    for k, a in enumerate(net.momentum_to_original()):
+        save_array(mom_file(weights_dir, k, epoch), a)
+    save_array(lr_file(weights_dir, epoch), np.float32(lr))
+
+
+def load_params(weights_dir, epoch):
+    """{name: array} of snapshot ``epoch``, every file checked for presence and shape."""
+    missing = [param_file(weights_dir, p.name, epoch) for p in PARAMS
+               if not os.path.exists(param_file(weights_dir, p.name, epoch))]
+    if missing:
+        raise SnapshotError(f"snapshot {epoch} in {weights_dir} is incomplete: missing "
+                            f"{', '.join(os.path.basename(m) for m in missing)}")
+    return {p.name: load_array(param_file(weights_dir, p.name, epoch), p.original_shape,
+                               'parameter') for p in PARAMS}
+
+
+def load_snapshot(weights_dir, epoch, net, with_momentum=True):
+    """Load parameters (and momentum) of snapshot ``epoch`` into ``net``; returns its lr, or
+    None when only parameters were asked for."""
+    arrays = load_params(weights_dir, epoch)
+    momentum = None
+    if with_momentum:
+        momentum = [load_array(mom_file(weights_dir, k, epoch), p.original_shape, 'momentum')
+                    for k, p in enumerate(PARAMS)]
+    net.load_original(arrays, momentum)
+    if not with_momentum:
+        return None
+    lr = load_array(lr_file(weights_dir, epoch), (), 'learning-rate')
+    return float(lr)
+
+
+def latest_complete_snapshot(weights_dir):
+    """The highest epoch whose lr file (written last) exists, or None."""
+    if not os.path.isdir(weights_dir):
+        return None
+    epochs = [int(f[3:-4]) for f in os.listdir(weights_dir)
+              if f.startswith('lr_') and f.endswith('.npy') and f[3:-4].isdigit()]
+    return max(epochs) if epochs else None

@@ -1,0 +1,43 @@
+"""Shared fixtures: small real batch-file datasets written with the real writer."""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from batch_files import write_batch  # noqa: E402
+
+
+def make_dataset(root, n_train_files=2, file_rows=16, val_sizes=(16, 5), seed=0):
+    """Train/val batch folders, labels and a mean file in the preprocessing layout, with seeded
+    random images; returns the key=value overrides that point a config at it."""
+    rng = np.random.RandomState(seed)
+    train = os.path.join(root, 'train_hkl_b256_b_256')
+    val = os.path.join(root, 'val_hkl_b256_b_256')
+    labels = os.path.join(root, 'labels')
+    misc = os.path.join(root, 'misc')
+    for d in (train, val, labels, misc):
+        os.makedirs(d, exist_ok=True)
+    total = np.zeros((256, 256, 3))
+    for i in range(n_train_files):
+        x = rng.randint(0, 256, (file_rows, 256, 256, 3)).astype(np.uint8)
+        total += x.sum(0)
+        write_batch(os.path.join(train, f'{i:04d}.hkl'), x)
+    for i, n in enumerate(val_sizes):
+        write_batch(os.path.join(val, f'{i:04d}.hkl'),
+                    rng.randint(0, 256, (n, 256, 256, 3)).astype(np.uint8))
+    np.save(os.path.join(labels, 'train_labels.npy'),
+            rng.randint(0, 10, n_train_files * file_rows).astype(np.int64))
+    np.save(os.path.join(labels, 'val_labels.npy'), rng.randint(0, 10, sum(val_sizes)))
+    mean = (total / (n_train_files * file_rows)).transpose(2, 0, 1).astype(np.float32)
+    np.save(os.path.join(misc, 'img_mean.npy'), mean)
+    return [f'train_folder={train}', f'val_folder={val}', f'label_folder={labels}',
+            f'mean_file={os.path.join(misc, "img_mean.npy")}']
+
+
+@pytest.fixture(scope='session')
+def small_dataset(tmp_path_factory):
+    return make_dataset(str(tmp_path_factory.mktemp('small_data')))

@@ -1,0 +1,192 @@
+"""The network and the update rule against the SPEC's formulas, in float64 NumPy."""
+import numpy as np
+import pytest
+import torch
+
+import alex_net
+from alex_net import AlexNet, N_PARAMS, N_WEIGHTS, PARAMS, original_init
+from layers import lrn
+from sgd import adjust_learning_rate, sgd_update_
+from snapshot import load_snapshot, save_snapshot
+
+torch.set_num_threads(2)
+
+
+def test_param_shapes_order_and_count():
+    names = [p.name for p in PARAMS]
+    assert names == ['W_0', 'b_0', 'W0_1', 'b0_1', 'W1_1', 'b1_1', 'W_2', 'b_2',
+                     'W0_3', 'b0_3', 'W1_3', 'b1_3', 'W0_4', 'b0_4', 'W1_4', 'b1_4',
+                     'W_5', 'b_5', 'W_6', 'b_6', 'W_7', 'b_7']
+    shapes = {p.name: p.original_shape for p in PARAMS}
+    assert shapes['W_0'] == (3, 11, 11, 96)
+    assert shapes['W0_1'] == shapes['W1_1'] == (48, 5, 5, 128)
+    assert shapes['W_2'] == (256, 3, 3, 384)
+    assert shapes['W0_3'] == (192, 3, 3, 192)
+    assert shapes['W0_4'] == (192, 3, 3, 128)
+    assert shapes['W_5'] == (9216, 4096) and shapes['W_7'] == (4096, 1000)
+    assert N_PARAMS == 60965224
+    # weights first, then biases; views cover the buffer exactly once
+    spans = sorted((p.offset, p.offset + p.size) for p in PARAMS)
+    assert spans[0][0] == 0 and spans[-1][1] == N_PARAMS
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert all(p.offset < N_WEIGHTS for p in PARAMS if p.is_weight)
+
+
+def test_forward_shapes():
+    net = AlexNet('cpu', init=False)
+    with torch.no_grad():
+        y = net.forward(torch.randn(2, 3, 227, 227))
+    assert y.shape == (2, 1000)
+
+
+def test_init_is_the_original_draw_sequence():
+    a = original_init()
+    rng = np.random.RandomState(23455)
+    assert np.array_equal(a['W_0'], rng.normal(0, 0.01, (3, 11, 11, 96)).astype(np.float32))
+    assert np.array_equal(a['W0_1'], rng.normal(0, 0.01, (48, 5, 5, 128)).astype(np.float32))
+    assert np.array_equal(a['W1_1'], rng.normal(0, 0.01, (48, 5, 5, 128)).astype(np.float32))
+    assert np.all(a['b0_1'] == np.float32(0.1)) and np.all(a['b_0'] == 0)
+    assert np.all(a['b_5'] == np.float32(0.1)) and np.all(a['b_7'] == 0)
+    assert abs(a['W_5'].std() - 0.005) < 1e-4 and abs(a['W_7'].std() - 0.01) < 1e-4
+
+
+def np_lrn(x, n=5, k=2.0, alpha=1e-4, beta=0.75):
+    """SPEC: y = x / (k + alpha * sum over n adjacent channels of x^2) ^ beta (zero-padded)."""
+    c = x.shape[1]
+    sq = np.pad(x ** 2, ((0, 0), (n // 2, n // 2), (0, 0), (0, 0)))
+    s = np.stack([sq[:, i:i + n].sum(1) for i in range(c)], 1)
+    return x / (k + alpha * s) ** beta
+
+
+def test_lrn_matches_float64_formula():
+    x = np.random.RandomState(1).randn(2, 7, 5, 4) * 30  # large values: the sum matters
+    got = lrn(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(got, np_lrn(x), rtol=1e-12)
+
+
+# -- a float64 NumPy forward of the original layer math, from original-layout parameters --------
+def np_conv_true(x, W, stride, pad):
+    """True convolution (kernels flipped, as cuDNN's conv mode) of x (C, H, W) with W in the
+    original (in, kh, kw, out) layout."""
+    cin, kh, kw, cout = W.shape
+    x = np.pad(x, ((0, 0), (pad, pad), (pad, pad)))
+    ho = (x.shape[1] - kh) // stride + 1
+    wo = (x.shape[2] - kw) // stride + 1
+    Wf = W[:, ::-1, ::-1, :]  # convolution = correlation with the flipped kernel
+    cols = np.empty((ho, wo, cin, kh, kw))
+    for u in range(kh):
+        for v in range(kw):
+            cols[:, :, :, u, v] = x[:, u:u + stride * ho:stride, v:v + stride * wo:stride] \
+                .transpose(1, 2, 0)
+    return np.tensordot(cols, Wf, axes=([2, 3, 4], [0, 1, 2])).transpose(2, 0, 1)
+
+
+def np_pool(x):
+    c, h, w = x.shape
+    o = (h - 3) // 2 + 1
+    out = np.full((c, o, o), -np.inf)
+    for u in range(3):
+        for v in range(3):
+            out = np.maximum(out, x[:, u:u + 2 * o:2, v:v + 2 * o:2])
+    return out
+
+
+def np_alexnet_test(x, P):
+    """Test-time output probabilities (softmax) for one image x (3, 227, 227)."""
+    relu = lambda a: np.maximum(a, 0)
+    P = {k: v.astype(np.float64) for k, v in P.items()}
+
+    def conv(x, i, stride, pad, groups):
+        if groups == 1:
+            return relu(np_conv_true(x, P[f'W_{i}'], stride, pad)
+                        + P[f'b_{i}'][:, None, None])
+        h = x.shape[0] // 2
+        return np.concatenate([relu(np_conv_true(x[g * h:(g + 1) * h], P[f'W{g}_{i}'], stride, pad)
+                                    + P[f'b{g}_{i}'][:, None, None]) for g in (0, 1)])
+    x = np_lrn(np_pool(conv(x, 0, 4, 0, 1))[None])[0]
+    x = np_lrn(np_pool(conv(x, 1, 1, 2, 2))[None])[0]
+    x = conv(x, 2, 1, 1, 1)
+    x = conv(x, 3, 1, 1, 2)
+    x = np_pool(conv(x, 4, 1, 1, 2)).reshape(-1)
+    x = relu(x @ P['W_5'] + P['b_5']) * 0.5   # original test-time dropout scaling
+    x = relu(x @ P['W_6'] + P['b_6']) * 0.5
+    z = x @ P['W_7'] + P['b_7']
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def test_original_parameters_give_the_original_function(tmp_path):
+    rng = np.random.RandomState(7)
+    P = {}
+    for p in PARAMS:  # random, with scales that keep every layer active and LRN non-trivial
+        std = {0: 0.05, 1: 0.02, 2: 0.02, 3: 0.03, 4: 0.03, 5: 0.02, 6: 0.03, 7: 0.05}[p.layer]
+        P[p.name] = (rng.randn(*p.original_shape) * (std if p.is_weight else 0.1)
+                     ).astype(np.float32)
+    for p in PARAMS:  # write them in the original snapshot format, then load as a snapshot
+        np.save(tmp_path / f'{p.name}_5.npy', P[p.name])
+    net = AlexNet('cpu', init=False)
+    load_snapshot(str(tmp_path), 5, net, with_momentum=False)
+    x = (rng.randn(2, 3, 227, 227) * 50).astype(np.float32)
+    with torch.no_grad():
+        got = torch.softmax(net.forward(torch.from_numpy(x)).double(), 1).numpy()
+    for i in range(2):
+        want = np_alexnet_test(x[i].astype(np.float64), P)
+        assert want.max() > 0.01 and want.min() < 0.001  # a non-trivial output
+        np.testing.assert_allclose(got[i], want, rtol=2e-3, atol=1e-6)
+
+
+def test_snapshot_round_trip(tmp_path):
+    net = AlexNet('cpu')
+    with torch.no_grad():
+        net.momentum.copy_(torch.randn(N_PARAMS))
+    save_snapshot(str(tmp_path), 3, net, lr=0.001)
+    other = AlexNet('cpu', init=False)
+    lr = load_snapshot(str(tmp_path), 3, other)
+    assert lr == pytest.approx(0.001)
+    assert torch.equal(net.state, other.state)
+    assert not list(tmp_path.glob('*.tmp*'))
+    assert np.load(tmp_path / 'W_0_3.npy').shape == (3, 11, 11, 96)
+    assert np.load(tmp_path / 'mom_21_3.npy').shape == (1000,)
+
+
+@pytest.mark.parametrize('mode', ['momentum', 'nesterov', 'none'])
+def test_update_step_against_hand_arithmetic(mode):
+    mu, wd, lr = 0.9, 0.0005, 0.01
+    n_w = 3
+    params = torch.tensor([0.5, -1.0, 2.0, 0.3, -0.2])       # 3 weights, 2 biases
+    grad = torch.tensor([0.1, 0.2, -0.3, 0.4, -0.5])
+    mom = torch.tensor([0.01, -0.02, 0.03, -0.04, 0.05])
+    p0, v0 = params.double().numpy().copy(), mom.double().numpy().copy()
+    sgd_update_(params, grad, mom, lr, n_w, mu, wd, use_momentum=mode != 'none',
+                nesterov=mode == 'nesterov')
+    g = grad.double().numpy()
+    # a weight: g' = g + wd*W, step lr; a bias: g' = g, step 2*lr
+    gp = np.concatenate([g[:3] + wd * p0[:3], g[3:]])
+    step = np.array([lr] * 3 + [2 * lr] * 2)
+    if mode == 'momentum':
+        v = mu * v0 - step * gp
+        w = p0 + v
+    elif mode == 'nesterov':
+        v = mu ** 2 * v0 - (1 + mu) * step * gp
+        w = p0 + v
+    else:
+        v, w = v0, p0 - step * gp
+    np.testing.assert_allclose(params.numpy(), w, rtol=1e-6)
+    np.testing.assert_allclose(mom.numpy(), v, rtol=1e-6)
+    # e.g. the first weight with momentum: 0.9*0.01 - 0.01*(0.1 + 0.0005*0.5) = 0.0079975
+    if mode == 'momentum':
+        assert mom[0].item() == pytest.approx(0.0079975, abs=1e-7)
+        assert params[3].item() == pytest.approx(0.3 + (0.9 * -0.04 - 0.02 * 0.4), abs=1e-7)
+
+
+def test_learning_rate_policies():
+    cfg = {'lr_policy': 'step', 'lr_step': [20, 40], 'lr_adapt_threshold': 0.01}
+    lrs, lr = [], 0.01
+    for epoch in range(1, 45):
+        lrs.append(lr)
+        lr = adjust_learning_rate(cfg, epoch, lr, [])
+    assert lrs[19] == 0.01 and lrs[20] == pytest.approx(0.001) and lrs[40] == pytest.approx(1e-4)
+    cfg['lr_policy'] = 'auto'
+    assert adjust_learning_rate(cfg, 5, 0.01, [0.5, 0.5, 0.5]) == 0.01      # not before epoch 6
+    assert adjust_learning_rate(cfg, 6, 0.01, [0.5, 0.499, 0.495]) == pytest.approx(0.001)
+    assert adjust_learning_rate(cfg, 6, 0.01, [0.5, 0.45, 0.40]) == 0.01

@@ -1,0 +1,25 @@
+"""Train AlexNet on one GPU (or the CPU), as the original train.py.
+
+    python train.py                              # config.yaml + spec_1gpu.yaml
+    python train.py n_epochs=2 gpu=cpu           # any key can be overridden: key=value
+    python train.py spec_toy.yaml gpu=cpu        # extra yaml files are merged in order
+    python train.py resume_train=True load_epoch=20
+
+Each epoch prints the iteration, cost, train error and images/s every print_freq iterations,
+then the validation top-1/top-5 error and loss; weights_dir receives val_record.npy,
+metrics.csv and a snapshot every snapshot_freq epochs (plot them with plot.py).
+"""
+import sys
+
+from config import main_config
+from run_errors import run_main
+import train_loop
+
+
+def main(argv):
+    cfg = main_config('spec_1gpu.yaml', argv)
+    run_main(lambda: train_loop.train(cfg))
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

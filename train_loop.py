@@ -1,0 +1,345 @@
+"""The training loop: one replica's training, shared by train.py (one replica) and
+train_2gpu.py (one trainer process per GPU, exchanging weights after every minibatch).
+
+    from train_loop import train
+    train(cfg)                                      # one replica on cfg['gpu']
+    train(cfg, rank, world, device, exchanger)      # replica `rank` of `world`
+
+Each epoch visits every training batch file (in a new order per epoch when shuffle: True); a
+file of F images gives F / (world * batch_size) steps. Replica r reads its rows of each step
+and uses its slice of the step's random draws, which are made for the whole global batch from
+a generator seeded by (seed, epoch, step). After each epoch: validation over every validation
+image, val_record.npy and metrics.csv, the learning-rate policy, and a snapshot.
+"""
+import csv
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import alex_net
+from alex_net import AlexNet, N_WEIGHTS
+from batch_files import batch_rows, list_batch_files, replica_rows
+from config import ConfigError
+from data import (SerialLoader, centre_draws, crop_mirror, dropout_masks, mean_image_hwc,
+                  step_draws)
+from sgd import adjust_learning_rate, sgd_update_
+from snapshot import SnapshotError, latest_complete_snapshot, load_array, load_snapshot, \
+    save_array, save_snapshot
+
+METRICS_FIELDS = ['epoch', 'lr', 'train_loss', 'val_top1_error', 'val_top5_error', 'val_loss',
+                  'images_per_s', 'wall_time_s']
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (a NaN loss, say); the message says where and what is left."""
+
+
+def resolve_device(name):
+    device = torch.device(name)
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name} asked for, but no CUDA GPU is visible; use gpu=cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name} asked for, but only {torch.cuda.device_count()} "
+                              f"GPU(s) are visible")
+        torch.cuda.set_device(device)
+    return device
+
+
+def autocast_dtype(cfg, device):
+    """bf16 autocast (float32 master weights) or None for float32."""
+    p = cfg['precision']
+    if p == 'auto':
+        p = 'bf16' if device.type == 'cuda' else 'fp32'
+    return torch.bfloat16 if p == 'bf16' else None
+
+
+def load_labels(label_folder, name, need, what):
+    path = os.path.join(label_folder, name)
+    try:
+        labels = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"label file {path!r} not found: run preprocessing "
+                                f"(make_labels.py) or fix label_folder") from None
+    except (ValueError, OSError) as e:
+        raise ValueError(f"label file {path!r} is not a .npy array: {e}") from None
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"label file {path!r} holds {labels.dtype} {labels.shape}; expected "
+                         f"1-D integer labels")
+    if len(labels) < need:
+        raise ValueError(f"label file {path!r} has {len(labels)} labels, but the {what} batch "
+                         f"files hold {need} images")
+    if len(labels) and (labels.min() < 0 or labels.max() >= alex_net.N_CLASSES):
+        raise ValueError(f"label file {path!r} holds labels outside 0..{alex_net.N_CLASSES - 1}")
+    return torch.from_numpy(labels.astype(np.int64))
+
+
+def batch_loss(params, images, labels, mean_hwc, offsets, mirror, masks, amp_dtype):
+    """Augmentation, forward, loss and the number of top-1 errors of one minibatch."""
+    x = crop_mirror(images, mean_hwc, offsets, mirror)
+    with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32,
+                        enabled=amp_dtype is not None):
+        logits = alex_net.forward(params, x, masks)
+    loss = F.cross_entropy(logits.float(), labels)
+    errors = (logits.argmax(1) != labels).sum()
+    return loss, errors
+
+
+@torch.no_grad()
+def eval_batch(params, images, labels, mean_hwc, offsets, mirror, amp_dtype):
+    """Sum of loss, top-1 errors and top-5 errors of a validation minibatch (test-time net)."""
+    x = crop_mirror(images, mean_hwc, offsets, mirror)
+    with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32,
+                        enabled=amp_dtype is not None):
+        logits = alex_net.forward(params, x).float()
+    loss = F.cross_entropy(logits, labels, reduction='sum')
+    top5 = logits.topk(5, dim=1).indices
+    top1_err = (top5[:, 0] != labels).sum()
+    top5_err = (top5 != labels[:, None]).all(1).sum()
+    return torch.stack([loss, top1_err.float(), top5_err.float()])
+
+
+class Replica:
+    """One replica's data, network and training state."""
+
+    def __init__(self, cfg, rank=0, world=1, device=None, exchanger=None, log=None,
+                 for_training=True):
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.device = resolve_device(device or cfg['gpu'])
+        self.exchanger = exchanger
+        self.lead = rank == 0
+        self.log = log or (lambda *a: print(*a, flush=True) if self.lead else None)
+        self.amp_dtype = autocast_dtype(cfg, self.device)
+        if self.device.type == 'cuda':
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self._setup_data(for_training)
+        self.net = AlexNet(self.device)
+        self.step_fn = batch_loss
+        if cfg['compile']:
+            self.step_fn = torch.compile(batch_loss)
+
+    # -- data -------------------------------------------------------------------------------
+    def _setup_data(self, for_training):
+        cfg = self.cfg
+        self.batch = cfg['batch_size']
+        self.global_batch = self.batch * self.world
+        self.val_files = list_batch_files(cfg['val_folder'])
+        self.val_rows = [batch_rows(f) for f in self.val_files]
+        self.val_labels = load_labels(cfg['label_folder'], 'val_labels.npy',
+                                      sum(self.val_rows), 'validation')
+        self.mean = mean_image_hwc(cfg['mean_file'], self.device)
+        if not for_training:
+            return
+        self.train_files = list_batch_files(cfg['train_folder'])
+        self.file_rows = batch_rows(self.train_files[0])
+        if self.file_rows % self.global_batch:
+            raise ConfigError(
+                f"batch_size {self.batch} x {self.world} replica(s) = {self.global_batch} must "
+                f"divide the {self.file_rows} images of each training batch file "
+                f"({self.train_files[0]})")
+        self.steps_per_file = self.file_rows // self.global_batch
+        self.train_labels = load_labels(cfg['label_folder'], 'train_labels.npy',
+                                        len(self.train_files) * self.file_rows, 'training')
+
+    def make_loader(self):
+        if not self.cfg['para_load']:
+            return SerialLoader(self.device)
+        from proc_load import ParallelLoader
+        port = self.cfg.get('sock_data') or self.cfg['sock_data0']
+        if self.rank >= 1 and 'sock_data1' in self.cfg:
+            port = self.cfg['sock_data1'] + self.rank - 1
+        return ParallelLoader(self.device, max_rows=self.batch, prefetch=self.cfg['prefetch'],
+                              port=port)
+
+    def file_order(self, epoch):
+        n = len(self.train_files)
+        if not self.cfg['shuffle']:
+            return np.arange(n)
+        return np.random.default_rng([self.cfg['seed'], epoch, 1 << 20]).permutation(n)
+
+    def train_requests(self, epoch):
+        """(file, lo, hi, label offset) of each step of an epoch, this replica's rows."""
+        out = []
+        for fi in self.file_order(epoch):
+            for sub in range(self.steps_per_file):
+                lo = sub * self.global_batch + self.rank * self.batch
+                out.append((self.train_files[fi], lo, lo + self.batch, fi * self.file_rows))
+        return out
+
+    def val_requests(self):
+        """(file, lo, hi, label offset) covering this replica's share of every validation
+        image, in pieces of at most batch_size."""
+        out, start = [], 0
+        for path, n in zip(self.val_files, self.val_rows):
+            lo, hi = replica_rows(n, self.rank, self.world)
+            for a in range(lo, hi, self.batch):
+                out.append((path, a, min(a + self.batch, hi), start))
+            start += n
+        return out
+
+    # -- training ---------------------------------------------------------------------------
+    def train_epoch(self, epoch, lr, loader, progress=True):
+        cfg, dev = self.cfg, self.device
+        requests = self.train_requests(epoch)
+        lo, hi = self.rank * self.batch, (self.rank + 1) * self.batch
+        loss_sum = torch.zeros((), device=dev)
+        err_sum = torch.zeros((), device=dev)
+        bar = None
+        if progress and self.lead:
+            from tqdm import tqdm
+            bar = tqdm(total=len(requests), desc=f"epoch {epoch}", unit='it', leave=False,
+                       mininterval=1.0, file=sys.stderr)
+        n_prev = len(requests) * (epoch - 1)
+        t0 = t_print = time.time()
+        since_print = 0
+        feed = loader.iterate([r[:3] for r in requests])
+        for step, (images, (_, a, b, label_off)) in enumerate(zip(feed, requests)):
+            offsets, mirror, mask_seed = step_draws(cfg['seed'], epoch, step, self.global_batch,
+                                                    cfg['rand_crop'], cfg['batch_crop_mirror'])
+            labels = self.train_labels[label_off + a:label_off + b].to(dev, non_blocking=True)
+            offs = torch.from_numpy(offsets[lo:hi]).to(dev, non_blocking=True)
+            mirr = torch.from_numpy(mirror[lo:hi]).to(dev, non_blocking=True)
+            masks = dropout_masks(mask_seed, self.global_batch, lo, hi, dev)
+            loss, errors = self.step_fn(self.net.params, images, labels, self.mean, offs, mirr,
+                                        masks, self.amp_dtype)
+            loss.backward()
+            grad = self.net.params.grad
+            self.net.params.grad = None
+            if self.exchanger and cfg['average'] == 'gradients':
+                self.exchanger.average_(grad)
+            sgd_update_(self.net.params, grad, self.net.momentum, lr, N_WEIGHTS, cfg['momentum'],
+                        cfg['weight_decay'], cfg['use_momentum'], cfg['use_nesterov_momentum'])
+            if (self.exchanger and cfg['average'] == 'weights'
+                    and (step + 1) % cfg['exchange_freq'] == 0):
+                self.exchanger.average_(self.net.state)
+            loss_sum += loss.detach()
+            err_sum += errors
+            since_print += 1
+            if bar is not None:
+                bar.update(1)
+            if (n_prev + step + 1) % cfg['print_freq'] == 0:
+                cost = float(loss.detach())
+                self._check_finite(cost, epoch, n_prev + step + 1)
+                now = time.time()
+                msg = (f"iter {n_prev + step + 1} | cost {cost:.4f}"
+                       + (f" | train error {float(errors) / self.batch:.4f}"
+                          if cfg['print_train_error'] else '')
+                       + f" | {since_print * self.global_batch / (now - t_print):.0f} img/s"
+                       f" | time per 20 iter {20 * (now - t_print) / since_print:.3f} s")
+                if bar is not None:
+                    bar.write(msg)
+                else:
+                    self.log(msg)
+                t_print, since_print = now, 0
+        if bar is not None:
+            bar.close()
+        elapsed = time.time() - t0
+        n = len(requests) * self.batch
+        totals = [float(loss_sum) * self.batch, float(err_sum), float(n)]
+        if self.exchanger:
+            totals = self.exchanger.all_sum(totals)
+        train_loss = totals[0] / totals[2]
+        self._check_finite(train_loss, epoch, n_prev + len(requests))
+        return train_loss, totals[1] / totals[2], len(requests) * self.global_batch / elapsed
+
+    def _check_finite(self, value, epoch, iteration):
+        if math.isfinite(value):
+            return
+        last = latest_complete_snapshot(self.cfg['weights_dir'])
+        where = (f"the last good snapshot is epoch {last} in {self.cfg['weights_dir']} "
+                 f"(resume with resume_train=True load_epoch={last} and a lower learning_rate)"
+                 if last is not None else "no snapshot was written yet")
+        raise TrainingStopped(f"the training loss became {value} at iteration {iteration} "
+                              f"(epoch {epoch}); stopped instead of training on garbage: {where}")
+
+    def validate(self, loader):
+        """(top-1 error, top-5 error, mean loss, images) over every validation image."""
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)
+        requests = self.val_requests()
+        for images, (_, a, b, off) in zip(loader.iterate([r[:3] for r in requests]), requests):
+            offsets, mirror = centre_draws(b - a)
+            labels = self.val_labels[off + a:off + b].to(self.device)
+            totals += eval_batch(self.net.params, images, labels, self.mean,
+                                 torch.from_numpy(offsets).to(self.device),
+                                 torch.from_numpy(mirror).to(self.device), self.amp_dtype)
+        n = sum(b - a for _, a, b, _ in requests)
+        sums = totals.tolist() + [float(n)]
+        if self.exchanger:
+            sums = self.exchanger.all_sum(sums)
+        loss, top1, top5, count = sums
+        return top1 / count, top5 / count, loss / count, int(count)
+
+    # -- the run ----------------------------------------------------------------------------
+    def resume_or_start(self):
+        """(first epoch, lr, val_record rows) — from snapshot load_epoch when resuming."""
+        cfg = self.cfg
+        if not cfg['resume_train']:
+            return 1, cfg['learning_rate'], []
+        e = cfg['load_epoch']
+        lr = load_snapshot(cfg['weights_dir'], e, self.net)
+        path = os.path.join(cfg['weights_dir'], 'val_record.npy')
+        record = load_array(path, what='val_record').reshape(-1, 2).tolist()
+        if len(record) < e:
+            raise SnapshotError(f"{path} has {len(record)} epochs; resuming epoch {e} needs "
+                                f"{e}")
+        self.log(f"resumed from snapshot {e} in {cfg['weights_dir']} (lr {lr:g})")
+        return e + 1, lr, record[:e]
+
+    def end_of_epoch(self, epoch, lr_used, lr_next, record, row):
+        """Lead replica: val_record.npy, metrics.csv, snapshot."""
+        wd = self.cfg['weights_dir']
+        os.makedirs(wd, exist_ok=True)
+        save_array(os.path.join(wd, 'val_record.npy'), np.array(record, np.float32))
+        write_metrics(os.path.join(wd, 'metrics.csv'), epoch, row)
+        if epoch % self.cfg['snapshot_freq'] == 0:
+            save_snapshot(wd, epoch, self.net, lr_next)
+
+
+def write_metrics(path, epoch, row):
+    """Append the epoch's row, dropping rows of this epoch or later (left by a resumed run)."""
+    rows = []
+    if os.path.exists(path):
+        with open(path, newline='') as f:
+            rows = [r for r in csv.DictReader(f) if r.get('epoch', '').isdigit()
+                    and int(r['epoch']) < epoch]
+    rows.append(dict(zip(METRICS_FIELDS, [epoch] + list(row))))
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, 'w', newline='') as f:
+        w = csv.DictWriter(f, METRICS_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def train(cfg, rank=0, world=1, device=None, exchanger=None, progress=True):
+    """Train one replica for cfg['n_epochs'] epochs; returns the Replica."""
+    rep = Replica(cfg, rank, world, device, exchanger)
+    first, lr, record = rep.resume_or_start()
+    if exchanger:
+        exchanger.check_identical(rep.net.state, 'parameters and momentum')
+    rep.log(f"training on {rep.device} x{world}: {len(rep.train_files)} batch files, "
+            f"{len(rep.train_files) * rep.steps_per_file} steps of {rep.global_batch} images per "
+            f"epoch, precision {'bf16' if rep.amp_dtype else 'fp32'}")
+    with rep.make_loader() as loader:
+        for epoch in range(first, cfg['n_epochs'] + 1):
+            t0 = time.time()
+            train_loss, train_err, ips = rep.train_epoch(epoch, lr, loader, progress)
+            top1, top5, val_loss, n = rep.validate(loader)
+            record.append([top1, val_loss])
+            lr_next = float(np.float32(adjust_learning_rate(cfg, epoch, lr,
+                                                            [r[0] for r in record])))
+            rep.log(f"epoch {epoch}: train loss {train_loss:.4f} | validation top-1 error "
+                    f"{top1:.4f} top-5 error {top5:.4f} loss {val_loss:.4f} ({n} images) | "
+                    f"{ips:.0f} img/s | lr {lr:g}")
+            if rep.lead:
+                rep.end_of_epoch(epoch, lr, lr_next, record,
+                                 [lr, train_loss, top1, top5, val_loss, ips, time.time() - t0])
+            lr = lr_next
+    return rep
