@@ -1,0 +1,279 @@
+"""Starting and supervising one worker process per replica.
+
+    spawn(worker_fn, world, args=(), timeout=None)
+
+starts ``world`` processes (multiprocessing 'spawn' context), each calling
+``worker_fn(rank, world, *args)``, and watches them: when one of them fails (non-zero exit or
+killed by a signal) the others are stopped (SIGTERM, then SIGKILL after a grace period) and
+``WorkerFailed`` is raised naming the rank and how it died. SIGINT/SIGTERM sent to the launcher
+are passed on to the workers. Each worker calls ``parent_watchdog()`` first, so it exits when the
+launcher disappears, even after a SIGKILL (PR_SET_PDEATHSIG on Linux, plus a polling thread).
+
+spawn() also gives the workers a fresh private rendezvous directory and a random secret through
+the environment (``RENDEZVOUS_ENV`` and ``SECRET_ENV``): ``init_distributed`` then meets in a
+file store in that directory (no listening socket at all), and ``exchange`` authenticates peers
+with the secret. Under torchrun (RANK/WORLD_SIZE/MASTER_ADDR set) ``init_distributed`` uses
+torchrun's ``env://`` rendezvous instead.
+"""
+import ctypes
+import datetime
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import multiprocessing as mp
+from multiprocessing.connection import wait as _wait_any
+
+RENDEZVOUS_ENV = 'ALEXNET_RENDEZVOUS_DIR'
+SECRET_ENV = 'ALEXNET_EXCHANGE_SECRET'
+_PR_SET_PDEATHSIG = 1
+
+
+class WorkerFailed(RuntimeError):
+    """A worker process exited with an error, was killed, or the run timed out."""
+
+    def __init__(self, message, rank=None, exitcode=None):
+        super().__init__(message)
+        self.rank = rank
+        self.exitcode = exitcode
+
+
+def describe_exit(exitcode):
+    """'exit code 3' or 'signal SIGKILL' for a multiprocessing exit code."""
+    if exitcode is None:
+        return 'still running'
+    if exitcode < 0:
+        try:
+            return 'signal ' + signal.Signals(-exitcode).name
+        except ValueError:
+            return 'signal %d' % -exitcode
+    return 'exit code %d' % exitcode
+
+
+# ----------------------------------------------------------------------------------------------
+# in the worker
+
+def parent_watchdog(parent_pid=None, interval=0.5):
+    """Make this process exit when its parent (the launcher) dies.
+
+    Uses prctl(PR_SET_PDEATHSIG, SIGTERM) on Linux and, everywhere, a daemon thread that polls
+    os.getppid(); when the parent is gone the thread ends the process with exit code 1.
+    Call it first thing in a worker process."""
+    if parent_pid is None:
+        parent_pid = os.getppid()
+    if sys.platform.startswith('linux'):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass   # the polling thread below still works
+
+    def watch():
+        while True:
+            if os.getppid() != parent_pid:
+                print('worker %d: the launcher (pid %d) has gone, exiting' % (os.getpid(), parent_pid),
+                      file=sys.stderr, flush=True)
+                os._exit(1)
+            time.sleep(interval)
+
+    if os.getppid() != parent_pid:   # it died before we got here
+        os._exit(1)
+    threading.Thread(target=watch, name='parent-watchdog', daemon=True).start()
+
+
+def _worker_main(worker_fn, rank, world, args, parent_pid, err_conn):
+    parent_watchdog(parent_pid)
+    try:
+        worker_fn(rank, world, *args)
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            _report(err_conn, 'SystemExit(%r)' % (e.code,))
+        raise
+    except KeyboardInterrupt:
+        _report(err_conn, 'KeyboardInterrupt')
+        sys.exit(130)
+    except BaseException as e:
+        _report(err_conn, '%s: %s' % (type(e).__name__, e))
+        traceback.print_exc()
+        sys.stderr.flush()
+        sys.exit(1)
+    finally:
+        err_conn.close()
+
+
+def _report(conn, text):
+    """Tell the launcher why this worker failed, as plain UTF-8 text (nothing is pickled)."""
+    try:
+        conn.send_bytes(text.encode('utf-8', 'replace')[:4000])
+    except OSError:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------
+# in the launcher
+
+def _stop(procs, grace):
+    """SIGTERM every live process, SIGKILL what is left after `grace` seconds, reap all."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + grace
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    for p in procs:
+        p.join(5.0)
+
+
+def spawn(worker_fn, world, args=(), *, timeout=None, grace=5.0):
+    """Run worker_fn(rank, world, *args) in `world` processes and wait for all of them.
+
+    Returns None when every worker exits with code 0. Raises WorkerFailed naming the first rank
+    that failed (exit code or signal, and its exception's message when it raised one), or when
+    `timeout` seconds pass; the other workers are stopped first. On SIGINT/SIGTERM the signal is
+    forwarded to the workers, which get `grace` seconds, and the launcher exits with 128+signal.
+    worker_fn must be importable by name (a module-level function)."""
+    if world < 1:
+        raise ValueError('world must be at least 1, got %r' % (world,))
+    ctx = mp.get_context('spawn')
+    rdv_dir = tempfile.mkdtemp(prefix='rdv-')          # mode 0700: private to this user
+    saved_env = {k: os.environ.get(k) for k in (RENDEZVOUS_ENV, SECRET_ENV)}
+    os.environ[RENDEZVOUS_ENV] = rdv_dir
+    os.environ[SECRET_ENV] = secrets.token_hex(32)
+    procs, conns = [], []
+    received = {}
+    stop_signal = []
+
+    def on_signal(signum, frame):
+        stop_signal.append(signum)
+
+    old_handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            old_handlers[s] = signal.signal(s, on_signal)
+    try:
+        for rank in range(world):
+            r_conn, w_conn = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_worker_main, name='worker-%d' % rank,
+                            args=(worker_fn, rank, world, tuple(args), os.getpid(), w_conn))
+            p.start()
+            w_conn.close()
+            procs.append(p)
+            conns.append(r_conn)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            for rank, c in enumerate(conns):        # collect error texts without blocking
+                try:
+                    while c.poll():
+                        received[rank] = c.recv_bytes(8192).decode('utf-8', 'replace')
+                except (EOFError, OSError):
+                    pass
+            if stop_signal:
+                signum = stop_signal[0]
+                for p in procs:
+                    if p.is_alive():
+                        os.kill(p.pid, signum)
+                deadline_sig = time.monotonic() + grace
+                for p in procs:
+                    p.join(max(0.0, deadline_sig - time.monotonic()))
+                _stop(procs, 1.0)
+                print('launcher: %s received, workers stopped' % signal.Signals(signum).name,
+                      file=sys.stderr, flush=True)
+                raise SystemExit(128 + signum)
+            failed = [(r, p) for r, p in enumerate(procs)
+                      if p.exitcode is not None and p.exitcode != 0]
+            if failed:
+                # prefer a rank killed by a signal or exiting first: the survivors' errors are
+                # usually consequences ("peer stopped responding")
+                failed.sort(key=lambda rp: (rp[1].exitcode >= 0, rp[0]))
+                rank, p = failed[0]
+                _stop(procs, grace)
+                for r, c in enumerate(conns):
+                    try:
+                        if c.poll():
+                            received[r] = c.recv_bytes(8192).decode('utf-8', 'replace')
+                    except (EOFError, OSError):
+                        pass
+                msg = 'worker rank %d (pid %d) failed: %s' % (rank, p.pid, describe_exit(p.exitcode))
+                if rank in received:
+                    msg += ': ' + received[rank]
+                others = ['rank %d: %s' % (r, describe_exit(q.exitcode))
+                          for r, q in enumerate(procs) if r != rank]
+                if others:
+                    msg += ' (then stopped the others: %s)' % ', '.join(others)
+                raise WorkerFailed(msg, rank=rank, exitcode=p.exitcode)
+            if all(p.exitcode == 0 for p in procs):
+                return None
+            if deadline is not None and time.monotonic() > deadline:
+                running = [r for r, p in enumerate(procs) if p.exitcode is None]
+                _stop(procs, grace)
+                raise WorkerFailed('workers %s still running after the %.0f s timeout; stopped them'
+                                   % (running, timeout))
+            _wait_any([p.sentinel for p in procs if p.exitcode is None], timeout=0.2)
+    finally:
+        _stop(procs, grace)          # no-op when all have exited; never leave orphans
+        for c in conns:
+            c.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(rdv_dir, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.distributed
+
+def free_port():
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def under_torchrun():
+    return all(k in os.environ for k in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR'))
+
+
+_init_count = {}
+
+
+def init_distributed(backend, rank, world, port, timeout):
+    """torch.distributed.init_process_group for this replica; `timeout` in seconds.
+
+    Under torchrun: env:// (rank and world must agree with RANK/WORLD_SIZE). Under spawn(): a
+    file store in the launcher's private rendezvous directory (the c10d TCP store would listen
+    on every interface), named after `port`. Otherwise tcp://127.0.0.1:PORT, rank 0 hosting the
+    store. Collective traffic of gloo and NCCL is kept on the loopback interface unless
+    GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME say otherwise (not under torchrun)."""
+    import torch.distributed as dist
+    td = datetime.timedelta(seconds=float(timeout))
+    if under_torchrun():
+        env_rank, env_world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+        if (env_rank, env_world) != (rank, world):
+            raise ValueError('init_distributed: rank %d of %d does not match torchrun\'s '
+                             'RANK=%d WORLD_SIZE=%d' % (rank, world, env_rank, env_world))
+        dist.init_process_group(backend, init_method='env://', rank=rank, world_size=world,
+                                timeout=td)
+        return
+    os.environ.setdefault('GLOO_SOCKET_IFNAME', 'lo')
+    os.environ.setdefault('NCCL_SOCKET_IFNAME', 'lo')
+    rdv = os.environ.get(RENDEZVOUS_ENV)
+    if rdv and os.path.isdir(rdv):
+        n = _init_count[port] = _init_count.get(port, 0) + 1
+        init_method = 'file://' + os.path.join(rdv, 'store-%d-%d' % (port, n))
+    else:
+        init_method = 'tcp://127.0.0.1:%d' % port
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
+                            timeout=td)
