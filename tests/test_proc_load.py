@@ -1,0 +1,454 @@
+"""Parallel loading (proc_load.py): a real loader process, real ZeroMQ sockets, real shared memory
+(CPU) or CUDA IPC (tests marked gpu), real batch files written with batch_files.write_batch."""
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import zmq
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from batch_files import replica_rows, write_batch  # noqa: E402
+from data import SerialLoader  # noqa: E402
+from proc_load import LoaderError, ParallelLoader  # noqa: E402
+
+B = 16          # rows per batch file (small: the image shape is fixed at 256x256x3)
+N_FILES = 5
+PROC_LOAD = os.path.join(ROOT, 'proc_load.py')
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope='module')
+def dataset(tmp_path_factory):
+    d = tmp_path_factory.mktemp('proc_load_batches')
+    rng = np.random.RandomState(1234)
+    files = []
+    for i in range(N_FILES):
+        p = str(d / f'{i:04d}.hkl')
+        write_batch(p, rng.randint(0, 256, (B, 256, 256, 3)).astype(np.uint8))
+        files.append(p)
+    labels = rng.randint(0, 1000, N_FILES * B)
+    return files, labels
+
+
+def mixed_requests(files):
+    """Whole files, each replica's slice of a 2- and 3-replica run, out of order, repeats, and
+    an empty request."""
+    reqs = [(f, 0, B) for f in files]
+    for world in (2, 3):
+        for rank in range(world):
+            lo, hi = replica_rows(B, rank, world)
+            reqs += [(f, lo, hi) for f in files[::-1]]
+    reqs += [(files[2], 5, 6), (files[0], 0, B), (files[0], 0, B), (files[3], 7, 7)]
+    return reqs
+
+
+def with_labels(files, labels, requests):
+    """Pairs each request with its labels: batch i's labels are labels[i*B:(i+1)*B]."""
+    return [labels[files.index(p) * B + lo: files.index(p) * B + hi] for p, lo, hi in requests]
+
+
+def serial(requests, device='cpu'):
+    return [x.clone() for x in SerialLoader(device).iterate(requests)]
+
+
+def proc_state(pid):
+    """'gone', 'Z' (zombie: exited, not yet reaped) or the live state letter."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return 'gone'
+
+
+def alive(pid):
+    return proc_state(pid) not in ('gone', 'Z')
+
+
+def wait_dead(pid, within):
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        if not alive(pid):
+            return True
+        time.sleep(0.02)
+    return not alive(pid)
+
+
+def loader_children():
+    """Our child processes running proc_load.py (zombies included: they would be unreaped)."""
+    kids = []
+    for d in os.listdir('/proc'):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f'/proc/{d}/stat') as f:
+                ppid = int(f.read().rsplit(')', 1)[1].split()[1])
+            with open(f'/proc/{d}/cmdline', 'rb') as f:
+                cmd = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == os.getpid() and (b'proc_load.py' in cmd or proc_state(d) == 'Z'):
+            kids.append(int(d))
+    return kids
+
+
+def assert_no_loader_left(pid):
+    assert not alive(pid), f"loader {pid} still running"
+    assert proc_state(pid) == 'gone', f"loader {pid} left as a zombie (not reaped)"
+    assert loader_children() == []
+
+
+# ---------------------------------------------------------------------------------------------
+# delivery
+
+@pytest.mark.parametrize('prefetch', [2, 3, 5])
+def test_delivers_requested_rows_in_order_like_serial(dataset, prefetch):
+    files, labels = dataset
+    reqs = mixed_requests(files)
+    want = serial(reqs)
+    want_labels = with_labels(files, labels, reqs)
+    got, got_labels = [], []
+    with ParallelLoader('cpu', max_rows=B, prefetch=prefetch, port=0) as loader:
+        pid = loader.pid
+        for (path, lo, hi), lab, x in zip(reqs, want_labels, loader.iterate(reqs)):
+            assert x.dtype == torch.uint8 and x.device.type == 'cpu'
+            assert tuple(x.shape) == (hi - lo, 256, 256, 3)
+            assert len(lab) == hi - lo
+            got.append(x.clone())
+            got_labels.append(lab)
+        assert len(got) == len(reqs)
+        for i, (w, g) in enumerate(zip(want, got)):
+            assert torch.equal(w, g), f"request {i} {reqs[i]} differs from SerialLoader"
+        assert all(np.array_equal(a, b) for a, b in zip(got_labels, want_labels))
+        # a second epoch on the same loader
+        again = [x.clone() for x in loader.iterate(reqs[:7])]
+        assert all(torch.equal(a, b) for a, b in zip(again, want[:7]))
+    assert_no_loader_left(pid)
+
+
+def test_item_is_not_overwritten_while_held(dataset):
+    """The loader runs ahead, but never into the buffer the consumer still holds."""
+    files, _ = dataset
+    reqs = [(f, 0, B) for f in files] * 3
+    want = serial(reqs)
+    with ParallelLoader('cpu', max_rows=B, prefetch=2, port=0) as loader:
+        for i, x in enumerate(loader.iterate(reqs)):
+            time.sleep(0.03)        # time for the loader to finish everything it may do
+            assert torch.equal(x, want[i]), f"item {i} changed while the consumer held it"
+
+
+def test_abandoned_iteration_then_new_one(dataset):
+    files, _ = dataset
+    reqs = [(f, 0, B) for f in files]
+    want = serial(reqs)
+    with ParallelLoader('cpu', max_rows=B, prefetch=3, port=0) as loader:
+        for i, x in enumerate(loader.iterate(reqs * 2)):
+            if i == 1:
+                break                # two loads are still with the loader
+        gen = loader.iterate(reqs)
+        next(gen)
+        gen.close()                  # abandoned right after the first item
+        got = [x.clone() for x in loader.iterate(reqs)]
+        assert all(torch.equal(a, b) for a, b in zip(got, want)) and len(got) == len(want)
+        assert list(loader.iterate([])) == []
+
+
+def test_ipc_endpoint_in_private_dir(dataset):
+    files, _ = dataset
+    reqs = [(files[1], 0, B), (files[4], 2, 9)]
+    want = serial(reqs)
+    with ParallelLoader('cpu', max_rows=B, port=None) as loader:
+        assert loader.endpoint.startswith('ipc://')
+        d = os.path.dirname(loader.endpoint[len('ipc://'):])
+        assert os.stat(d).st_mode & 0o777 == 0o700
+        got = [x.clone() for x in loader.iterate(reqs)]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert not os.path.exists(d)
+
+
+def test_port_in_use_gives_notice_and_works(dataset, capfd):
+    files, _ = dataset
+    taken = socket.socket()
+    taken.bind(('127.0.0.1', 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:
+        with ParallelLoader('cpu', max_rows=B, port=port) as loader:
+            assert loader.endpoint.startswith('tcp://127.0.0.1:')
+            assert loader.endpoint != f'tcp://127.0.0.1:{port}'
+            got = [x.clone() for x in loader.iterate([(files[0], 0, B)])]
+    finally:
+        taken.close()
+    err = capfd.readouterr().err
+    assert f'port {port}' in err and 'in use' in err and loader.endpoint in err
+    assert torch.equal(got[0], serial([(files[0], 0, B)])[0])
+
+
+def test_bad_arguments_are_refused(dataset):
+    files, _ = dataset
+    with pytest.raises(ValueError, match='prefetch'):
+        ParallelLoader('cpu', max_rows=B, prefetch=1, port=0)
+    with pytest.raises(ValueError, match='max_rows'):
+        ParallelLoader('cpu', max_rows=0, port=0)
+    with ParallelLoader('cpu', max_rows=8, port=0) as loader:
+        with pytest.raises(ValueError, match='max_rows=8'):
+            list(loader.iterate([(files[0], 0, 9)]))
+        # still usable afterwards
+        assert len(list(loader.iterate([(files[0], 0, 8)]))) == 1
+    assert loader_children() == []
+
+
+def test_script_help():
+    r = subprocess.run([sys.executable, PROC_LOAD, '--help'], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0 and 'Loader process' in r.stdout
+
+
+def test_script_without_startup_line_exits():
+    r = subprocess.run([sys.executable, PROC_LOAD, '--boot-timeout', '0.5'], stdin=subprocess.PIPE,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and 'start-up line' in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# trust
+
+def test_stranger_on_the_socket_is_ignored(dataset, capfd):
+    files, _ = dataset
+    reqs = [(f, 0, B) for f in files]
+    want = serial(reqs)
+    with ParallelLoader('cpu', max_rows=B, port=0) as loader:
+        ctx = zmq.Context()
+        try:
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(loader.endpoint)
+            forged = json.dumps({'type': 'ready', 'seq': 1, 'buf': 0}).encode()
+            s.send_multipart([forged, b'0' * 64])                            # wrong MAC
+            s.send_multipart([json.dumps({'type': 'error', 'seq': None,
+                                          'message': 'x'}).encode(), b'f' * 64])
+            s.send_multipart([b'\x80\x04garbage-not-json', b'x'])
+            s.send(b'one frame')
+            s.send_multipart([forged, b'0' * 64, b'extra'])
+            s.send(b'x' * (1 << 17))                                        # oversized
+            time.sleep(0.2)
+            got = [x.clone() for x in loader.iterate(reqs)]
+            # and while an iteration runs
+            it = loader.iterate(reqs)
+            first = next(it).clone()
+            s2 = ctx.socket(zmq.DEALER)
+            s2.setsockopt(zmq.LINGER, 0)
+            s2.connect(loader.endpoint)
+            s2.send_multipart([forged, b'0' * 64])
+            rest = [x.clone() for x in it]
+            s.close()
+            s2.close()
+        finally:
+            ctx.term()
+        assert all(torch.equal(a, b) for a, b in zip(got, want)) and len(got) == len(want)
+        assert torch.equal(first, want[0])
+        assert all(torch.equal(a, b) for a, b in zip(rest, want[1:])) and len(rest) == 4
+        assert alive(loader.pid)
+    assert 'ignored a message' in capfd.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# failures
+
+def test_sigkill_of_loader_mid_epoch_raises_and_leaves_nothing(dataset):
+    files, _ = dataset
+    reqs = [(f, 0, B) for f in files] * 10
+    loader = ParallelLoader('cpu', max_rows=B, prefetch=2, port=0)
+    pid = loader.pid
+    taken = 0
+    t_kill = None
+    with pytest.raises(LoaderError) as ei:
+        for x in loader.iterate(reqs):
+            taken += 1
+            if taken == 3:
+                os.kill(pid, signal.SIGKILL)
+                t_kill = time.monotonic()
+    elapsed = time.monotonic() - t_kill
+    assert elapsed < 5, f"trainer noticed the dead loader only after {elapsed:.1f} s"
+    assert taken < len(reqs)
+    msg = str(ei.value)
+    assert f'pid {pid}' in msg and 'SIGKILL' in msg and '.hkl' in msg, msg
+    assert_no_loader_left(pid)
+    with pytest.raises(LoaderError):        # the loader stays broken, with the same message
+        list(loader.iterate(reqs))
+    loader.close()
+    loader.close()
+    assert_no_loader_left(pid)
+
+
+def test_sigterm_of_loader_raises(dataset):
+    files, _ = dataset
+    with ParallelLoader('cpu', max_rows=B, port=0) as loader:
+        pid = loader.pid
+        it = loader.iterate([(files[0], 0, B)] * 20)
+        next(it)
+        os.kill(pid, signal.SIGTERM)
+        with pytest.raises(LoaderError, match='pid'):
+            for _ in it:
+                pass
+    assert_no_loader_left(pid)
+
+
+@pytest.mark.parametrize('kind', ['truncated', 'missing', 'not_hdf5'])
+def test_bad_batch_file_is_reported_by_name(dataset, tmp_path, kind):
+    files, _ = dataset
+    bad = str(tmp_path / f'bad_{kind}.hkl')
+    if kind == 'truncated':
+        with open(files[1], 'rb') as f:
+            data = f.read()
+        with open(bad, 'wb') as f:
+            f.write(data[:len(data) // 2])
+    elif kind == 'not_hdf5':
+        with open(bad, 'wb') as f:
+            f.write(os.urandom(300000))
+    reqs = [(files[0], 0, B), (files[1], 0, B), (bad, 0, B), (files[2], 0, B)]
+    loader = ParallelLoader('cpu', max_rows=B, prefetch=2, port=0)
+    pid = loader.pid
+    got = []
+    t0 = time.monotonic()
+    with pytest.raises(LoaderError) as ei:
+        for x in loader.iterate(reqs):
+            got.append(x.clone())
+    assert time.monotonic() - t0 < 10
+    assert bad in str(ei.value), str(ei.value)
+    assert len(got) == 2                     # everything before the bad file was delivered
+    assert_no_loader_left(pid)               # stopped and reaped even before close()
+    loader.close()
+
+
+def test_dead_trainer_makes_loader_exit(dataset):
+    code = ("import sys, time; sys.path.insert(0, %r)\n"
+            "from proc_load import ParallelLoader\n"
+            "l = ParallelLoader('cpu', max_rows=%d, port=0)\n"
+            "it = l.iterate([(%r, 0, %d)] * 1000); next(it)\n"
+            "print(l.pid, flush=True)\n"
+            "time.sleep(120)\n") % (ROOT, B, files_0(dataset), B)
+    trainer = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE)
+    try:
+        r, _, _ = select.select([trainer.stdout], [], [], 40)
+        assert r, "trainer did not start its loader within 40 s"
+        pid = int(trainer.stdout.readline())
+        assert alive(pid)
+        trainer.kill()
+        trainer.wait(10)
+        assert wait_dead(pid, 5), f"loader {pid} outlived its trainer by more than 5 s"
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+            trainer.wait(10)
+        trainer.stdout.close()
+
+
+def files_0(dataset):
+    return dataset[0][0]
+
+
+def test_ctrl_c_ends_trainer_and_loader(dataset):
+    """SIGINT to the whole process group, as a terminal's Ctrl-C does, mid-epoch."""
+    code = ("import sys, time; sys.path.insert(0, %r)\n"
+            "from proc_load import ParallelLoader\n"
+            "with ParallelLoader('cpu', max_rows=%d, port=0) as l:\n"
+            "    print(l.pid, flush=True)\n"
+            "    for x in l.iterate([(%r, 0, %d)] * 100000):\n"
+            "        time.sleep(0.001)\n") % (ROOT, B, files_0(dataset), B)
+    trainer = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        r, _, _ = select.select([trainer.stdout], [], [], 40)
+        assert r, "trainer did not start its loader within 40 s"
+        pid = int(trainer.stdout.readline())
+        time.sleep(0.3)
+        os.killpg(trainer.pid, signal.SIGINT)
+        trainer.wait(10)
+        assert trainer.returncode != 0
+        assert wait_dead(pid, 5), f"loader {pid} still running after Ctrl-C"
+    finally:
+        if trainer.poll() is None:
+            os.killpg(trainer.pid, signal.SIGKILL)
+            trainer.wait(10)
+        trainer.stdout.close()
+        trainer.stderr.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (run on a CUDA machine: python -m pytest -m gpu tests/test_proc_load.py)
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize('prefetch', [2, 3])
+def test_gpu_delivers_like_serial(dataset, prefetch):
+    files, _ = dataset
+    reqs = mixed_requests(files)
+    want = serial(reqs, 'cuda')
+    with ParallelLoader('cuda', max_rows=B, prefetch=prefetch, port=0) as loader:
+        got = []
+        for x in loader.iterate(reqs):
+            assert x.is_cuda and x.dtype == torch.uint8
+            got.append(x.clone())
+        torch.cuda.synchronize()
+        pid = loader.pid
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), f"request {i} {reqs[i]} differs from SerialLoader"
+    assert_no_loader_left(pid)
+
+
+class _NoIpcEvents(ParallelLoader):
+    _use_ipc_events = False
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize('cls', [ParallelLoader, _NoIpcEvents], ids=['ipc_events', 'fallback'])
+def test_gpu_buffer_not_overwritten_while_gpu_still_reads_it(dataset, cls):
+    """The consumer queues slow GPU work on an item and moves on at once: the loader must not
+    overwrite that buffer before the work has run (interprocess event, or the fallback)."""
+    files, _ = dataset
+    reqs = [(f, 0, B) for f in files] * 2
+    want = serial(reqs, 'cuda')
+    outs = []
+    with cls('cuda', max_rows=B, prefetch=2, port=0) as loader:
+        for x in loader.iterate(reqs):
+            torch.cuda._sleep(50_000_000)     # tens of ms of GPU time before reading x
+            outs.append(x.clone())            # queued after the sleep, on the same stream
+        torch.cuda.synchronize()
+    for i, (a, b) in enumerate(zip(outs, want)):
+        assert torch.equal(a, b), f"item {i}: buffer overwritten while the GPU still read it"
+
+
+@gpu
+@needs_cuda
+def test_gpu_loader_errors(dataset, tmp_path):
+    files, _ = dataset
+    bad = str(tmp_path / 'bad.hkl')
+    with open(bad, 'wb') as f:
+        f.write(b'\0' * 1000)
+    loader = ParallelLoader('cuda', max_rows=B, port=0)
+    with pytest.raises(LoaderError, match='bad.hkl'):
+        list(loader.iterate([(files[0], 0, B), (bad, 0, B)]))
+    assert_no_loader_left(loader.pid)
+    loader.close()
+    loader = ParallelLoader('cuda', max_rows=B, port=0)
+    pid = loader.pid
+    with pytest.raises(LoaderError, match='SIGKILL'):
+        for i, x in enumerate(loader.iterate([(files[0], 0, B)] * 100)):
+            if i == 2:
+                os.kill(pid, signal.SIGKILL)
+    loader.close()
+    assert_no_loader_left(pid)
