@@ -1,0 +1,432 @@
+"""End-to-end tests of preprocessing/: the real scripts (and shell scripts) in subprocesses, on
+trees with every quirk of the real ImageNet (tests/preproc_tree.py), checked image by image."""
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from preproc_tree import (DEVKIT_IDS, PALETTE, RGBA_COLOUR, WNIDS, build_tree, truncate,
+                          write_meta)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PREP = os.path.join(REPO, 'preprocessing')
+sys.path.insert(0, REPO)
+
+from batch_files import list_batch_files  # noqa: E402
+from preprocessing.common import load_paths  # noqa: E402
+from preprocessing.image_io import ImageDecodeError, load_image_256  # noqa: E402
+
+ENV = dict(os.environ, PYTHON=sys.executable)
+
+
+def run(args, cwd):
+    """Run a preprocessing script (.py with this Python, .sh with bash) from folder ``cwd``."""
+    script = os.path.join(PREP, args[0])
+    cmd = (['bash', script] if script.endswith('.sh') else [sys.executable, script]) + args[1:]
+    return subprocess.run(cmd, cwd=str(cwd), env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def ok(result):
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def error_line(result):
+    """The one 'error: ...' line of a failed run (and no traceback)."""
+    assert result.returncode == 1, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    assert 'Traceback' not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def read_batches(folder):
+    out = []
+    for path in list_batch_files(folder):
+        with h5py.File(path, 'r') as h5:
+            out.append(h5['data'][()])
+    return out
+
+
+def independent_decode(path):
+    """Decode with plain PIL (full-size decode, no libjpeg scaling), then resize like the
+    original pipeline: bilinear to 256x256, grey replicated, alpha dropped."""
+    img = Image.open(path)
+    if img.mode == 'I;16':
+        img = Image.fromarray((np.asarray(img, np.uint16) // 257).astype(np.uint8))
+    return np.asarray(img.convert('RGB').resize((256, 256), Image.Resampling.BILINEAR))
+
+
+def assert_row_is_image(row, path, kind):
+    np.testing.assert_array_equal(row, load_image_256(path), err_msg=path)
+    expected = independent_decode(path).astype(int)
+    if kind == 'big':  # libjpeg decoded it at 1/4 scale: close, not bit-identical
+        diff = np.abs(row.astype(int) - expected)
+        assert diff.mean() < 2.0 and np.percentile(diff, 99) < 12, path
+    else:
+        np.testing.assert_array_equal(row, expected, err_msg=path)
+
+
+# ---------------------------------------------------------------- the main end-to-end run
+
+@pytest.fixture(scope='module')
+def done(tmp_path_factory):
+    """A quirky tree preprocessed by generate_data.sh, run from an unrelated folder with a
+    paths.yaml whose relative paths point elsewhere."""
+    tmp = tmp_path_factory.mktemp('prep')
+    tree = build_tree(tmp / 'imagenet', per_class=(200, 150, 250), n_val=300)
+    yaml_path = tree.write_paths_yaml(tmp / 'cfg' / 'paths.yaml', tmp / 'out')
+    elsewhere = tmp / 'elsewhere'
+    elsewhere.mkdir()
+    result = ok(run(['generate_data.sh', '../cfg/paths.yaml', '--workers', '2'], elsewhere))
+    paths = load_paths(yaml_path)
+    return tree, paths, yaml_path, result
+
+
+def test_paths_resolve_against_the_yaml_folder(done):
+    tree, paths, _, _ = done
+    out = os.path.join(os.path.dirname(tree.root), 'out')
+    assert paths['train_img_dir'] == tree.train_dir
+    assert paths['train_batch_dir'] == os.path.join(out, 'train_hkl_b256_b_256')
+    assert paths['val_batch_dir'] == os.path.join(out, 'val_hkl_b256_b_256')
+    assert paths['labels_dir'] == os.path.join(out, 'labels')
+
+
+def test_training_order_is_sorted_then_shuffled_with_seed_1(done):
+    tree, paths, _, _ = done
+    saved = np.load(os.path.join(paths['misc_dir'], 'shuffled_train_filenames.npy'),
+                    allow_pickle=False)
+    expected = np.asarray(tree.train_files())
+    np.random.seed(1)  # the original: np.random.seed(1); np.random.shuffle(sorted names)
+    np.random.shuffle(expected)
+    assert saved.dtype.kind == 'U'
+    assert saved.tolist() == expected.tolist()
+
+
+def test_every_training_image_is_in_its_batch_row(done):
+    tree, paths, _, _ = done
+    order = np.load(os.path.join(paths['misc_dir'], 'shuffled_train_filenames.npy'),
+                    allow_pickle=False).tolist()
+    batches = read_batches(paths['train_batch_dir'])
+    assert len(order) == 600
+    assert [b.shape for b in batches] == [(256, 256, 256, 3)] * 2  # the last 88 are dropped
+    for i, name in enumerate(order[:512]):
+        assert_row_is_image(batches[i // 256][i % 256], os.path.join(tree.train_dir, name),
+                            tree.kind[name])
+
+
+def test_validation_keeps_every_image_in_sorted_order(done):
+    tree, paths, _, _ = done
+    batches = read_batches(paths['val_batch_dir'])
+    assert [len(b) for b in batches] == [256, 44]  # the short last batch is kept
+    rows = np.concatenate(batches)
+    for i, name in enumerate(tree.val_names):
+        assert_row_is_image(rows[i], os.path.join(tree.val_dir, name), tree.kind[name])
+
+
+def test_labels_follow_the_batches(done):
+    tree, paths, _, _ = done
+    order = np.load(os.path.join(paths['misc_dir'], 'shuffled_train_filenames.npy'),
+                    allow_pickle=False).tolist()
+    train_labels = np.load(os.path.join(paths['labels_dir'], 'train_labels.npy'),
+                           allow_pickle=False)
+    val_labels = np.load(os.path.join(paths['labels_dir'], 'val_labels.npy'), allow_pickle=False)
+    # label = index of the WNID among the sorted folders, not the devkit id
+    assert train_labels.tolist() == [tree.train_label[name] for name in order]
+    assert val_labels.tolist() == tree.val_label
+    assert train_labels.dtype == np.int64 and val_labels.dtype == np.int64
+
+
+def test_caffe_style_lists(done):
+    tree, paths, _, _ = done
+    with open(paths['traintxt_filename']) as f:
+        assert f.read().splitlines() == [f'{n} {tree.train_label[n]}' for n in tree.train_files()]
+    with open(paths['valtxt_filename']) as f:
+        assert f.read().splitlines() == [f'{n} {label}'
+                                         for n, label in zip(tree.val_names, tree.val_label)]
+    with open(os.path.join(paths['misc_dir'], 'synset_words.txt')) as f:
+        assert f.read().splitlines() == [f'{w} words of {w}' for w in WNIDS]
+
+
+def test_mean_image_is_the_mean_of_the_training_batches(done):
+    _, paths, _, _ = done
+    mean = np.load(os.path.join(paths['misc_dir'], 'img_mean.npy'), allow_pickle=False)
+    rows = np.concatenate(read_batches(paths['train_batch_dir']))
+    assert mean.dtype == np.float32 and mean.shape == (3, 256, 256)
+    expected = rows.astype(np.float64).mean(axis=0).transpose(2, 0, 1)
+    np.testing.assert_allclose(mean, expected, rtol=0, atol=1e-4)
+
+
+def test_colours_of_quirky_images_are_right(done):
+    tree, paths, _, _ = done
+    order = np.load(os.path.join(paths['misc_dir'], 'shuffled_train_filenames.npy'),
+                    allow_pickle=False).tolist()
+    batches = read_batches(paths['train_batch_dir'])
+    rows = {name: batches[i // 256][i % 256] for i, name in enumerate(order[:512])}
+    rows.update(zip(tree.val_names, np.concatenate(read_batches(paths['val_batch_dir']))))
+    seen = set()
+    for name, row in rows.items():
+        kind = tree.kind[name]
+        seen.add(kind)
+        if kind == 'cmyk_red':  # pure red CMYK comes out pure red RGB
+            assert np.abs(row.astype(int) - (255, 0, 0)).max() <= 2, name
+        elif kind in ('grey', 'la_png', 'grey16_png'):  # grey replicated to three channels
+            assert (row[..., 0] == row[..., 1]).all() and (row[..., 1] == row[..., 2]).all()
+        elif kind == 'rgba_png':  # alpha dropped, not composited (alpha is 0 at the left)
+            assert (row == RGBA_COLOUR).all(), name
+        elif kind == 'palette_png':  # palette colours, the transparent index included
+            assert tuple(row[0, 0]) == PALETTE[0] and tuple(row[0, -1]) == PALETTE[1]
+            assert tuple(row[-1, 0]) == PALETTE[2] and tuple(row[-1, -1]) == PALETTE[3]
+        if kind == 'grey16_png':  # a 0..65535 ramp from left to right
+            assert row[0, 0, 0] == 0 and row[0, -1, 0] == 255
+    assert {'cmyk_red', 'grey', 'rgba_png', 'palette_png', 'png', 'big', 'cmyk'} <= seen
+
+
+def test_rerun_skips_complete_batches_and_ignores_leftover_tmp_files(done):
+    tree, paths, yaml_path, _ = done
+    train_dir, val_dir = paths['train_batch_dir'], paths['val_batch_dir']
+    before = {p: os.stat(p).st_mtime_ns for d in (train_dir, val_dir) for p in list_batch_files(d)}
+    second = os.path.join(train_dir, '0001.hkl')
+    with open(second, 'rb') as f:
+        second_bytes = f.read()
+    mean_file = os.path.join(paths['misc_dir'], 'img_mean.npy')
+    mean_before = np.load(mean_file, allow_pickle=False)
+    # as if a run was killed while writing batch 1: no 0001.hkl, a half-written tmp file
+    os.unlink(second)
+    with open(second + '.tmp4242', 'wb') as f:
+        f.write(second_bytes[:1000])
+    assert len(list_batch_files(train_dir)) == 1  # a tmp file is not a batch
+
+    result = ok(run(['make_hkl.py', '--paths', yaml_path, '--workers', '2'], REPO))
+    assert '(1 complete, 1 to make)' in result.stdout
+    assert '(2 complete, 0 to make)' in result.stdout
+    assert not [n for n in os.listdir(train_dir) if '.tmp' in n]
+    for path, mtime in before.items():
+        if path != second:
+            assert os.stat(path).st_mtime_ns == mtime, f"{path} was rewritten"
+    rows = read_batches(train_dir)[1]
+    order = np.load(os.path.join(paths['misc_dir'], 'shuffled_train_filenames.npy'),
+                    allow_pickle=False).tolist()
+    for i in range(0, 256, 15):
+        name = order[256 + i]
+        assert_row_is_image(rows[i], os.path.join(tree.train_dir, name), tree.kind[name])
+    np.testing.assert_array_equal(np.load(mean_file, allow_pickle=False), mean_before)
+
+
+def test_stale_batches_beyond_the_run_are_refused(done):
+    _, paths, yaml_path, _ = done
+    extra = os.path.join(paths['val_batch_dir'], '0002.hkl')
+    with open(os.path.join(paths['val_batch_dir'], '0001.hkl'), 'rb') as f, open(extra, 'wb') as g:
+        g.write(f.read())
+    try:
+        line = error_line(run(['make_hkl.py', '--paths', yaml_path, '--workers', '2'], REPO))
+        assert '0002.hkl' in line
+    finally:
+        os.unlink(extra)
+
+
+# ---------------------------------------------------------------- unreadable images
+
+@pytest.fixture
+def bad_tree(tmp_path):
+    """520 training images (2 full batches), 20 validation images; one training image in the
+    first batch and one validation image are broken."""
+    tree = build_tree(tmp_path / 'imagenet', per_class=(300, 220, 0), n_val=20, quirks=False)
+    order = np.asarray(tree.train_files())
+    np.random.RandomState(1).shuffle(order)
+    bad_train = str(order[5])
+    truncate(os.path.join(tree.train_dir, bad_train))
+    bad_val = tree.val_names[7]
+    with open(os.path.join(tree.val_dir, bad_val), 'w') as f:
+        f.write('not an image\n')
+    yaml_path = tree.write_paths_yaml(tmp_path / 'paths.yaml', tmp_path / 'out')
+    return tree, yaml_path, bad_train, bad_val, load_paths(yaml_path)
+
+
+def test_a_truncated_image_stops_the_run_naming_the_file(bad_tree):
+    tree, yaml_path, bad_train, _, paths = bad_tree
+    line = error_line(run(['make_hkl.py', '--paths', yaml_path, '--workers', '2'], REPO))
+    assert os.path.join(tree.train_dir, bad_train) in line and 'truncated' in line
+    assert '--skip-bad' in line
+    assert not os.path.exists(os.path.join(paths['train_batch_dir'], '0000.hkl'))
+    # the shell script stops too, with the same message
+    result = run(['generate_data.sh', yaml_path, '--workers', '2'], REPO)
+    assert result.returncode != 0 and bad_train in result.stderr
+
+
+def test_skip_bad_leaves_images_out_of_batches_and_labels(bad_tree):
+    tree, yaml_path, bad_train, bad_val, paths = bad_tree
+    ok(run(['generate_data.sh', yaml_path, '--skip-bad', '--workers', '2'], REPO))
+
+    with open(os.path.join(paths['misc_dir'], 'skipped_train_images.txt')) as f:
+        listed = [line.split('\t')[0] for line in f if not line.startswith('#')]
+    assert listed == [bad_train]
+    with open(os.path.join(paths['misc_dir'], 'skipped_val_images.txt')) as f:
+        assert [line.split('\t')[0] for line in f if not line.startswith('#')] == [bad_val]
+
+    order = np.load(os.path.join(paths['misc_dir'], 'shuffled_train_filenames.npy'),
+                    allow_pickle=False).tolist()
+    good = [name for name in order if name != bad_train]
+    rows = np.concatenate(read_batches(paths['train_batch_dir']))
+    assert len(rows) == 512
+    for i in list(range(0, 512, 7)) + [4, 5, 6, 255, 256, 511]:
+        assert_row_is_image(rows[i], os.path.join(tree.train_dir, good[i]), 'rgb')
+    train_labels = np.load(os.path.join(paths['labels_dir'], 'train_labels.npy'))
+    assert train_labels.tolist() == [tree.train_label[name] for name in good]
+
+    val_rows = np.concatenate(read_batches(paths['val_batch_dir']))
+    val_good = [(n, label) for n, label in zip(tree.val_names, tree.val_label) if n != bad_val]
+    assert len(val_rows) == 19
+    for row, (name, _) in zip(val_rows, val_good):
+        assert_row_is_image(row, os.path.join(tree.val_dir, name), 'rgb')
+    val_labels = np.load(os.path.join(paths['labels_dir'], 'val_labels.npy'))
+    assert val_labels.tolist() == [label for _, label in val_good]
+
+    # a re-run, with or without --skip-bad, keeps leaving them out and redoes nothing
+    result = ok(run(['make_hkl.py', '--paths', yaml_path, '--workers', '2'], REPO))
+    assert '(2 complete, 0 to make)' in result.stdout
+    assert '(1 complete, 0 to make)' in result.stdout
+
+
+# ---------------------------------------------------------------- configuration errors
+
+@pytest.fixture
+def small_tree(tmp_path):
+    tree = build_tree(tmp_path / 'imagenet', per_class=(3, 2, 2), n_val=4, quirks=False)
+    return tree, tmp_path
+
+
+def test_missing_paths_key_is_named(small_tree):
+    tree, tmp = small_tree
+    yaml_path = tree.write_paths_yaml(tmp / 'paths.yaml', tmp / 'out', misc_dir=None)
+    for script in ('make_hkl.py', 'make_train_val_txt.py', 'make_labels.py'):
+        line = error_line(run([script, '--paths', yaml_path], tmp))
+        assert "'misc_dir'" in line and 'paths.yaml' in line
+    assert run(['generate_data.sh', yaml_path], tmp).returncode != 0
+
+
+def test_missing_paths_file_is_named(small_tree):
+    _, tmp = small_tree
+    line = error_line(run(['make_hkl.py', '--paths', 'nowhere.yaml'], tmp))
+    assert 'nowhere.yaml' in line
+
+
+def test_missing_folder_is_named(small_tree):
+    tree, tmp = small_tree
+    yaml_path = tree.write_paths_yaml(tmp / 'paths.yaml', tmp / 'out',
+                                      train_img_dir='no_such_train_dir')
+    for script in ('make_hkl.py', 'make_train_val_txt.py'):
+        line = error_line(run([script, '--paths', yaml_path], tmp))
+        assert 'train_img_dir' in line and 'no_such_train_dir' in line
+
+
+def test_wnid_absent_from_the_devkit_is_named(small_tree):
+    tree, tmp = small_tree
+    write_meta(tree.meta, {w: i for w, i in DEVKIT_IDS.items() if w != 'n01443537'})
+    yaml_path = tree.write_paths_yaml(tmp / 'paths.yaml', tmp / 'out')
+    line = error_line(run(['make_train_val_txt.py', '--paths', yaml_path], tmp))
+    assert 'n01443537' in line and 'meta_clsloc.mat' in line
+    result = run(['generate_data.sh', yaml_path], tmp)
+    assert result.returncode != 0 and 'n01443537' in result.stderr
+
+
+def test_ground_truth_line_count_must_match_validation_images(small_tree):
+    tree, tmp = small_tree
+    with open(tree.gt, 'a') as f:
+        f.write('1\n')
+    yaml_path = tree.write_paths_yaml(tmp / 'paths.yaml', tmp / 'out')
+    line = error_line(run(['make_train_val_txt.py', '--paths', yaml_path], tmp))
+    assert os.path.basename(tree.gt) in line and '5 lines' in line and '4 images' in line
+
+
+def test_make_labels_before_make_hkl_says_what_to_run(small_tree):
+    tree, tmp = small_tree
+    yaml_path = tree.write_paths_yaml(tmp / 'paths.yaml', tmp / 'out')
+    ok(run(['make_train_val_txt.py', '--paths', yaml_path], tmp))
+    line = error_line(run(['make_labels.py', '--paths', yaml_path], tmp))
+    assert 'shuffled_train_filenames.npy' in line and 'make_hkl.py' in line
+
+
+# ---------------------------------------------------------------- load_image_256 on its own
+
+def test_load_image_256_converts_and_refuses(tmp_path):
+    red = tmp_path / 'red.JPEG'
+    Image.new('CMYK', (500, 375), (0, 255, 255, 0)).save(red, 'JPEG', quality=95)
+    x = load_image_256(red)
+    assert x.shape == (256, 256, 3) and x.dtype == np.uint8
+    assert np.abs(x.astype(int) - (255, 0, 0)).max() <= 2
+    assert x.flags.writeable
+
+    png = tmp_path / 'n02105855_2933.JPEG'  # ImageNet's PNG named .JPEG
+    Image.new('RGB', (40, 30), (1, 2, 3)).save(png, 'PNG')
+    assert (load_image_256(png) == (1, 2, 3)).all()
+
+    broken = tmp_path / 'broken.JPEG'
+    Image.new('RGB', (500, 375), (9, 9, 9)).save(broken, 'JPEG')
+    truncate(broken, 0.5)
+    for path in (broken, tmp_path / 'missing.JPEG'):
+        with pytest.raises(ImageDecodeError, match=os.path.basename(path)):
+            load_image_256(path)
+
+
+# ---------------------------------------------------------------- the embedded toy tree
+
+def test_toy_imagenet_tree_and_generate_toy_data(tmp_path):
+    out = tmp_path / 'toy_imagenet'
+    ok(run(['make_toy_imagenet.py', str(out)], tmp_path))
+    wnids = sorted(os.listdir(out / 'train'))
+    assert len(wnids) == 10 and all(len(w) == 9 and w[0] == 'n' for w in wnids)
+    n_train = 0
+    for wnid in wnids:
+        names = os.listdir(out / 'train' / wnid)
+        assert names and all(n.startswith(wnid + '_') and n.endswith('.JPEG') for n in names)
+        n_train += len(names)
+    val_names = sorted(os.listdir(out / 'val'))
+    assert val_names[0] == 'ILSVRC2012_val_00000001.JPEG'
+    assert n_train == 1400 and len(val_names) == 397
+    with Image.open(out / 'train' / wnids[0] / os.listdir(out / 'train' / wnids[0])[0]) as img:
+        assert img.format == 'JPEG' and img.size[0] >= 256 and img.size[1] >= 200
+
+    import scipy.io
+    synsets = scipy.io.loadmat(out / 'devkit' / 'data' / 'meta_clsloc.mat')['synsets'][0]
+    ids = [int(s['ILSVRC2012_ID'][0][0]) for s in synsets]
+    meta_wnids = [str(s['WNID'][0]) for s in synsets]
+    assert sorted(meta_wnids) == wnids and sorted(ids) == list(range(1, 11))
+    id_of = dict(zip(meta_wnids, ids))
+    assert [id_of[w] for w in wnids] != sorted(id_of[w] for w in wnids)  # ids not in WNID order
+    with open(out / 'devkit' / 'data' / 'ILSVRC2014_clsloc_validation_ground_truth.txt') as f:
+        gt = [int(line) for line in f]
+    assert len(gt) == 397
+
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    result = ok(run(['generate_toy_data.sh', str(out / 'paths.yaml')], elsewhere))
+    paths = load_paths(out / 'paths.yaml')
+    assert paths['train_batch_dir'] in result.stdout.splitlines()[-4]  # printed at the end
+    train = read_batches(paths['train_batch_dir'])
+    val = read_batches(paths['val_batch_dir'])
+    assert [len(b) for b in train] == [256] * 5 and [len(b) for b in val] == [256, 141]
+    val_labels = np.load(os.path.join(paths['labels_dir'], 'val_labels.npy'), allow_pickle=False)
+    label_of_id = {id_of[w]: label for label, w in enumerate(wnids)}
+    assert val_labels.tolist() == [label_of_id[i] for i in gt]
+    assert len(np.load(os.path.join(paths['labels_dir'], 'train_labels.npy'))) == 1400
+    # colour matters: the images are not grey
+    assert np.abs(train[0][..., 0].astype(int) - train[0][..., 1]).mean() > 10
+
+
+def test_default_paths_yaml_points_at_the_quickstart_toy_data():
+    paths = load_paths(os.path.join(PREP, 'paths.yaml'))
+    data = os.path.join(REPO, 'data')
+    assert paths['train_img_dir'] == os.path.join(data, 'toy_imagenet', 'train')
+    assert paths['train_batch_dir'] == os.path.join(data, 'toy', 'train_hkl_b256_b_256')
+    assert paths['val_batch_dir'] == os.path.join(data, 'toy', 'val_hkl_b256_b_256')
+    assert paths['labels_dir'] == os.path.join(data, 'toy', 'labels')
+    assert os.path.join(paths['misc_dir'], 'img_mean.npy') == \
+        os.path.join(data, 'toy', 'misc', 'img_mean.npy')
+    # and the toy builder's tree goes where it reads
+    assert paths['meta_clsloc_mat'] == os.path.join(data, 'toy_imagenet', 'devkit', 'data',
+                                                    'meta_clsloc.mat')
