@@ -1,0 +1,387 @@
+"""The two-GPU MNIST MLP of the original theano_multi_gpu repository (SPEC section 6), on PyTorch.
+
+    python dual_mlp.py A B [--dataset mnist.pkl.gz] [--epochs 10] [--batch-size 5000] [--lr 0.13]
+
+A and B are GPU indices (or ``cpu``). Two processes build the deeplearning.net tutorial MLP
+(784 -> 500 tanh -> 10 softmax, RandomState(1234)), cost NLL + 0*L1 + 1e-4*L2^2, plain SGD. Of
+each pair of minibatches process 0 trains the first and process 1 the second; then they average
+their parameters through exchange.py, the same code as the AlexNet trainer uses (peer-to-peer
+copies between GPUs, shared host memory on the CPU). Process 0 prints the validation error every
+epoch, then epochs per second, the total time and the test error of the final parameters; the
+last line of the output is one JSON object {"val_error", "test_error", "epochs_per_s"}.
+
+``--one-process`` trains in this process alone, applying the averaged update of each pair of
+minibatches: the reference the two processes must match, and the one-GPU timing.
+
+Data: ``--dataset`` names a real ``mnist.pkl.gz`` (gzip pickle of ((train_x, train_y),
+(valid_x, valid_y), (test_x, test_y)), x float32 in [0, 1] with 784 columns), read with an
+unpickler that admits NumPy arrays and nothing else. Without it the script uses the real digit
+images that ship with scikit-learn (1797 8x8 images, upscaled to 28x28, 1000/397/400 split) and,
+unless --batch-size is given, a batch of 100: the original's 50000/5000 gave 10 minibatches an
+epoch, and so does 1000/100 (5000 would leave no full minibatch at all).
+"""
+import argparse
+import gzip
+import json
+import os
+import pickle
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+DEFAULTS = dict(epochs=10, batch_size=5000, lr=0.13, l1_reg=0.0, l2_reg=1e-4, n_hidden=500, seed=1234)
+EMBEDDED_BATCH = 100
+EMBEDDED_SPLIT = (1000, 397, 400)
+N_IN, N_OUT = 28 * 28, 10
+
+
+class DatasetError(ValueError):
+    """The dataset file is not an MNIST pickle of the expected layout."""
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+def _numpy_reconstruct():
+    try:
+        from numpy._core import multiarray
+    except ImportError:           # NumPy 1.x
+        from numpy.core import multiarray
+    return multiarray._reconstruct
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Builds NumPy arrays (as pickled by Python 2 or 3) and plain containers; refuses every
+    other global, so a pickle cannot run code while it is read."""
+
+    def find_class(self, module, name):
+        if name == '_reconstruct' and module in ('numpy.core.multiarray', 'numpy._core.multiarray'):
+            return _numpy_reconstruct()
+        if module == 'numpy' and name in ('ndarray', 'dtype'):
+            return getattr(np, name)
+        if module == '_codecs' and name == 'encode':   # how Python 3 writes bytes at protocol 2
+            import _codecs
+            return _codecs.encode
+        raise pickle.UnpicklingError('refusing to load %s.%s: this file may only hold NumPy arrays'
+                                     % (module, name))
+
+
+def load_mnist_pickle(path):
+    """((train_x, train_y), (valid_x, valid_y), (test_x, test_y)) from an mnist.pkl.gz."""
+    opener = gzip.open if _is_gzip(path) else open
+    try:
+        with opener(path, 'rb') as f:
+            obj = RestrictedUnpickler(f, encoding='latin1').load()
+    except pickle.UnpicklingError as e:
+        raise DatasetError('%s: %s' % (path, e)) from None
+    except (EOFError, OSError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise DatasetError('%s: not a readable MNIST pickle (%s: %s)'
+                           % (path, type(e).__name__, e)) from None
+    return check_dataset(obj, path)
+
+
+def _is_gzip(path):
+    with open(path, 'rb') as f:
+        return f.read(2) == b'\x1f\x8b'
+
+
+def check_dataset(obj, where):
+    if not (isinstance(obj, (tuple, list)) and len(obj) == 3):
+        raise DatasetError('%s: expected a tuple (train, valid, test), got %s'
+                           % (where, _describe(obj)))
+    out = []
+    for name, part in zip(('train', 'valid', 'test'), obj):
+        if not (isinstance(part, (tuple, list)) and len(part) == 2):
+            raise DatasetError('%s: the %s set should be a pair (x, y), got %s'
+                               % (where, name, _describe(part)))
+        x, y = part
+        if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != N_IN:
+            raise DatasetError('%s: %s x should be a float32 array of shape (n, %d), got %s'
+                               % (where, name, N_IN, _describe(x)))
+        if not isinstance(y, np.ndarray) or y.dtype.kind not in 'iu' or y.shape != (x.shape[0],):
+            raise DatasetError('%s: %s y should be an integer array of shape (%d,), got %s'
+                               % (where, name, x.shape[0], _describe(y)))
+        if x.shape[0] == 0:
+            raise DatasetError('%s: the %s set is empty' % (where, name))
+        if not (np.isfinite(x).all() and x.min() >= 0.0 and x.max() <= 1.0):
+            raise DatasetError('%s: %s x should lie in [0, 1] (min %g, max %g)'
+                               % (where, name, np.nanmin(x), np.nanmax(x)))
+        if y.min() < 0 or y.max() >= N_OUT:
+            raise DatasetError('%s: %s labels should be 0..9, got %d..%d'
+                               % (where, name, y.min(), y.max()))
+        out.append((np.ascontiguousarray(x), y.astype(np.int64)))
+    return tuple(out)
+
+
+def _describe(v):
+    if isinstance(v, np.ndarray):
+        return '%s array of shape %s' % (v.dtype, v.shape)
+    if isinstance(v, (tuple, list)):
+        return '%s of length %d' % (type(v).__name__, len(v))
+    return type(v).__name__
+
+
+def embedded_digits():
+    """MNIST-format data from scikit-learn's 1797 real 8x8 handwritten digits."""
+    import torch
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    images = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]
+    big = torch.nn.functional.interpolate(images, size=(28, 28), mode='bilinear',
+                                          align_corners=False)
+    x = big.clamp_(0.0, 1.0).reshape(len(images), N_IN).numpy().astype(np.float32)
+    y = d.target.astype(np.int64)
+    order = np.random.RandomState(0).permutation(len(x))
+    x, y = x[order], y[order]
+    a, b, _ = EMBEDDED_SPLIT
+    return check_dataset(((x[:a], y[:a]), (x[a:a + b], y[a:a + b]), (x[a + b:], y[a + b:])),
+                         'embedded digits')
+
+
+def load_data(dataset):
+    return embedded_digits() if dataset is None else load_mnist_pickle(dataset)
+
+
+# ----------------------------------------------------------------------------------------------
+# the model: parameters live in one flat buffer [W1, b1, W2, b2], the unit of exchange
+
+def param_shapes(n_hidden):
+    return [(N_IN, n_hidden), (n_hidden,), (n_hidden, N_OUT), (N_OUT,)]
+
+
+def init_params(n_hidden, seed):
+    """The tutorial's initialisation: W1 ~ U(+-sqrt(6/(n_in+n_out))) from RandomState(seed),
+    b1, W2, b2 zero. Returns a flat float32 numpy array."""
+    rng = np.random.RandomState(seed)
+    bound = np.sqrt(6.0 / (N_IN + n_hidden))
+    w1 = rng.uniform(low=-bound, high=bound, size=(N_IN, n_hidden)).astype(np.float32)
+    parts = [w1, np.zeros(n_hidden, np.float32), np.zeros((n_hidden, N_OUT), np.float32),
+             np.zeros(N_OUT, np.float32)]
+    return np.concatenate([p.reshape(-1) for p in parts])
+
+
+def split(flat, n_hidden):
+    out, i = [], 0
+    for shape in param_shapes(n_hidden):
+        n = int(np.prod(shape))
+        out.append(flat[i:i + n].view(shape))
+        i += n
+    return out
+
+
+def sgd_step(flat, x, y, cfg):
+    """flat <- flat - lr * d(cost)/d(flat) for one minibatch, in place."""
+    import torch
+    import torch.nn.functional as F
+    p = flat.detach().requires_grad_(True)
+    w1, b1, w2, b2 = split(p, cfg['n_hidden'])
+    logits = torch.tanh(x @ w1 + b1) @ w2 + b2
+    cost = F.cross_entropy(logits, y)
+    if cfg['l1_reg']:
+        cost = cost + cfg['l1_reg'] * (w1.abs().sum() + w2.abs().sum())
+    if cfg['l2_reg']:
+        cost = cost + cfg['l2_reg'] * ((w1 * w1).sum() + (w2 * w2).sum())
+    (grad,) = torch.autograd.grad(cost, p)
+    flat.add_(grad, alpha=-cfg['lr'])
+
+
+def error_rate(flat, x, y, cfg):
+    import torch
+    with torch.no_grad():
+        w1, b1, w2, b2 = split(flat, cfg['n_hidden'])
+        pred = (torch.tanh(x @ w1 + b1) @ w2 + b2).argmax(1)
+        return float((pred != y).float().mean().item())
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+def parse_device(text):
+    import torch
+    text = str(text).strip().lower()
+    if text == 'cpu':
+        return torch.device('cpu')
+    if text.startswith('cuda'):
+        return torch.device(text)
+    if text.startswith('gpu'):
+        text = text[3:]
+    if not text.isdigit():
+        raise ValueError('device %r: expected a GPU index (0, 1, ...), gpuN, cuda:N or cpu' % text)
+    return torch.device('cuda', int(text))
+
+
+def train(cfg, rank=0, world=1, exchanger=None, log=print):
+    """Train; with world == 2 this is process `rank` of the pair (exchanger given), with
+    world == 1 the one-process reference. Returns (flat parameters on the CPU, result dict)."""
+    import torch
+    device = parse_device(cfg['devices'][rank])
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+    else:    # a 'cpu' device is half the machine, in either mode: the comparison stays fair
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    (tx, ty), (vx, vy), (sx, sy) = load_data(cfg['dataset'])
+    to = lambda a: torch.from_numpy(a).to(device)
+    tx, ty, vx, vy, sx, sy = map(to, (tx, ty, vx, vy, sx, sy))
+    flat = to(init_params(cfg['n_hidden'], cfg['seed']))
+    bs = cfg['batch_size']
+    n_batches = tx.shape[0] // bs
+    n_pairs = n_batches // 2
+    if n_pairs == 0:
+        raise ValueError('%d training images make %d minibatch(es) of %d: need at least 2 '
+                         '(use a smaller --batch-size)' % (tx.shape[0], n_batches, bs))
+    if rank == 0 and n_batches % 2:
+        log('(the last minibatch of each epoch has no partner and is skipped)')
+    batch = lambda i: (tx[i * bs:(i + 1) * bs], ty[i * bs:(i + 1) * bs])
+    if exchanger is not None:
+        exchanger.barrier()
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == 'cuda' else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    val_error = None
+    for epoch in range(1, cfg['epochs'] + 1):
+        for k in range(n_pairs):
+            if world == 2:
+                sgd_step(flat, *batch(2 * k + rank), cfg)
+                exchanger.average_(flat)
+            else:        # the averaged update of the pair, computed here alone
+                p0, p1 = flat.clone(), flat.clone()
+                sgd_step(p0, *batch(2 * k), cfg)
+                sgd_step(p1, *batch(2 * k + 1), cfg)
+                p0.add_(p1)
+                torch.div(p0, 2, out=flat)
+        if rank == 0:
+            val_error = error_rate(flat, vx, vy, cfg)
+            log('epoch %i, minibatch %i/%i, validation error %f %%'
+                % (epoch, 2 * n_pairs, n_batches, val_error * 100.0))
+    sync()
+    seconds = time.perf_counter() - start
+    if exchanger is not None:
+        exchanger.check_identical(flat, 'parameters')
+    result = None
+    if rank == 0:
+        test_error = error_rate(flat, sx, sy, cfg)
+        eps = cfg['epochs'] / seconds
+        log('The code run for %d epochs, with %f epochs/sec (%.4f s per epoch)'
+            % (cfg['epochs'], eps, seconds / cfg['epochs']))
+        log('The code for file %s ran for %.1fs' % (os.path.basename(__file__), seconds))
+        log('test error of the final parameters %f %%' % (test_error * 100.0))
+        result = {'val_error': val_error, 'test_error': test_error, 'epochs_per_s': eps}
+    return flat.cpu(), result
+
+
+def _worker(rank, world, cfg_json):
+    """One of the two processes (started by launch.spawn)."""
+    import torch
+    import exchange
+    cfg = json.loads(cfg_json)
+    device = parse_device(cfg['devices'][rank])
+    log = (lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None)
+    kind = cfg['exchange']
+    if kind == 'auto':
+        kind = 'p2p' if all(parse_device(d).type == 'cuda' for d in cfg['devices']) else 'host'
+    ex = exchange.make_exchanger(kind, rank, world, device, port=cfg['port'], timeout=cfg['timeout'])
+    try:
+        log('exchange: %s%s' % (ex.kind, {'p2p': ' (CUDA IPC, device-to-device peer copies)',
+                                          'host': ' (shared host memory)'}.get(ex.kind, '')))
+        flat, result = train(cfg, rank, world, ex, log)
+        if rank == 0:
+            _write_outputs(cfg, flat, result)
+    finally:
+        ex.close()
+
+
+def _write_outputs(cfg, flat, result):
+    if cfg.get('save_params'):
+        np.save(cfg['save_params'], flat.numpy())
+    tmp = cfg['result_file'] + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(result, f)
+    os.replace(tmp, cfg['result_file'])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('devices', nargs='*',
+                    help='two GPU indices, or cpu cpu (default: 0 1 with two GPUs, else cpu cpu)')
+    ap.add_argument('--dataset', help='mnist.pkl.gz (default: the embedded scikit-learn digits)')
+    ap.add_argument('--epochs', type=int, default=DEFAULTS['epochs'])
+    ap.add_argument('--batch-size', type=int, default=None,
+                    help='minibatch per process (default 5000; 100 with the embedded digits)')
+    ap.add_argument('--lr', type=float, default=DEFAULTS['lr'])
+    ap.add_argument('--one-process', action='store_true',
+                    help='train in one process on the first device, applying the averaged update '
+                         'of each pair of minibatches (the reference; the one-GPU timing)')
+    ap.add_argument('--exchange', default='auto', choices=['auto', 'p2p', 'host', 'gloo', 'nccl'],
+                    help='auto: p2p between GPUs, host memory otherwise')
+    ap.add_argument('--port', type=int, default=None, help='rendezvous port (default: a free one)')
+    ap.add_argument('--timeout', type=float, default=120.0, help='seconds to wait for the peer')
+    ap.add_argument('--save-params', metavar='FILE.npy', help='save the final flat parameters')
+    args = ap.parse_args(argv)
+
+    import torch
+    devices = args.devices
+    if not devices:
+        devices = ['0', '1'] if torch.cuda.device_count() >= 2 else ['cpu', 'cpu']
+        print('devices: %s (none given)' % ' '.join(devices))
+    if len(devices) != (1 if args.one_process and len(devices) == 1 else 2):
+        ap.error('give two devices (GPU indices or cpu), or one with --one-process')
+    for d in devices:
+        try:
+            parse_device(d)
+        except ValueError as e:
+            ap.error(str(e))
+    if args.epochs < 1:
+        ap.error('--epochs must be at least 1')
+    if args.dataset is None:
+        a, b, c = EMBEDDED_SPLIT
+        print('dataset: embedded scikit-learn digits (1797 real 8x8 images upscaled to 28x28, '
+              '%d/%d/%d train/valid/test); use --dataset mnist.pkl.gz for MNIST' % (a, b, c))
+        batch_size = args.batch_size or EMBEDDED_BATCH
+        if args.batch_size is None:
+            print('batch size %d (10 minibatches an epoch, as the original had with MNIST and '
+                  '5000)' % batch_size)
+    else:
+        if not os.path.isfile(args.dataset):
+            ap.error('--dataset %s: no such file' % args.dataset)
+        print('dataset: %s' % args.dataset)
+        batch_size = args.batch_size or DEFAULTS['batch_size']
+    if batch_size < 1 or args.lr <= 0:
+        ap.error('--batch-size and --lr must be positive')
+
+    cfg = dict(DEFAULTS, epochs=args.epochs, batch_size=batch_size, lr=args.lr,
+               dataset=args.dataset, devices=devices, exchange=args.exchange,
+               timeout=args.timeout, save_params=args.save_params)
+    sys.stdout.flush()
+    import launch
+    try:
+        if args.dataset is not None and not args.one_process:
+            load_mnist_pickle(args.dataset)        # a bad file is reported here, not by a worker
+        if args.one_process:
+            device = parse_device(devices[0])
+            print('one process on %s, averaging the updates of each pair of minibatches' % device)
+            flat, result = train(cfg, 0, 1, None, lambda s: print(s, flush=True))
+            if args.save_params:
+                np.save(args.save_params, flat.numpy())
+        else:
+            with tempfile.TemporaryDirectory(prefix='dual_mlp-') as tmp:
+                cfg['result_file'] = os.path.join(tmp, 'result.json')
+                cfg['port'] = args.port or launch.free_port()
+                launch.spawn(_worker, 2, args=(json.dumps(cfg),))
+                with open(cfg['result_file']) as f:
+                    result = json.load(f)
+    except DatasetError as e:
+        print('dual_mlp: %s' % e, file=sys.stderr)
+        return 2
+    except launch.WorkerFailed as e:
+        print('dual_mlp: %s' % e, file=sys.stderr)
+        return 1
+    print(json.dumps({'val_error': result['val_error'], 'test_error': result['test_error'],
+                      'epochs_per_s': result['epochs_per_s']}), flush=True)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
