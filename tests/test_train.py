@@ -1,0 +1,166 @@
+"""train.py, validate.py and plot.py end to end on small real batch files (CPU)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from config import ConfigError, load_config, parse_device
+import train_loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+torch.set_num_threads(2)
+
+
+def cfg_for(data, tmp, *extra):
+    return load_config('spec_1gpu.yaml', data + [
+        'gpu=cpu', 'batch_size=8', 'print_freq=2', 'para_load=False',
+        f'weights_dir={tmp}', *extra])
+
+
+def run_script(script, *args, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope='module')
+def two_epochs(small_dataset, tmp_path_factory):
+    d = tmp_path_factory.mktemp('straight')
+    rep = train_loop.train(cfg_for(small_dataset, d, 'n_epochs=2', 'shuffle=True'),
+                           progress=False)
+    return d, rep.net.state.clone()
+
+
+def test_two_epochs_equal_one_plus_resume(small_dataset, two_epochs, tmp_path):
+    d, straight = two_epochs
+    train_loop.train(cfg_for(small_dataset, tmp_path, 'n_epochs=1', 'shuffle=True'),
+                     progress=False)
+    rep = train_loop.train(cfg_for(small_dataset, tmp_path, 'n_epochs=2', 'shuffle=True',
+                                   'resume_train=True', 'load_epoch=1'), progress=False)
+    assert torch.equal(rep.net.state, straight)  # weights and momentum, bit for bit
+    assert np.array_equal(np.load(tmp_path / 'val_record.npy'), np.load(d / 'val_record.npy'))
+    assert (tmp_path / 'metrics.csv').read_text() .count('\n') == 3  # header + 2 epochs
+
+
+def test_outputs_of_a_run(two_epochs):
+    d, _ = two_epochs
+    rec = np.load(d / 'val_record.npy')
+    assert rec.shape == (2, 2) and np.all((rec[:, 0] >= 0) & (rec[:, 0] <= 1))
+    for e in (1, 2):
+        assert (d / f'W_0_{e}.npy').exists() and (d / f'W1_4_{e}.npy').exists()
+        assert (d / f'mom_21_{e}.npy').exists() and (d / f'lr_{e}.npy').exists()
+    header = (d / 'metrics.csv').read_text().splitlines()[0]
+    assert header == ('epoch,lr,train_loss,val_top1_error,val_top5_error,val_loss,'
+                      'images_per_s,wall_time_s')
+
+
+def test_validate_and_plot_scripts(small_dataset, two_epochs):
+    d, _ = two_epochs
+    r = run_script('validate.py', *small_dataset, 'gpu=cpu', 'batch_size=8', 'para_load=False',
+                   f'weights_dir={d}', 'load_epoch=2')
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res['images'] == 21 and set(res) == {'top1_error', 'top5_error', 'loss', 'images'}
+    rec = np.load(d / 'val_record.npy')
+    assert res['top1_error'] == pytest.approx(rec[1, 0]) and res['loss'] == pytest.approx(rec[1, 1], rel=1e-5)
+    r = run_script('plot.py', str(d))
+    assert r.returncode == 0, r.stderr
+    assert (d / 'plot.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_each_replica_slice_of_the_draws_is_the_global_draw():
+    from data import step_draws
+    full = step_draws(5, 2, 7, 16)
+    again = step_draws(5, 2, 7, 16)
+    assert np.array_equal(full[0], again[0]) and np.array_equal(full[1], again[1])
+    assert full[0].min() >= 0 and full[0].max() <= 29
+    other = step_draws(5, 2, 8, 16)
+    assert not np.array_equal(full[0], other[0])
+    one = step_draws(5, 2, 7, 16, batch_crop_mirror=True)
+    assert (one[0] == one[0][0]).all() and (one[1] == one[1][0]).all()
+    centre = step_draws(5, 2, 7, 4, rand_crop=False)
+    assert (centre[0] == 14).all() and not centre[1].any()
+
+
+def test_crop_mirror_is_the_original_crop_of_image_minus_mean():
+    from data import crop_mirror
+    rng = np.random.RandomState(0)
+    img = rng.randint(0, 256, (2, 256, 256, 3)).astype(np.uint8)
+    mean = rng.rand(256, 256, 3).astype(np.float32) * 255
+    offs = np.array([[3, 29], [0, 14]])
+    mirror = np.array([True, False])
+    got = crop_mirror(torch.from_numpy(img), torch.from_numpy(mean), torch.from_numpy(offs),
+                      torch.from_numpy(mirror)).numpy()
+    for i in range(2):
+        want = (img[i].astype(np.float32) - mean)[offs[i, 0]:offs[i, 0] + 227,
+                                                  offs[i, 1]:offs[i, 1] + 227]
+        if mirror[i]:
+            want = want[:, ::-1]
+        np.testing.assert_array_equal(got[i], want.transpose(2, 0, 1))
+
+
+# -- configuration errors ---------------------------------------------------------------------
+def test_unknown_key_names_the_closest_key():
+    with pytest.raises(ConfigError, match=r"unknown key 'learning_rat'.*'learning_rate'"):
+        load_config('spec_1gpu.yaml', ['learning_rat=0.1'])
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match='n_epochs'):
+        load_config('spec_1gpu.yaml', ['n_epochs=ten'])
+    with pytest.raises(ConfigError, match='rand_crop'):
+        load_config('spec_1gpu.yaml', ['rand_crop=maybe'])
+    with pytest.raises(ConfigError, match='lr_step'):
+        load_config('spec_1gpu.yaml', ['lr_step=[a, b]'])
+
+
+@pytest.mark.parametrize('value,want', [('gpu0', 'cuda:0'), ('0', 'cuda:0'), ('cuda:0', 'cuda:0'),
+                                        ('cpu', 'cpu'), ('gpu3', 'cuda:3')])
+def test_gpu_forms(value, want):
+    assert parse_device(value) == want
+    assert load_config('spec_1gpu.yaml', [f'gpu={value}'])['gpu'] == want
+
+
+def test_bad_device_and_combinations_are_refused():
+    with pytest.raises(ConfigError, match='gpu'):
+        load_config('spec_1gpu.yaml', ['gpu=tpu0'])
+    with pytest.raises(ConfigError, match='use_momentum'):
+        load_config('spec_1gpu.yaml', ['use_momentum=False', 'use_nesterov_momentum=True'])
+    with pytest.raises(ConfigError, match='exchange_freq'):
+        load_config('spec_2gpu.yaml', ['average=gradients', 'exchange_freq=3'])
+    with pytest.raises(ConfigError, match='needs GPUs'):
+        load_config('spec_2gpu.yaml', ['gpu0=cpu', 'gpu1=cpu', 'exchange=p2p'])
+    with pytest.raises(ConfigError, match='prefetch'):
+        load_config('spec_1gpu.yaml', ['prefetch=1'])
+
+
+def test_lib_conv_notice(capsys):
+    load_config('spec_1gpu.yaml', ['lib_conv=cudaconvnet'])
+    assert 'lib_conv' in capsys.readouterr().err
+
+
+def test_script_reports_config_errors_in_one_line():
+    r = run_script('train.py', 'n_epoch=2', timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "config error: unknown key 'n_epoch' in the command line; did you mean 'n_epochs'?"]
+
+
+def test_missing_batch_folder_and_label_file(small_dataset, tmp_path):
+    r = run_script('train.py', *small_dataset, 'gpu=cpu', 'para_load=False',
+                   f'train_folder={tmp_path}/nowhere', timeout=120)
+    assert r.returncode == 1 and 'nowhere' in r.stderr and 'does not exist' in r.stderr
+    assert 'Traceback' not in r.stderr
+    labels = tmp_path / 'labels'
+    labels.mkdir()
+    r = run_script('train.py', *small_dataset, 'gpu=cpu', 'para_load=False',
+                   f'label_folder={labels}', timeout=120)
+    assert r.returncode == 1 and 'val_labels.npy' in r.stderr and 'not found' in r.stderr
+
+
+def test_batch_size_must_divide_the_batch_files(small_dataset, tmp_path):
+    with pytest.raises(ConfigError, match='must divide the 16 images'):
+        train_loop.train(cfg_for(small_dataset, tmp_path, 'batch_size=6'), progress=False)
