@@ -21,12 +21,12 @@ Design
   is SIGKILLed and no other process can open them by name. ``prefetch`` counts every request the
   loader holds a buffer for, the one being consumed included: 2 is the original's double
   buffering (train on one buffer while the other one loads).
-* Loading. The loader reads the requested rows with ``batch_files.read_rows`` into pinned host
-  memory (two staging buffers), in chunks of CHUNK_ROWS rows: each chunk's host->GPU copy is
-  issued on the loader's own CUDA stream as soon as the chunk is read, so the copy of chunk i
-  overlaps the disk/page-cache read of chunk i+1, and the next request's read overlaps the tail
-  of this one's copy. When the copies of a request are complete (CUDA event on the loader's
-  stream, i.e. that stream synchronised up to them) the loader reports the buffer ready.
+* Loading. The loader reads the requested rows with ``batch_files.read_rows`` straight into
+  pinned host memory and issues the host->GPU copy on its own CUDA stream at once (asynchronous),
+  so the next request's read overlaps this one's copy (two pinned staging buffers). Requests
+  larger than CHUNK_ROWS are read and copied in chunks (copy of chunk i overlaps the read of
+  chunk i+1). When a request's copies are complete (a CUDA event on the loader's stream, i.e.
+  that stream synchronised up to them) the loader reports the buffer ready.
 * Freeing. When the consumer takes the next item, the trainer records, per buffer, an
   *interprocess* CUDA event on its current stream and at once tells the loader the buffer's next
   request; the loader's stream waits on that event (GPU-side) before overwriting the buffer.
@@ -75,7 +75,8 @@ from batch_files import IMAGE_SHAPE, read_rows
 
 LOADER_SCRIPT = os.path.abspath(__file__)
 ROW_BYTES = int(np.prod(IMAGE_SHAPE))
-CHUNK_ROWS = 32             # rows read (and then copied to the GPU) at a time by the loader
+CHUNK_ROWS = 256            # most rows per read_rows call (and GPU copy) in the loader; each
+                            # call opens the file (~1 ms), so small chunks cost throughput
 N_STAGING = 2               # pinned host staging buffers in the loader (read k+1 while copying k)
 MAX_MESSAGE_BYTES = 1 << 16
 POLL_MS = 100               # liveness checks at least this often in every wait
@@ -219,6 +220,7 @@ class ParallelLoader:
         self._stale = {}             # seq -> buf: loads of an abandoned iterate() still in flight
         self._seq = 0
         self._strangers = 0
+        self._error = None           # a loader error for a request behind the ones already ready
         try:
             self._start(port)
         except BaseException:
@@ -321,6 +323,17 @@ class ParallelLoader:
         try:
             self._sock.send_multipart([self._peer] + _seal(self._key, msg), zmq.NOBLOCK)
         except zmq.ZMQError as e:
+            # the loader disconnected: usually it reported an error and is exiting. Its error
+            # message (naming the file) may still be on its way: wait for it or for its exit.
+            end = time.monotonic() + 2.0
+            while self._error is None and self._proc.poll() is None and time.monotonic() < end:
+                got = self._receive()
+                if got is not None and got['type'] == 'error':
+                    self._error = got['message']
+                if got is None:
+                    self._sock.poll(20, zmq.POLLIN)
+            if self._error is not None:
+                raise self._fail(self._error)
             if self._proc.poll() is not None:
                 raise self._died(f"sending it a '{msg['type']}' message")
             raise self._fail(f"cannot send to the loader process (pid {self.pid}) on "
@@ -353,6 +366,8 @@ class ParallelLoader:
         """Wait up to ``slice_ms`` for loader messages and handle those that came ('ready' ones
         go into ``ready``: seq -> buf). Raises LoaderError when the loader reported an error, died,
         or has been silent past ``deadline``."""
+        if self._error is not None:
+            raise self._fail(self._error)
         got = False
         while True:
             msg = self._receive()
@@ -361,7 +376,11 @@ class ParallelLoader:
             got = True
             t = msg['type']
             if t == 'error':
-                raise self._fail(msg['message'])
+                # the loader works in order: every request before the failed one is ready or
+                # about to be; those are still delivered, the error comes when it is next
+                if msg['seq'] is None:
+                    raise self._fail(msg['message'])
+                self._error = msg['message']
             if t == 'ready':
                 if msg['seq'] in self._stale:
                     self._free.append(self._stale.pop(msg['seq']))
@@ -395,13 +414,15 @@ class ParallelLoader:
     def _died(self, what):
         """LoaderError for a loader that is gone: its own last error message if it sent one."""
         end = time.monotonic() + DEATH_GRACE_S
-        while time.monotonic() < end:     # an error message may still be on its way
+        while self._error is None and time.monotonic() < end:   # it may still be on its way
             msg = self._receive()
             if msg is not None:
                 if msg['type'] == 'error':
                     return self._fail(msg['message'])
                 continue
             self._sock.poll(20, zmq.POLLIN)
+        if self._error is not None:
+            return self._fail(self._error)
         text = (f"loader process (pid {self.pid}) {_signal_text(self._proc.returncode)} "
                 f"while {what}")
         tail = self._stderr_tail()
@@ -483,7 +504,7 @@ class ParallelLoader:
             while True:
                 self._usable()
                 self._reclaim()
-                while not exhausted and self._free:
+                while not exhausted and self._free and self._error is None:
                     try:
                         path, lo, hi = self._check_request(next(src))
                     except StopIteration:
