@@ -52,6 +52,14 @@ def _numpy_reconstruct():
     return multiarray._reconstruct
 
 
+def _numpy_frombuffer():
+    try:
+        from numpy._core import numeric
+    except ImportError:
+        from numpy.core import numeric
+    return numeric._frombuffer
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """Builds NumPy arrays (as pickled by Python 2 or 3) and plain containers; refuses every
     other global, so a pickle cannot run code while it is read."""
@@ -59,6 +67,8 @@ class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if name == '_reconstruct' and module in ('numpy.core.multiarray', 'numpy._core.multiarray'):
             return _numpy_reconstruct()
+        if name == '_frombuffer' and module in ('numpy.core.numeric', 'numpy._core.numeric'):
+            return _numpy_frombuffer()                  # protocol 5
         if module == 'numpy' and name in ('ndarray', 'dtype'):
             return getattr(np, name)
         if module == '_codecs' and name == 'encode':   # how Python 3 writes bytes at protocol 2
@@ -198,18 +208,22 @@ def error_rate(flat, x, y, cfg):
 # ----------------------------------------------------------------------------------------------
 # training
 
+def device_name(text):
+    """'cpu' or 'cuda:N' for a command-line device: N, gpuN, cuda:N or cpu."""
+    t = str(text).strip().lower()
+    if t == 'cpu':
+        return 'cpu'
+    for prefix in ('cuda:', 'gpu'):
+        if t.startswith(prefix):
+            t = t[len(prefix):]
+    if not t.isdigit():
+        raise ValueError('device %r: expected a GPU index (0, 1, ...), gpuN, cuda:N or cpu' % text)
+    return 'cuda:%d' % int(t)
+
+
 def parse_device(text):
     import torch
-    text = str(text).strip().lower()
-    if text == 'cpu':
-        return torch.device('cpu')
-    if text.startswith('cuda'):
-        return torch.device(text)
-    if text.startswith('gpu'):
-        text = text[3:]
-    if not text.isdigit():
-        raise ValueError('device %r: expected a GPU index (0, 1, ...), gpuN, cuda:N or cpu' % text)
-    return torch.device('cuda', int(text))
+    return torch.device(device_name(text))
 
 
 def train(cfg, rank=0, world=1, exchanger=None, log=print):
@@ -280,7 +294,7 @@ def _worker(rank, world, cfg_json):
     log = (lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None)
     kind = cfg['exchange']
     if kind == 'auto':
-        kind = 'p2p' if all(parse_device(d).type == 'cuda' for d in cfg['devices']) else 'host'
+        kind = 'p2p' if all(device_name(d) != 'cpu' for d in cfg['devices']) else 'host'
     ex = exchange.make_exchanger(kind, rank, world, device, port=cfg['port'], timeout=cfg['timeout'])
     try:
         log('exchange: %s%s' % (ex.kind, {'p2p': ' (CUDA IPC, device-to-device peer copies)',
@@ -321,16 +335,16 @@ def main(argv=None):
     ap.add_argument('--save-params', metavar='FILE.npy', help='save the final flat parameters')
     args = ap.parse_args(argv)
 
-    import torch
     devices = args.devices
     if not devices:
+        import torch
         devices = ['0', '1'] if torch.cuda.device_count() >= 2 else ['cpu', 'cpu']
         print('devices: %s (none given)' % ' '.join(devices))
     if len(devices) != (1 if args.one_process and len(devices) == 1 else 2):
         ap.error('give two devices (GPU indices or cpu), or one with --one-process')
     for d in devices:
         try:
-            parse_device(d)
+            device_name(d)
         except ValueError as e:
             ap.error(str(e))
     if args.epochs < 1:
@@ -360,8 +374,8 @@ def main(argv=None):
         if args.dataset is not None and not args.one_process:
             load_mnist_pickle(args.dataset)        # a bad file is reported here, not by a worker
         if args.one_process:
-            device = parse_device(devices[0])
-            print('one process on %s, averaging the updates of each pair of minibatches' % device)
+            print('one process on %s, averaging the updates of each pair of minibatches'
+                  % device_name(devices[0]))
             flat, result = train(cfg, 0, 1, None, lambda s: print(s, flush=True))
             if args.save_params:
                 np.save(args.save_params, flat.numpy())

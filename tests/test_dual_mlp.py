@@ -1,0 +1,205 @@
+"""dual_mlp.py: the restricted unpickler, the data checks, and the two-process run against the
+one-process reference (CPU: shared host memory; GPU: peer-to-peer copies)."""
+import gzip
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import dual_mlp  # noqa: E402
+
+SCRIPT = str(ROOT / 'dual_mlp.py')
+
+
+# ----------------------------------------------------------------------------------------------
+# a pickle as Python 2's cPickle wrote mnist.pkl.gz (protocol 2, numpy.core.multiarray, str data)
+
+def _py2_pickle(obj):
+    out = [b'\x80\x02']
+
+    def short_str(b):
+        return b'U' + bytes([len(b)]) + b if len(b) < 256 else b'T' + struct.pack('<I', len(b)) + b
+
+    def integer(i):
+        return b'K' + bytes([i]) if 0 <= i < 256 else b'J' + struct.pack('<i', i)
+
+    def emit(o):
+        if isinstance(o, tuple):
+            out.append(b'(')
+            for x in o:
+                emit(x)
+            out.append(b't')
+        elif isinstance(o, np.ndarray):
+            a = np.ascontiguousarray(o)
+            out.append(b'cnumpy.core.multiarray\n_reconstruct\n')
+            out.append(b'cnumpy\nndarray\n' + integer(0) + b'\x85' + short_str(b'b') + b'\x87R')
+            out.append(b'(' + integer(1))
+            emit(tuple(a.shape))
+            out.append(b'cnumpy\ndtype\n' + short_str(a.dtype.str[1:].encode()) + integer(0)
+                       + integer(1) + b'\x87R')
+            out.append(b'(' + integer(3) + short_str(b'<') + b'NNN' + integer(-1) + integer(-1)
+                       + integer(0) + b'tb')
+            out.append(b'\x89' + short_str(a.tobytes()) + b'tb')
+        elif isinstance(o, int):
+            out.append(integer(o))
+        else:
+            raise TypeError(type(o))
+    emit(obj)
+    out.append(b'.')
+    return b''.join(out)
+
+
+def _fake_mnist(n=(60, 20, 20), seed=0):
+    rng = np.random.RandomState(seed)
+    return tuple((rng.rand(k, 784).astype(np.float32), rng.randint(0, 10, k).astype(np.int64))
+                 for k in n)
+
+
+def _write_gz(path, data):
+    with gzip.open(path, 'wb') as f:
+        f.write(data)
+    return str(path)
+
+
+def _same(a, b):
+    return all(np.array_equal(x, y) and x.dtype == y.dtype
+               for pa, pb in zip(a, b) for x, y in zip(pa, pb))
+
+
+def test_reads_python2_and_python3_pickles(tmp_path):
+    data = _fake_mnist()
+    raw = _py2_pickle(data)
+    assert b'numpy.core.multiarray' in raw
+    assert _same(dual_mlp.load_mnist_pickle(_write_gz(tmp_path / 'py2.pkl.gz', raw)), data)
+    for protocol in (2, 4, 5):
+        path = _write_gz(tmp_path / ('p%d.pkl.gz' % protocol), pickle.dumps(data, protocol=protocol))
+        assert _same(dual_mlp.load_mnist_pickle(path), data), protocol
+    plain = tmp_path / 'plain.pkl'
+    plain.write_bytes(pickle.dumps(data, protocol=2))
+    assert _same(dual_mlp.load_mnist_pickle(str(plain)), data)
+
+
+class _RunsCommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, ('touch %s' % self.marker,))
+
+
+class _Evaluates:
+    def __reduce__(self):
+        return (eval, ('1 + 1',))
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    marker = tmp_path / 'pwned'
+    evil = _write_gz(tmp_path / 'evil.pkl.gz', pickle.dumps(_RunsCommand(marker), protocol=2))
+    with pytest.raises(dual_mlp.DatasetError, match=r'refusing to load (posix|os|nt)\.system'):
+        dual_mlp.load_mnist_pickle(evil)
+    assert not marker.exists()
+    # inside an otherwise valid dataset too, and through builtins
+    data = _fake_mnist()
+    nested = ((data[0][0], data[0][1]), data[1], (data[2][0], _Evaluates()))
+    path = _write_gz(tmp_path / 'nested.pkl.gz', pickle.dumps(nested, protocol=2))
+    with pytest.raises(dual_mlp.DatasetError, match=r'refusing to load (__builtin__|builtins)\.eval'):
+        dual_mlp.load_mnist_pickle(path)
+    # the command line says so and exits 2 before starting any worker
+    assert dual_mlp.main(['cpu', 'cpu', '--dataset', evil]) == 2
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize('change,complaint', [
+    (lambda d: ((d[0][0].astype(np.float64), d[0][1]), d[1], d[2]), 'float32 array of shape'),
+    (lambda d: ((d[0][0][:, :783], d[0][1]), d[1], d[2]), r'shape \(n, 784\)'),
+    (lambda d: (d[0], (d[1][0], d[1][1][:-1]), d[2]), 'integer array of shape'),
+    (lambda d: (d[0], d[1]), 'expected a tuple'),
+    (lambda d: (d[0], d[1], (d[2][0] * 3, d[2][1])), r'lie in \[0, 1\]'),
+    (lambda d: (d[0], d[1], (d[2][0], d[2][1] + 10)), 'labels should be 0..9'),
+])
+def test_wrong_shape_or_dtype_is_a_clear_error(tmp_path, change, complaint):
+    path = _write_gz(tmp_path / 'bad.pkl.gz', pickle.dumps(change(_fake_mnist()), protocol=2))
+    with pytest.raises(dual_mlp.DatasetError, match=complaint):
+        dual_mlp.load_mnist_pickle(path)
+
+
+def test_not_a_pickle_is_a_clear_error(tmp_path):
+    path = _write_gz(tmp_path / 'junk.pkl.gz', b'this is not a pickle')
+    with pytest.raises(dual_mlp.DatasetError, match='junk.pkl.gz'):
+        dual_mlp.load_mnist_pickle(path)
+
+
+def test_embedded_digits_have_the_mnist_format():
+    (tx, ty), (vx, vy), (sx, sy) = dual_mlp.embedded_digits()
+    assert tx.shape == (1000, 784) and vx.shape == (397, 784) and sx.shape == (400, 784)
+    assert tx.dtype == np.float32 and 0.0 <= tx.min() and tx.max() <= 1.0
+    assert set(np.unique(ty)) == set(range(10))
+
+
+# ----------------------------------------------------------------------------------------------
+# runs of the script
+
+def _run(args, timeout=300):
+    proc = subprocess.run([sys.executable, SCRIPT] + args, capture_output=True, text=True,
+                          timeout=timeout, cwd=str(ROOT))
+    assert proc.returncode == 0, 'dual_mlp.py %s failed:\n%s\n%s' % (' '.join(args), proc.stdout,
+                                                                    proc.stderr)
+    lines = proc.stdout.strip().splitlines()
+    return proc.stdout, json.loads(lines[-1])
+
+
+@pytest.fixture(scope='module')
+def cpu_runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp('dual_mlp')
+    two_out, two = _run(['cpu', 'cpu', '--save-params', str(d / 'two.npy')])
+    one_out, one = _run(['cpu', '--one-process', '--save-params', str(d / 'one.npy')])
+    return dict(two_out=two_out, two=two, one_out=one_out, one=one,
+                two_params=np.load(d / 'two.npy', allow_pickle=False),
+                one_params=np.load(d / 'one.npy', allow_pickle=False))
+
+
+def test_default_run_learns_the_embedded_digits(cpu_runs):
+    out, result = cpu_runs['two_out'], cpu_runs['two']
+    assert 'embedded scikit-learn digits' in out and 'batch size 100' in out
+    assert 'exchange: host' in out
+    assert out.count('validation error') == 10
+    assert set(result) == {'val_error', 'test_error', 'epochs_per_s'}
+    assert result['val_error'] < 0.10, result
+    assert result['test_error'] < 0.15, result
+    assert result['epochs_per_s'] > 0
+
+
+def test_two_processes_match_the_averaged_update_of_each_pair(cpu_runs):
+    two, one = cpu_runs['two_params'], cpu_runs['one_params']
+    assert two.shape == one.shape == (784 * 500 + 500 + 500 * 10 + 10,)
+    np.testing.assert_allclose(two, one, rtol=0, atol=1e-6)
+    assert cpu_runs['two']['val_error'] == pytest.approx(cpu_runs['one']['val_error'], abs=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.multigpu
+@pytest.mark.skipif('not __import__("torch").cuda.device_count() >= 2', reason='needs two CUDA GPUs')
+def test_two_gpus_use_peer_copies_and_match_one_process(tmp_path):
+    import torch
+    two_out, two = _run(['0', '1', '--save-params', str(tmp_path / 'two.npy')])
+    one_out, one = _run(['0', '--one-process', '--save-params', str(tmp_path / 'one.npy')])
+    if torch.cuda.can_device_access_peer(0, 1):
+        assert 'exchange: p2p' in two_out, two_out
+    else:
+        assert 'exchange: host' in two_out, two_out
+    two_p = np.load(tmp_path / 'two.npy', allow_pickle=False)
+    one_p = np.load(tmp_path / 'one.npy', allow_pickle=False)
+    np.testing.assert_allclose(two_p, one_p, rtol=0, atol=1e-5)
+    assert two['val_error'] < 0.10, two
+    print('dual_mlp embedded digits: 2 GPUs %.4f s/epoch, 1 GPU %.4f s/epoch'
+          % (1 / two['epochs_per_s'], 1 / one['epochs_per_s']))

@@ -1,0 +1,388 @@
+"""launch.py and exchange.py with real processes, real sockets, real shared memory.
+
+CPU: host and gloo averaging with 2 and 3 processes (exact against a reference), metric sums,
+check_identical naming the rank that differs, a killed or stuck peer giving a clear error within
+the timeout and leaving no process behind, spawn() naming the rank that failed, and the launcher
+passing on SIGTERM and taking its workers with it when SIGKILLed.
+
+GPU (pytest -m gpu, two GPUs): p2p (CUDA IPC + peer copies) and nccl averaging, exact.
+
+Workers are module-level functions: spawned processes import this module by name. The module
+imports only the standard library, pytest and launch at the top, so light workers start fast.
+"""
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import launch  # noqa: E402
+
+TIMEOUT = 30.0
+
+
+def _alive(pid):
+    try:
+        with open('/proc/%d/stat' % pid, 'rb') as f:
+            return f.read().rsplit(b')', 1)[1].split()[0] not in (b'Z', b'X')
+    except FileNotFoundError:
+        return False
+
+
+def _wait_gone(pids, seconds):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not any(_alive(p) for p in pids):
+            return []
+        time.sleep(0.05)
+    return [p for p in pids if _alive(p)]
+
+
+def _kill_all(pids):
+    for p in pids:
+        if _alive(p):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _write_pid(out_dir, rank):
+    tmp = os.path.join(out_dir, 'pid%d.tmp' % rank)
+    with open(tmp, 'w') as f:
+        f.write(str(os.getpid()))
+    os.replace(tmp, os.path.join(out_dir, 'pid%d' % rank))
+
+
+def _read_pids(out_dir):
+    pids = []
+    for name in os.listdir(out_dir):
+        if name.startswith('pid') and not name.endswith('.tmp'):
+            with open(os.path.join(out_dir, name)) as f:
+                pids.append(int(f.read()))
+    return pids
+
+
+def _shm_segments():
+    return {n for n in os.listdir('/dev/shm') if n.startswith('xchg-')} if os.path.isdir('/dev/shm') else set()
+
+
+# ----------------------------------------------------------------------------------------------
+# workers: averaging
+
+def _data(rank, step, n, gaussian, device):
+    import torch
+    g = torch.Generator().manual_seed(7919 * rank + 104729 * step + n)
+    if gaussian:
+        t = torch.randn(n, generator=g)
+    else:          # multiples of 1/4 below 2**12: every sum is exact, whatever the order
+        t = torch.randint(-4096, 4096, (n,), generator=g).float() * 0.25
+    return t.to(device)
+
+
+def _reference(parts, world):
+    """The mean the exchange promises: the sum in rank order, divided by the world size."""
+    import torch
+    acc = parts[0].clone()
+    for p in parts[1:]:
+        acc.add_(p)
+    return torch.div(acc, world)
+
+
+def _w_average(rank, world, kinds, device_type, expect_kinds, port):
+    import torch
+    import exchange
+    torch.set_num_threads(1)
+    device = torch.device('cuda', rank) if device_type == 'cuda' else torch.device('cpu')
+    for kind, expect in zip(kinds, expect_kinds):
+        ex = exchange.make_exchanger(kind, rank, world, device, port=port, timeout=TIMEOUT)
+        port += 1
+        try:
+            assert ex.kind == expect, 'rank %d: asked for %s, got %s, expected %s' % (
+                rank, kind, ex.kind, expect)
+            assert (ex.rank, ex.world) == (rank, world)
+            # any order of summation gives the same result for these values; rank order (p2p,
+            # host) is exact for gaussian ones too, and so is any order with two replicas
+            gaussian_exact = world == 2 or ex.kind in ('host', 'p2p')
+            state = torch.empty(100_003, device=device)        # e.g. params + momentum
+            grads = torch.empty(37, device=device)
+            for step in range(4):
+                for buf, gaussian in ((state, False), (grads, gaussian_exact)):
+                    parts = [_data(r, step, buf.numel(), gaussian, device) for r in range(world)]
+                    buf.copy_(parts[rank])
+                    ex.average_(buf)
+                    ref = _reference(parts, world)
+                    assert torch.equal(buf, ref), (
+                        '%s rank %d step %d: max |error| %g' % (
+                            ex.kind, rank, step, (buf - ref).abs().max().item()))
+                # a buffer allocated anew every step (registration again, or the same address)
+                fresh = _data(rank, step, 513, False, device)
+                ex.average_(fresh)
+                ref = _reference([_data(r, step, 513, False, device) for r in range(world)], world)
+                assert torch.equal(fresh, ref), '%s rank %d: fresh buffer wrong' % (ex.kind, rank)
+            assert ex.all_sum([rank, 0.5, 2]) == [world * (world - 1) / 2, 0.5 * world, 2.0 * world]
+            assert ex.all_sum([]) == []
+            ex.check_identical(state)
+            ex.barrier()
+            state[17] += 1.0 if rank == world - 1 else 0.0
+            try:
+                ex.check_identical(state, 'weights')
+            except exchange.ExchangeError as e:
+                text = str(e)
+                assert 'weights differ' in text and 'rank %d differs from rank 0' % (world - 1) in text, text
+            else:
+                raise AssertionError('rank %d: check_identical did not notice the difference' % rank)
+            with_bad = torch.zeros(8, dtype=torch.float64, device=device)
+            try:
+                ex.average_(with_bad)
+            except ValueError as e:
+                assert 'float32' in str(e)
+            else:
+                raise AssertionError('average_ accepted a float64 buffer')
+        finally:
+            ex.close()
+
+
+@pytest.mark.parametrize('world', [2, 3])
+def test_host_and_gloo_average_exactly(world):
+    segments_before = _shm_segments()
+    launch.spawn(_w_average, world, args=(('host', 'gloo', 'p2p'), 'cpu', ('host', 'gloo', 'host'),
+                                          launch.free_port()), timeout=120)
+    assert _shm_segments() <= segments_before, 'shared-memory segments left behind'
+
+
+def test_world_of_one_is_a_no_op():
+    import torch
+    import exchange
+    for kind in exchange.KINDS:
+        ex = exchange.make_exchanger(kind, 0, 1, 'cpu', port=1)
+        t = torch.arange(5.0)
+        ex.average_(t)
+        assert torch.equal(t, torch.arange(5.0))
+        assert ex.all_sum([1, 2.5]) == [1.0, 2.5]
+        ex.check_identical(t)
+        ex.barrier()
+        ex.close()
+    with pytest.raises(ValueError, match='unknown exchange kind'):
+        exchange.make_exchanger('mpi', 0, 2, 'cpu', port=1)
+    with pytest.raises(ValueError, match='nccl exchange needs CUDA'):
+        exchange.make_exchanger('nccl', 0, 2, 'cpu', port=1)
+    ex = exchange.make_exchanger('host', 0, 1, 'cpu', port=1)
+    with pytest.raises(ValueError, match='1-D contiguous float32'):
+        ex.average_(torch.zeros(3, 3))
+
+
+# ----------------------------------------------------------------------------------------------
+# a peer that dies or hangs
+
+def _w_peer_fails(rank, world, rdv, out_dir, kind, mode, timeout):
+    os.environ[launch.RENDEZVOUS_ENV] = rdv
+    _write_pid(out_dir, rank)
+    import torch
+    import exchange
+    torch.set_num_threads(1)
+    ex = exchange.make_exchanger(kind, rank, world, 'cpu', port=4321, timeout=timeout)
+    buf = torch.ones(1000)
+    for _ in range(3):
+        ex.average_(buf)
+    if rank == world - 1:
+        if mode == 'killed':
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(300)                            # stuck: the test kills it
+    start = time.monotonic()
+    try:
+        for _ in range(1000):
+            ex.average_(buf)
+        message = 'no error'
+    except exchange.ExchangeError as e:
+        message = str(e)
+    seconds = time.monotonic() - start
+    try:
+        ex.average_(buf)
+        again = 'no error'
+    except exchange.ExchangeError as e:
+        again = str(e)
+    with open(os.path.join(out_dir, 'r%d.json' % rank), 'w') as f:
+        json.dump({'message': message, 'seconds': seconds, 'again': again}, f)
+    ex.close()
+
+
+@pytest.mark.parametrize('kind,mode,world', [('host', 'killed', 3), ('gloo', 'stuck', 2)])
+def test_failed_peer_gives_clear_error_and_no_orphans(tmp_path, kind, mode, world):
+    timeout = 4.0
+    segments_before = _shm_segments()
+    rdv = tmp_path / 'rdv'
+    rdv.mkdir()
+    ctx = mp.get_context('spawn')
+    procs = [ctx.Process(target=_w_peer_fails,
+                         args=(r, world, str(rdv), str(tmp_path), kind, mode, timeout))
+             for r in range(world)]
+    try:
+        for p in procs:
+            p.start()
+        for p in procs[:-1]:
+            p.join(60)
+        survivors = [p.exitcode for p in procs[:-1]]
+        if mode == 'stuck':
+            assert procs[-1].is_alive()
+            procs[-1].kill()
+        procs[-1].join(10)
+        assert survivors == [0] * (world - 1), survivors
+        assert procs[-1].exitcode == -signal.SIGKILL
+        for r in range(world - 1):
+            with open(tmp_path / ('r%d.json' % r)) as f:
+                got = json.load(f)
+            msg = got['message']
+            if mode == 'killed':
+                assert 'rank %d stopped responding' % (world - 1) in msg, msg
+                assert 'has exited' in msg, msg
+                assert got['seconds'] < timeout, got
+            else:
+                assert 'stopped responding' in msg and 'within 4 s' in msg, msg
+                assert timeout * 0.5 <= got['seconds'] < timeout * 3, got
+            assert 'unusable after an earlier failure' in got['again'], got['again']
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join(5)
+    assert _wait_gone([p.pid for p in procs], 5) == []
+    assert _shm_segments() <= segments_before, 'shared-memory segments left behind'
+
+
+# ----------------------------------------------------------------------------------------------
+# launch.spawn
+
+def _w_fail(rank, world, out_dir, mode):
+    _write_pid(out_dir, rank)
+    if rank == 1:
+        if mode == 'raise':
+            raise ValueError('boom from rank 1')
+        if mode == 'kill':
+            os.kill(os.getpid(), signal.SIGKILL)
+        if mode == 'exit':
+            sys.exit(3)
+        return
+    time.sleep(120)
+
+
+@pytest.mark.parametrize('mode,expect', [('raise', 'exit code 1: ValueError: boom from rank 1'),
+                                         ('kill', 'signal SIGKILL'), ('exit', 'exit code 3')])
+def test_spawn_names_the_failed_rank_and_stops_the_others(tmp_path, mode, expect):
+    start = time.monotonic()
+    with pytest.raises(launch.WorkerFailed) as info:
+        launch.spawn(_w_fail, 3, args=(str(tmp_path), mode), timeout=60, grace=2)
+    assert time.monotonic() - start < 30
+    msg = str(info.value)
+    assert 'worker rank 1' in msg and expect in msg, msg
+    assert info.value.rank == 1
+    assert _wait_gone(_read_pids(str(tmp_path)), 5) == []
+
+
+def _w_ok(rank, world, out_dir):
+    _write_pid(out_dir, rank)
+
+
+def _w_sleep(rank, world, out_dir):
+    _write_pid(out_dir, rank)
+    time.sleep(120)
+
+
+def test_spawn_success_and_timeout(tmp_path):
+    launch.spawn(_w_ok, 2, args=(str(tmp_path),), timeout=60)
+    assert len(_read_pids(str(tmp_path))) == 2
+    with pytest.raises(launch.WorkerFailed, match='still running after the 2 s timeout'):
+        launch.spawn(_w_sleep, 2, args=(str(tmp_path),), timeout=2, grace=1)
+    assert _wait_gone(_read_pids(str(tmp_path)), 5) == []
+
+
+def _start_launcher(out_dir, world):
+    code = ('import sys; sys.path[:0] = [%r, %r]; import launch, test_exchange; '
+            'launch.spawn(test_exchange._w_sleep, %d, args=(%r,))'
+            % (str(ROOT), str(Path(__file__).parent), world, out_dir))
+    proc = subprocess.Popen([sys.executable, '-c', code])
+    deadline = time.monotonic() + 60
+    while len(_read_pids(out_dir)) < world:
+        assert proc.poll() is None, 'the launcher exited early with %s' % proc.returncode
+        assert time.monotonic() < deadline, 'the workers did not start'
+        time.sleep(0.05)
+    return proc, _read_pids(out_dir)
+
+
+@pytest.mark.parametrize('how', ['SIGKILL', 'SIGTERM'])
+def test_workers_end_with_their_launcher(tmp_path, how):
+    proc, pids = _start_launcher(str(tmp_path), 2)
+    try:
+        if how == 'SIGKILL':
+            proc.kill()
+            proc.wait(10)
+        else:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 128 + signal.SIGTERM
+        assert _wait_gone(pids, 10) == [], 'workers outlived their launcher (%s)' % how
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        _kill_all(pids)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: p2p and nccl between two GPUs
+
+def _w_gpu_timing(rank, world, kind, port, n):
+    import torch
+    import exchange
+    device = torch.device('cuda', rank)
+    ex = exchange.make_exchanger(kind, rank, world, device, port=port, timeout=TIMEOUT)
+    try:
+        buf = torch.full((n,), float(rank), device=device)
+        ex.average_(buf)
+        for _ in range(3):
+            ex.average_(buf)
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        reps = 20
+        for _ in range(reps):
+            ex.average_(buf)
+        torch.cuda.synchronize(device)
+        ms = (time.perf_counter() - start) / reps * 1e3
+        assert torch.all(buf == 0.5).item()
+        if rank == 0:
+            print('%s exchange of %.0f MB between cuda:0 and cuda:1: %.2f ms per average_'
+                  % (ex.kind, n * 4 / 1e6, ms), flush=True)
+    finally:
+        ex.close()
+
+
+def _expected_p2p():
+    import torch
+    return 'p2p' if torch.cuda.can_device_access_peer(0, 1) else 'host'
+
+
+@pytest.mark.gpu
+@pytest.mark.multigpu
+@pytest.mark.skipif('not __import__("torch").cuda.device_count() >= 2', reason='needs two CUDA GPUs')
+def test_p2p_average_on_two_gpus():
+    expect = _expected_p2p()
+    launch.spawn(_w_average, 2, args=(('p2p', 'gloo', 'host'), 'cuda', (expect, 'gloo', 'host'),
+                                      launch.free_port()), timeout=300)
+    launch.spawn(_w_gpu_timing, 2, args=('p2p', launch.free_port(), 122_000_000), timeout=300)
+
+
+@pytest.mark.gpu
+@pytest.mark.multigpu
+@pytest.mark.skipif('not __import__("torch").cuda.device_count() >= 2', reason='needs two CUDA GPUs')
+def test_nccl_average_on_two_gpus():
+    launch.spawn(_w_average, 2, args=(('nccl',), 'cuda', ('nccl',), launch.free_port()),
+                 timeout=300)
+    launch.spawn(_w_gpu_timing, 2, args=('nccl', launch.free_port(), 122_000_000), timeout=300)
