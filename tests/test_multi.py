@@ -1,0 +1,154 @@
+"""train_2gpu.py with real processes on the CPU: N replicas exchanging every step equal one
+replica on the combined batch; torchrun across two 'nodes'; a killed trainer ends the run."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from alex_net import PARAMS
+from conftest import make_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMON = ['n_epochs=1', 'print_freq=1', 'para_load=False', 'lr_step=[5]']
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return make_dataset(str(tmp_path_factory.mktemp('multi')), n_train_files=1, file_rows=16,
+                        val_sizes=(6,))
+
+
+def run(script, args, timeout=300, **kw):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=timeout, **kw)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+def snapshot(d, epoch=1):
+    return ([np.load(os.path.join(d, f'{p.name}_{epoch}.npy')) for p in PARAMS]
+            + [np.load(os.path.join(d, f'mom_{k}_{epoch}.npy')) for k in range(len(PARAMS))])
+
+
+def assert_close(a, b, tol=2e-6):
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=0, atol=tol * max(1e-3, np.abs(y).max()))
+
+
+@pytest.fixture(scope='module')
+def reference(data, tmp_path_factory):
+    """One replica, batch 8 (= 2 replicas x 4)."""
+    d = str(tmp_path_factory.mktemp('ref'))
+    run('train.py', data + COMMON + ['gpu=cpu', 'batch_size=8', f'weights_dir={d}'])
+    return snapshot(d)
+
+
+@pytest.mark.parametrize('exchange,average', [('host', 'weights'), ('gloo', 'weights'),
+                                              ('host', 'gradients'), ('gloo', 'gradients')])
+def test_two_replicas_equal_one_on_the_combined_batch(data, reference, tmp_path, exchange,
+                                                      average):
+    run('train_2gpu.py', data + COMMON + [
+        'gpu0=cpu', 'gpu1=cpu', 'batch_size=4', f'exchange={exchange}', f'average={average}',
+        f'weights_dir={tmp_path}'])
+    got = snapshot(str(tmp_path))
+    assert_close(got, reference)
+
+
+def test_exchange_every_third_step_trains_and_differs(data, reference, tmp_path):
+    run('train_2gpu.py', data + COMMON + ['gpu0=cpu', 'gpu1=cpu', 'batch_size=2',
+                                          'exchange=host', 'exchange_freq=3',
+                                          f'weights_dir={tmp_path}'])
+    got = snapshot(str(tmp_path))
+    assert all(np.isfinite(a).all() for a in got)
+    assert max(np.abs(a - b).max() for a, b in zip(got, reference)) > 1e-6
+    rec = np.load(tmp_path / 'val_record.npy')
+    assert rec.shape == (1, 2) and np.isfinite(rec).all()
+
+
+def test_two_nodes_through_torchrun_equal_one_node(data, reference, tmp_path):
+    port = 29000 + os.getpid() % 1000
+    args = data + COMMON + ['gpu0=cpu', 'gpu1=cpu', 'batch_size=4', 'exchange=gloo',
+                            f'weights_dir={tmp_path}']
+    procs = [subprocess.Popen(
+        [sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', f'--node_rank={i}',
+         '--nproc_per_node=1', '--master_addr=127.0.0.1', f'--master_port={port}',
+         os.path.join(ROOT, 'train_2gpu.py'), *args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], '\n'.join(o[-3000:] for o in outs)
+    assert_close(snapshot(str(tmp_path)), reference)
+
+
+def descendants(pid):
+    """Every live descendant process of pid (from /proc)."""
+    children = {}
+    for d in os.listdir('/proc'):
+        if d.isdigit():
+            try:
+                with open(f'/proc/{d}/stat') as f:
+                    ppid = int(f.read().rsplit(')', 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def alive(pid):
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except OSError:
+        return False
+
+
+def test_killing_one_trainer_ends_the_run_with_no_orphans(data, tmp_path):
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train_2gpu.py'), *data,
+                          'n_epochs=5', 'print_freq=1', 'para_load=True', 'gpu0=cpu',
+                          'gpu1=cpu', 'batch_size=4', 'exchange=host',
+                          f'weights_dir={tmp_path}'],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in p.stdout:      # wait until training runs
+            lines.append(line)
+            if 'iter 1 ' in line:
+                break
+        family = descendants(p.pid)   # trainers, their loaders, helpers
+        # the trainers: the launcher's children that are spawned workers
+        direct = [c for c in family if _ppid(c) == p.pid and 'resource_tracker'
+                  not in _cmdline(c)]
+        assert len(direct) == 2, (direct, [_cmdline(c) for c in family])
+        victim = max(direct)
+        os.kill(victim, signal.SIGKILL)
+        out = ''.join(lines) + p.communicate(timeout=120)[0]
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode not in (0, None)
+    assert 'SIGKILL' in out and 'rank' in out, out[-3000:]
+    deadline = time.time() + 15
+    while time.time() < deadline and any(alive(c) for c in family):
+        time.sleep(0.2)
+    assert not [c for c in family if alive(c)], [_cmdline(c) for c in family if alive(c)]
+
+
+def _ppid(pid):
+    with open(f'/proc/{pid}/stat') as f:
+        return int(f.read().rsplit(')', 1)[1].split()[1])
+
+
+def _cmdline(pid):
+    try:
+        with open(f'/proc/{pid}/cmdline', 'rb') as f:
+            return f.read().replace(b'\0', b' ').decode()
+    except OSError:
+        return ''

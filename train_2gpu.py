@@ -1,0 +1,64 @@
+"""Train AlexNet data-parallel on several GPUs (or CPU processes), as the original
+train_2gpu.py: one trainer process per GPU, each with its own loader process, exchanging and
+averaging weights and momentum after every minibatch (report §2.2).
+
+    python train_2gpu.py                               # config.yaml + spec_2gpu.yaml: gpu0, gpu1
+    python train_2gpu.py gpus=[0,1,2,3] exchange=nccl  # any number of GPUs
+    python train_2gpu.py gpu0=cpu gpu1=cpu exchange=host batch_size=8   # two CPU processes
+
+Several nodes, through torchrun (one process per GPU; exchange nccl, or gloo on CPUs):
+
+    torchrun --nproc_per_node=8 train_2gpu.py exchange=nccl gpus=[0,1,2,3,4,5,6,7]
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \
+        train_2gpu.py exchange=nccl gpus=[0,1,2,3,4,5,6,7]      # on node 0; node_rank=1 on node 1
+
+batch_size is per GPU: the replicas together take batch_size x replicas images of each batch
+file, replica r its own slice. exchange: p2p | nccl | gloo | host; average: weights | gradients;
+exchange_freq: average every this many steps.
+"""
+import os
+import sys
+
+from config import devices_of, main_config
+from run_errors import run_main
+
+
+def trainer(rank, world, cfg, device):
+    """One replica: its exchanger, then the shared training loop."""
+    import torch
+    import train_loop
+    if device == 'cpu':  # CPU replicas share the cores instead of each taking all of them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    from exchange import make_exchanger
+    with make_exchanger(cfg['exchange'], rank, world, device, port=cfg['sock_gpu']) as ex:
+        train_loop.train(cfg, rank, world, device, ex)
+
+
+def spawned_trainer(rank, world, cfg):
+    trainer(rank, world, cfg, devices_of(cfg)[rank])
+
+
+def main(argv):
+    cfg = main_config('spec_2gpu.yaml', argv)
+    import launch
+    if launch.under_torchrun():
+        rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+        local = int(os.environ.get('LOCAL_RANK', rank))
+        devices = devices_of(cfg)
+        if cfg['exchange'] in ('p2p', 'host') and int(os.environ.get('LOCAL_WORLD_SIZE', world)) \
+                != world:
+            raise SystemExit(f"config error: exchange: {cfg['exchange']} works within one node; "
+                             f"use exchange: nccl (or gloo) across nodes")
+        device = devices[local] if local < len(devices) else devices[0]
+        if device != 'cpu' and local >= len(devices):
+            raise SystemExit(f"config error: local rank {local} has no GPU in {devices}")
+        run_main(lambda: trainer(rank, world, cfg, device))
+        return
+    world = len(devices_of(cfg))
+    print(f"train_2gpu: {world} trainers on {devices_of(cfg)}, exchange {cfg['exchange']}, "
+          f"average {cfg['average']} every {cfg['exchange_freq']} step(s)", flush=True)
+    run_main(lambda: launch.spawn(spawned_trainer, world, (cfg,)))
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
