@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The quickstart: installs the dependencies, builds the embedded toy ImageNet (real handwritten
+# digit images in the ILSVRC2012 layout), preprocesses it with the real scripts, trains AlexNet
+# on it for a few epochs, validates the last snapshot and plots the curves.
+#   bash quickstart.sh                 # on a GPU if one is visible, else on the CPU
+#   GPU=cpu bash quickstart.sh         # force the CPU
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+PY=${PYTHON:-python3}
+bash setup.sh
+GPU=${GPU:-$("$PY" -c "import torch; print('gpu0' if torch.cuda.is_available() else 'cpu')")}
+
+echo "== 1/5 toy ImageNet tree (data/toy_imagenet)"
+"$PY" preprocessing/make_toy_imagenet.py data/toy_imagenet
+echo "== 2/5 preprocessing (data/toy)"
+bash preprocessing/generate_toy_data.sh
+echo "== 3/5 training on $GPU (spec_toy.yaml)"
+"$PY" train.py spec_toy.yaml "gpu=$GPU"
+EPOCHS=$("$PY" -c "from config import load_config; print(load_config('spec_1gpu.yaml', ['spec_toy.yaml'])['n_epochs'])")
+WEIGHTS=$("$PY" -c "from config import load_config; print(load_config('spec_1gpu.yaml', ['spec_toy.yaml'])['weights_dir'])")
+echo "== 4/5 validation of snapshot $EPOCHS"
+"$PY" validate.py spec_toy.yaml "gpu=$GPU" "load_epoch=$EPOCHS"
+echo "== 5/5 plot"
+"$PY" plot.py "$WEIGHTS"
+echo "done: batches in data/toy, snapshots and metrics.csv in $WEIGHTS"
