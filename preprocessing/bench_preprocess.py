@@ -2,7 +2,7 @@
 
     python preprocessing/bench_preprocess.py                      # 2560 train + 512 val images
     python preprocessing/bench_preprocess.py --images 10240 --workers 16
-    python preprocessing/bench_preprocess.py --keep /tmp/bench    # keep the generated tree
+    python preprocessing/bench_preprocess.py --keep /tmp/bench    # keep (and later reuse) the tree
 
 Writes a temporary ImageNet-layout tree of real-photograph JPEGs (random crops of scikit-learn's
 two sample photos, colour-shifted, quality 85-96; mostly 500x375 and 375x500, some 500x333, a
@@ -74,13 +74,24 @@ def make_tree(root, n_train, n_val, workers):
     for i in range(n_val):
         jobs.append((os.path.join(root, 'val', f'ILSVRC2012_val_{i + 1:08d}.JPEG'), 10**6 + i))
     with Pool(workers) as pool:
-        sizes = pool.map(write_one, jobs, chunksize=16)
+        pool.map(write_one, jobs, chunksize=16)
     with open(os.path.join(root, 'paths.yaml'), 'w') as f:
         f.write("train_img_dir: train\nval_img_dir: val\ntar_root_dir: out\n"
                 "tar_train_dir: train_hkl\ntar_val_dir: val_hkl\nmisc_dir: out/misc\n"
                 "meta_clsloc_mat: none.mat\nval_label_file: none.txt\n"
                 "valtxt_filename: out/misc/val.txt\ntraintxt_filename: out/misc/train.txt\n")
-    return [p for p, _ in jobs], sizes
+    return [p for p, _ in jobs]
+
+
+def existing_tree(root, n_train, n_val):
+    """The files of a tree generated earlier into --keep DIR with the same sizes, else None."""
+    if not os.path.isfile(os.path.join(root, 'paths.yaml')):
+        return None
+    train = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(root, 'train'))
+                   for f in fs)
+    val_dir = os.path.join(root, 'val')
+    val = sorted(os.path.join(val_dir, f) for f in os.listdir(val_dir))
+    return train + val if (len(train), len(val)) == (n_train, n_val) else None
 
 
 def decode_without_draft(path):
@@ -124,9 +135,14 @@ def main():
         shutil.rmtree(os.path.join(root, 'out'))  # time a fresh run, not a resumed one
     try:
         t0 = time.perf_counter()
-        files, sizes = make_tree(root, args.images, n_val, available_cores())
-        print(f"generated {len(files)} JPEGs in {time.perf_counter() - t0:.0f} s: mean "
-              f"{np.mean(sizes) / 1024:.0f} KiB (ImageNet: about 110 KiB)")
+        files = existing_tree(root, args.images, n_val)
+        if files:
+            print(f"reusing the {len(files)} JPEGs in {root}")
+        else:
+            files = make_tree(root, args.images, n_val, available_cores())
+            print(f"generated {len(files)} JPEGs in {time.perf_counter() - t0:.0f} s")
+        sizes = [os.path.getsize(f) for f in files]
+        print(f"JPEG files: mean {np.mean(sizes) / 1024:.0f} KiB (ImageNet: about 110 KiB)")
 
         sample = files[:200]
         with_draft = single_core_rate(sample, load_image_256)
