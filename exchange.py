@@ -6,26 +6,26 @@
     ex.check_identical(state, 'parameters')
     ex.close()
 
-Kinds of data plane (the control plane - barriers, metric sums, checksums - is always a gloo
-process group, made here with launch.init_distributed, or torchrun's when one exists):
+The control plane (barriers, metric sums, checksums) is a gloo process group, made here with
+launch.init_distributed, or torchrun's when one exists. Data planes:
 
-- ``p2p``: the original scheme, one node with GPUs. Each trainer sends the others the CUDA IPC
-  handle of its buffer over ZeroMQ (ipc:// socket in a private directory, HMAC-authenticated JSON,
-  nothing unpickled). Per exchange: (1) each trainer finishes its pending GPU work and enters
-  barrier A; (2) each copies every peer's buffer device-to-device into its own receive buffer and
-  sums the replicas in rank order; (3) it synchronises its streams and enters barrier B - after B
-  nobody reads a peer's buffer any more; (4) it writes sum/world into its own buffer. Without
-  peer access between the GPUs it falls back to ``host`` with a warning.
+- ``p2p``: the original scheme, one node with GPUs. Each trainer owns a send buffer on its GPU
+  and hands the others its CUDA IPC handle over ZeroMQ (ipc:// socket in a private directory,
+  HMAC-authenticated JSON, nothing unpickled). Per exchange: copy the buffer into the send
+  buffer, synchronise the stream, barrier A; then copy each peer's send buffer device-to-device
+  into a receive buffer on this GPU, sum the replicas in rank order and write sum / world into
+  the buffer. The send buffer has two halves used alternately (double buffering), so a half is
+  rewritten only after every peer has finished reading it: one barrier per exchange. Without
+  peer access between the GPUs it falls back to ``host`` with a one-line warning.
 - ``nccl``: torch.distributed all_reduce (SUM, then divide) with NCCL.
 - ``gloo``: torch.distributed all_reduce with gloo; CUDA buffers go through pinned host memory.
-- ``host``: one shared-memory segment per rank and buffer; each rank writes its buffer into its
-  segment, barrier A, sums all segments in rank order, barrier B. CUDA buffers are staged
-  through pinned memory.
+- ``host``: the same double-buffered scheme through shared-memory segments, one per rank;
+  CUDA buffers are staged through pinned memory. For CPU runs.
 
-Every average is the sum in rank order divided by the world size, so all replicas end bitwise
-identical (p2p, host) or as the collective library returns them (nccl, gloo). world == 1 gives a
-no-op exchanger. A peer that dies or stops answering makes the call raise ExchangeError naming
-it within the timeout (for nccl, the NCCL watchdog ends the process at the timeout instead).
+p2p and host sum in rank order, so all replicas end bitwise identical. world == 1 gives a
+no-op exchanger. A peer that dies or stops answering makes the next call raise ExchangeError
+naming it, within the timeout (for nccl, the NCCL watchdog ends the process at the timeout).
+Every rank must call average_ with buffers of the same size in the same order.
 """
 import base64
 import contextlib
@@ -369,17 +369,6 @@ def _sha256(flat):
 # ----------------------------------------------------------------------------------------------
 # data planes
 
-class _Slot:
-    """What one buffer of this rank needs: registered per (data_ptr, numel)."""
-
-    def __init__(self, numel, gen):
-        self.numel, self.gen = numel, gen
-        self.views = {}          # rank -> gen of that rank's buffer this slot has opened
-        self.peers = {}          # rank -> tensor (host: mapped segment; p2p: opened IPC tensor)
-        self.maps = {}           # rank -> mmap (host)
-        self.fresh = True
-
-
 class _Gloo:
     def __init__(self, ctl, device, secret=None):
         self.ctl, self.device = ctl, device
@@ -422,115 +411,113 @@ class _Nccl:
 
 
 class _Host:
-    """Shared-memory segments (files in /dev/shm, mode 0600, unlinked as soon as every peer has
-    mapped them, so nothing is left behind even after a crash)."""
+    """Shared-memory segments, one file per rank in /dev/shm (mode 0600) holding two halves,
+    used alternately (double buffering: one barrier per exchange). A rank writes its buffer into
+    its current half, barrier A, then sums everyone's halves in rank order. A half is written
+    again two exchanges later, after the next barrier A, when every peer has finished reading it.
+    Segments grow to the largest buffer seen (every rank sees the same sizes, so they grow
+    together) and are unlinked as soon as every peer has mapped them: nothing is left behind,
+    even after a crash."""
 
     def __init__(self, ctl, device, secret=None):
         self.ctl, self.device = ctl, device
         shm = '/dev/shm' if os.path.isdir('/dev/shm') else tempfile.gettempdir()
         token = secrets.token_hex(8).encode() if ctl.rank == 0 else b''
         self._prefix = os.path.join(shm, 'xchg-%s' % ctl.broadcast_bytes(token, 'setup').decode())
-        self._slots = {}
-        self._gen = 0
+        self._cap = self._gen = self._calls = 0
+        self._maps = {}              # rank -> mmap of that rank's segment (own included)
+        self._halves = {}            # rank -> (half 0, half 1) float32 tensors over the mmap
+        self._own_path = None
 
     def _path(self, rank, gen):
         return '%s-r%d-g%d' % (self._prefix, rank, gen)
 
-    def _new_slot(self, numel):
-        self._gen += 1
-        slot = _Slot(numel, self._gen)
-        path = self._path(self.ctl.rank, slot.gen)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    def _map(self, rank, path, create):
+        nbytes = 2 * self._cap * 4
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
         try:
-            os.ftruncate(fd, numel * 4)
-            slot.own_map = mmap.mmap(fd, numel * 4)
-        finally:
-            os.close(fd)
-        slot.own_path = path
-        slot.own = torch.frombuffer(slot.own_map, dtype=torch.float32, count=numel)
-        pin = self.device.type == 'cuda'
-        slot.acc = torch.empty(numel, dtype=torch.float32, pin_memory=pin)
-        slot.stage = torch.empty(numel, dtype=torch.float32, pin_memory=True) if pin else None
-        return slot
-
-    def _attach(self, slot, rank, gen):
-        self._detach(slot, rank)
-        path = self._path(rank, gen)
-        try:
-            fd = os.open(path, os.O_RDWR)
+            fd = os.open(path, flags, 0o600)
         except FileNotFoundError:
-            raise ExchangeError('rank %d: the shared-memory segment of rank %d (%s) is gone; pass '
-                                'the same buffers in the same order on every rank'
+            raise ExchangeError('rank %d: the shared-memory segment of rank %d (%s) is missing'
                                 % (self.ctl.rank, rank, path)) from None
         try:
-            size = os.fstat(fd).st_size
-            if size != slot.numel * 4:
-                raise ExchangeError('rank %d: rank %d\'s segment %s holds %d bytes, expected %d'
-                                    % (self.ctl.rank, rank, path, size, slot.numel * 4))
-            mm = mmap.mmap(fd, size)
+            if create:
+                os.ftruncate(fd, nbytes)
+            elif os.fstat(fd).st_size != nbytes:
+                raise ExchangeError('rank %d: segment %s of rank %d holds %d bytes, expected %d'
+                                    % (self.ctl.rank, path, rank, os.fstat(fd).st_size, nbytes))
+            mm = mmap.mmap(fd, nbytes)
         finally:
             os.close(fd)
-        slot.maps[rank] = mm
-        slot.peers[rank] = torch.frombuffer(mm, dtype=torch.float32, count=slot.numel)
-        slot.views[rank] = gen
+        whole = torch.frombuffer(mm, dtype=torch.float32, count=2 * self._cap)
+        self._maps[rank] = mm
+        self._halves[rank] = (whole[:self._cap], whole[self._cap:])
 
-    @staticmethod
-    def _detach(slot, rank):
-        slot.peers.pop(rank, None)
-        mm = slot.maps.pop(rank, None)
-        if mm is not None:
+    def _unmap_all(self):
+        self._halves.clear()
+        for mm in self._maps.values():
             try:
                 mm.close()
             except BufferError:
-                pass      # a view is still alive; the mapping goes with it
+                pass             # a view is still alive somewhere; the mapping goes with it
+        self._maps.clear()
+
+    def _grow(self, n):
+        """New, larger segments on every rank (all ranks call this at the same exchange)."""
+        ctl = self.ctl
+        self._unmap_all()
+        if self._own_path:
+            _unlink(self._own_path)
+        self._cap, self._gen = n, self._gen + 1
+        self._own_path = self._path(ctl.rank, self._gen)
+        self._map(ctl.rank, self._own_path, create=True)
+        pin = self.device.type == 'cuda'
+        self._acc = torch.empty(n, dtype=torch.float32, pin_memory=pin)
+        self._stage = torch.empty(n, dtype=torch.float32, pin_memory=True) if pin else None
+        # same shape as barrier A's gather: a rank that does not grow meets this one there, and
+        # both see that the sizes differ
+        _check_table(ctl.gather_i64([n, self._gen], 'average_ (host, new segments)'), ctl.rank)
+        for r in range(ctl.world):
+            if r != ctl.rank:
+                self._map(r, self._path(r, self._gen), create=False)
+        ctl.barrier('average_ (host, segments mapped)')
+        _unlink(self._own_path)
+        self._own_path = None
 
     def average_(self, flat):
-        ctl, world, rank = self.ctl, self.ctl.world, self.ctl.rank
-        key = (flat.data_ptr(), flat.numel())
-        slot = self._slots.get(key)
-        if slot is None:
-            slot = self._slots[key] = self._new_slot(flat.numel())
+        ctl, world, rank, n = self.ctl, self.ctl.world, self.ctl.rank, flat.numel()
+        if n > self._cap:
+            self._grow(n)
+        half = self._calls % 2
+        self._calls += 1
+        own = self._halves[rank][half][:n]
         if flat.is_cuda:
-            slot.stage.copy_(flat, non_blocking=True)
+            stage = self._stage[:n]
+            stage.copy_(flat, non_blocking=True)
             _stream_sync(flat.device)
-            slot.own.copy_(slot.stage)
+            own.copy_(stage)
         else:
-            slot.own.copy_(flat)
-        table = ctl.gather_i64([flat.numel(), slot.gen], 'average_ (host, barrier A)')
-        _check_sizes(table[:, 0], rank)
+            own.copy_(flat)
+        _check_table(ctl.gather_i64([n, self._gen], 'average_ (host, barrier A)'), rank)
+        acc = self._acc[:n]
         for r in range(world):
-            if r != rank and slot.views.get(r) != int(table[r, 1]):
-                self._attach(slot, r, int(table[r, 1]))
-        acc = slot.acc
-        for r in range(world):
-            src = slot.own if r == rank else slot.peers[r]
+            src = self._halves[r][half][:n]
             if r == 0:
                 acc.copy_(src)
             else:
                 acc.add_(src)
-        acc.div_(world)
-        ctl.barrier('average_ (host, barrier B)')
-        if slot.fresh:               # every peer has mapped it by now
-            slot.fresh = False
-            _unlink(slot.own_path)
         if flat.is_cuda:
+            acc.div_(world)
             flat.copy_(acc, non_blocking=True)
             _stream_sync(flat.device)     # acc is pinned and rewritten next call
         else:
-            flat.copy_(acc)
+            torch.div(acc, world, out=flat)
 
     def close(self):
-        for slot in self._slots.values():
-            for r in list(slot.maps):
-                self._detach(slot, r)
-            if slot.fresh:
-                _unlink(slot.own_path)
-            slot.own = None
-            try:
-                slot.own_map.close()
-            except BufferError:
-                pass
-        self._slots.clear()
+        self._unmap_all()
+        if self._own_path:
+            _unlink(self._own_path)
+            self._own_path = None
 
 
 def _unlink(path):
@@ -540,15 +527,30 @@ def _unlink(path):
         pass
 
 
-def _check_sizes(sizes, rank):
-    sizes = [int(n) for n in sizes]
+def _check_table(table, rank):
+    """Rows [numel, generation] from every rank: all must agree."""
+    sizes = [int(n) for n in table[:, 0]]
     if len(set(sizes)) != 1:
         raise ExchangeError('average_: replicas pass buffers of different sizes (%s) [rank %d]'
                             % (', '.join('rank %d: %d' % (r, n) for r, n in enumerate(sizes)), rank))
+    gens = [int(g) for g in table[:, 1]]
+    if len(set(gens)) != 1:
+        raise ExchangeError('average_: replicas disagree on the exchange buffers (generations %s) '
+                            '[rank %d]' % (gens, rank))
 
 
 class _P2P:
-    """CUDA IPC handles over ZeroMQ, device-to-device copies, two barriers per exchange."""
+    """CUDA IPC and device-to-device copies. Each rank owns a send buffer of two halves on its
+    GPU, used alternately (double buffering), and hands its CUDA IPC handle to the others over
+    ZeroMQ once (again only when a larger buffer is needed). One exchange:
+
+      1. copy the buffer into the current half of the send buffer; synchronise the stream (this
+         also completes the reads of the previous exchange); barrier A
+      2. copy each peer's current half into a receive buffer on this GPU (peer copy) and sum
+         the replicas in rank order; write sum / world into the buffer (all on the stream)
+
+    A half is written again two exchanges later, after the next barrier A, which no peer reaches
+    before its reads of that half have completed (step 1 synchronises)."""
 
     MAX_MSG = 1 << 16
 
@@ -581,6 +583,9 @@ class _P2P:
             secret = ctl.broadcast_bytes(secrets.token_bytes(32) if rank == 0 else b'', 'setup')
         self._key = secret.encode() if isinstance(secret, str) else bytes(secret)
         self._local = _local_gpu_indices(ctl.gather_i64(_pci_id(device.index), 'setup (p2p)'))
+        self._cap = self._gen = self._calls = 0
+        self._peer_gen = 0
+        self._peers = {}             # rank -> that rank's send buffer (2 * cap), opened here
         self._dir = tempfile.mkdtemp(prefix='xchg-') if rank == 0 else ''
         self._dir = ctl.broadcast_bytes(self._dir.encode(), 'setup (p2p)').decode()
         self._ctx = zmq.Context()
@@ -588,9 +593,6 @@ class _P2P:
         self._pull.setsockopt(zmq.MAXMSGSIZE, self.MAX_MSG)
         self._pull.setsockopt(zmq.LINGER, 0)
         self._push = {}
-        self._slots = {}
-        self._gen = 0
-        self._round = 0
         try:
             endpoint = self._endpoint(rank)
             if len(endpoint) > 100:
@@ -602,7 +604,7 @@ class _P2P:
                 if r != rank:
                     s = self._ctx.socket(zmq.PUSH)
                     s.setsockopt(zmq.SNDTIMEO, int(ctl.timeout * 1000))
-                    s.setsockopt(zmq.LINGER, int(ctl.timeout * 1000))
+                    s.setsockopt(zmq.LINGER, 0)
                     s.connect(self._endpoint(r))
                     self._push[r] = s
         except BaseException:
@@ -613,13 +615,13 @@ class _P2P:
         return 'ipc://' + os.path.join(self._dir, 'r%d' % rank)
 
     # registration -------------------------------------------------------------------------------
-    def _handle_message(self, flat, slot):
-        storage = flat.untyped_storage()
+    def _handle_message(self):
+        t = self._send
         (dev, handle, size_bytes, offset_bytes, rc_handle, rc_offset, ev_handle,
-         ev_sync) = storage._share_cuda_()
+         ev_sync) = t.untyped_storage()._share_cuda_()
         b64 = lambda b: None if b is None else base64.b64encode(bytes(b)).decode('ascii')
-        body = {'type': 'cuda_ipc', 'round': self._round, 'from': self.ctl.rank,
-                'numel': slot.numel, 'gen': slot.gen, 'tensor_offset': flat.storage_offset(),
+        body = {'type': 'cuda_ipc', 'gen': self._gen, 'from': self.ctl.rank,
+                'numel': t.numel(), 'tensor_offset': t.storage_offset(),
                 'device': int(dev), 'handle': b64(handle), 'size_bytes': int(size_bytes),
                 'offset_bytes': int(offset_bytes), 'ref_counter_handle': b64(rc_handle),
                 'ref_counter_offset': int(rc_offset), 'event_handle': b64(ev_handle),
@@ -627,11 +629,10 @@ class _P2P:
         payload = json.dumps(body, sort_keys=True).encode()
         return [payload, hmac.new(self._key, payload, hashlib.sha256).digest()]
 
-    def _register(self, flat, slot, table):
-        """Everyone sends its handle to everyone; each opens the buffers it has not opened yet."""
+    def _register(self):
+        """Everyone sends the handle of its send buffer to everyone and opens the others'."""
         zmq, ctl = self.zmq, self.ctl
-        self._round += 1
-        msg = self._handle_message(flat, slot)
+        msg = self._handle_message()
         for r, s in self._push.items():
             try:
                 s.send_multipart(msg, copy=True)
@@ -655,18 +656,15 @@ class _P2P:
                                                    ctl.rank))
             if not poller.poll(int(min(left, 0.5) * 1000) + 1):
                 continue
-            frames = self._pull.recv_multipart()
-            body = self._check_message(frames, table)
+            body = self._check_message(self._pull.recv_multipart())
             if body['from'] in got:
                 raise ExchangeError('rank %d: two registration messages from rank %d'
                                     % (ctl.rank, body['from']))
             got[body['from']] = body
-        for r, body in got.items():
-            if slot.views.get(r) != body['gen']:
-                slot.peers[r] = self._open(body)
-                slot.views[r] = body['gen']
+        self._peers = {r: self._open(body) for r, body in sorted(got.items())}
+        self._peer_gen = self._gen
 
-    def _check_message(self, frames, table):
+    def _check_message(self, frames):
         ctl = self.ctl
         bad = lambda why: ExchangeError('rank %d: refused a p2p registration message: %s'
                                         % (ctl.rank, why))
@@ -679,8 +677,8 @@ class _P2P:
             body = json.loads(payload.decode('utf-8'))
         except (UnicodeDecodeError, ValueError) as e:
             raise bad('not JSON (%s)' % e) from None
-        ints = ('round', 'from', 'numel', 'gen', 'tensor_offset', 'device', 'size_bytes',
-                'offset_bytes', 'ref_counter_offset')
+        ints = ('gen', 'from', 'numel', 'tensor_offset', 'device', 'size_bytes', 'offset_bytes',
+                'ref_counter_offset')
         fields = set(ints) | {'type', 'handle', 'ref_counter_handle', 'event_handle',
                               'event_sync_required'}
         if not isinstance(body, dict) or set(body) != fields:
@@ -688,15 +686,14 @@ class _P2P:
         for k in ints:
             if type(body[k]) is not int or body[k] < 0:
                 raise bad('field %s=%r is not a non-negative integer' % (k, body[k]))
-        if body['type'] != 'cuda_ipc' or body['round'] != self._round:
-            raise bad('type %r round %r, expected cuda_ipc round %d'
-                      % (body['type'], body['round'], self._round))
+        if body['type'] != 'cuda_ipc' or body['gen'] != self._gen:
+            raise bad('type %r generation %r, expected cuda_ipc generation %d'
+                      % (body['type'], body['gen'], self._gen))
         r = body['from']
         if r == ctl.rank or r >= ctl.world:
             raise bad('sender rank %d is not a peer' % r)
-        if body['numel'] != int(table[r, 0]) or body['gen'] != int(table[r, 1]):
-            raise bad('rank %d announces %d elements (buffer %d), expected %d (buffer %d)'
-                      % (r, body['numel'], body['gen'], table[r, 0], table[r, 1]))
+        if body['numel'] != 2 * self._cap:
+            raise bad('rank %d announces %d elements, expected %d' % (r, body['numel'], 2 * self._cap))
         if (body['tensor_offset'] + body['numel']) * 4 > body['size_bytes']:
             raise bad('rank %d\'s buffer does not fit in its storage' % r)
         if type(body['event_sync_required']) is not bool:
@@ -715,7 +712,7 @@ class _P2P:
         return body
 
     def _open(self, body):
-        """The peer's buffer as a tensor in this process (CUDA IPC), on the peer's GPU."""
+        """The peer's send buffer as a tensor of this process (CUDA IPC), on the peer's GPU."""
         j = self._local[body['from']]
         with torch.cuda.device(j):
             storage = torch.UntypedStorage._new_shared_cuda(
@@ -727,53 +724,62 @@ class _P2P:
         return t
 
     # the exchange -------------------------------------------------------------------------------
+    def _grow(self, n):
+        self._cap, self._gen = n, self._gen + 1
+        self._peers = {}
+        self._send = torch.empty(2 * n, dtype=torch.float32, device=self.device)
+        self._recv = torch.empty(n, dtype=torch.float32, device=self.device)
+        self._acc = (torch.empty(n, dtype=torch.float32, device=self.device)
+                     if self.ctl.world > 2 else None)
+
     def average_(self, flat):
-        ctl, world, rank = self.ctl, self.ctl.world, self.ctl.rank
-        key = (flat.data_ptr(), flat.numel())
-        slot = self._slots.get(key)
-        if slot is None:
-            self._gen += 1
-            slot = self._slots[key] = _Slot(flat.numel(), self._gen)
-            slot.recv = torch.empty_like(flat)
-            slot.acc = torch.empty_like(flat) if world > 2 else None
-        _stream_sync(self.device)            # our buffer holds its final values
-        # barrier A, and which buffer each rank passes / has opened
-        views = [slot.gen if r == rank else slot.views.get(r, 0) for r in range(world)]
-        table = ctl.gather_i64([flat.numel(), slot.gen] + views, 'average_ (p2p, barrier A)')
-        _check_sizes(table[:, 0], rank)
-        gens = table[:, 1]
-        if any((table[r, 2:] != gens).any() for r in range(world)):
+        ctl, world, rank, n = self.ctl, self.ctl.world, self.ctl.rank, flat.numel()
+        if n > self._cap:
+            self._grow(n)
+        lo = (self._calls % 2) * self._cap
+        self._calls += 1
+        self._send[lo:lo + n].copy_(flat)
+        _stream_sync(self.device)
+        for t in self._peers.values():           # previous copies, if on the peers' streams
+            if t.device != self.device:
+                _stream_sync(t.device)
+        _check_table(ctl.gather_i64([n, self._gen], 'average_ (p2p, barrier A)'), rank)
+        if self._peer_gen != self._gen:
             with ctl.guard('average_ (p2p registration)'):
-                self._register(flat, slot, table)
+                self._register()
         with ctl.guard('average_ (p2p copies)'):
+            recv = self._recv[:n]
             if world == 2:
-                peer = 1 - rank
-                slot.recv.copy_(slot.peers[peer])      # device-to-device peer copy
-                slot.recv.add_(flat)                   # x0 + x1 on both ranks: bitwise equal
-                result = slot.recv
+                recv.copy_(self._peers[1 - rank][lo:lo + n])   # device-to-device peer copy
+                recv.add_(flat)                  # x0 + x1 on both ranks: bitwise equal
+                torch.div(recv, 2, out=flat)
             else:
-                result = slot.acc
+                acc = self._acc[:n]
                 for r in range(world):
                     if r == rank:
                         src = flat
                     else:
-                        slot.recv.copy_(slot.peers[r])
-                        src = slot.recv
+                        recv.copy_(self._peers[r][lo:lo + n])
+                        src = recv
                     if r == 0:
-                        result.copy_(src)
+                        acc.copy_(src)
                     else:
-                        result.add_(src)
-            _stream_sync(self.device)          # the copies are complete: peers may write again
-            for r, t in slot.peers.items():
-                if t.device != self.device:
-                    _stream_sync(t.device)
-        ctl.barrier('average_ (p2p, barrier B)')
-        torch.div(result, world, out=flat)
+                        acc.add_(src)
+                torch.div(acc, world, out=flat)
 
     def close(self):
-        for slot in self._slots.values():
-            slot.peers.clear()
-        self._slots.clear()
+        # nobody frees (or exits with) a send buffer that a peer's copy may still be reading
+        try:
+            if self._cap:
+                _stream_sync(self.device)
+                for t in self._peers.values():
+                    if t.device != self.device:
+                        _stream_sync(t.device)
+                self.ctl.barrier('close (p2p)')
+        except Exception:
+            pass      # a peer is gone or the exchange failed earlier: nothing left to protect
+        self._peers = {}
+        self._send = self._recv = self._acc = None
         for s in self._push.values():
             s.close(linger=0)
         self._push.clear()

@@ -148,6 +148,14 @@ def _w_average(rank, world, kinds, device_type, expect_kinds, port):
                 assert 'float32' in str(e)
             else:
                 raise AssertionError('average_ accepted a float64 buffer')
+            if ex.kind in ('host', 'p2p'):      # replicas disagreeing on the size: both told
+                odd = torch.zeros(200_000 if rank == 0 else 100, device=device)
+                try:
+                    ex.average_(odd)
+                except exchange.ExchangeError as e:
+                    assert 'different sizes' in str(e) and 'rank 0: 200000' in str(e), str(e)
+                else:
+                    raise AssertionError('buffers of different sizes were averaged')
         finally:
             ex.close()
 
@@ -179,6 +187,50 @@ def test_world_of_one_is_a_no_op():
     ex = exchange.make_exchanger('host', 0, 1, 'cpu', port=1)
     with pytest.raises(ValueError, match='1-D contiguous float32'):
         ex.average_(torch.zeros(3, 3))
+
+
+def test_p2p_registration_messages_are_checked():
+    """The message checks of the p2p registration (no GPU needed to check them): forged,
+    malformed or out-of-place messages are refused with a clear error."""
+    import base64
+    import hashlib
+    import hmac
+    import types
+    import exchange
+    p = exchange._P2P.__new__(exchange._P2P)
+    p.ctl = types.SimpleNamespace(rank=0, world=2)
+    p._key, p._gen, p._cap = b'k' * 32, 3, 10
+    good = {'type': 'cuda_ipc', 'gen': 3, 'from': 1, 'numel': 20, 'tensor_offset': 0, 'device': 1,
+            'handle': base64.b64encode(b'h' * 64).decode(), 'size_bytes': 2 << 20,
+            'offset_bytes': 0, 'ref_counter_handle': base64.b64encode(b'/torch_1_2').decode(),
+            'ref_counter_offset': 0, 'event_handle': None, 'event_sync_required': False}
+
+    def frames(body, key=p._key):
+        payload = json.dumps(body).encode()
+        return [payload, hmac.new(key, payload, hashlib.sha256).digest()]
+
+    body = p._check_message(frames(good))
+    assert body['handle'] == b'h' * 64 and body['from'] == 1
+    cases = [
+        (frames(good, key=b'x' * 32), 'authentication failed'),
+        (frames(good)[:1], '1 frames'),
+        ([b'{not json', hmac.new(p._key, b'{not json', hashlib.sha256).digest()], 'not JSON'),
+        (frames(dict(good, extra=1)), 'unexpected fields'),
+        (frames(dict(good, gen=2)), 'generation 2'),
+        (frames(dict(good, numel=-4)), 'not a non-negative integer'),
+        (frames(dict(good, numel=True)), 'not a non-negative integer'),
+        (frames(dict(good, numel=40)), 'announces 40 elements'),
+        (frames(dict(good, **{'from': 0})), 'not a peer'),
+        (frames(dict(good, **{'from': 5})), 'not a peer'),
+        (frames(dict(good, size_bytes=8)), 'does not fit'),
+        (frames(dict(good, handle='***')), 'not base64'),
+        (frames(dict(good, handle='')), 'has 0 bytes'),
+        (frames(dict(good, event_sync_required='yes')), 'not a boolean'),
+        (frames([1, 2]), 'unexpected fields'),
+    ]
+    for f, complaint in cases:
+        with pytest.raises(exchange.ExchangeError, match=complaint):
+            p._check_message(f)
 
 
 # ----------------------------------------------------------------------------------------------
