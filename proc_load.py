@@ -847,13 +847,18 @@ class Loader:
             else:
                 pending = self.poll(1 if self.inflight else POLL_MS)
 
-    def close(self):
+    def close(self, wait_gpu=True):
         if self.cuda:
-            import torch
-            try:
-                self.stream.synchronize()
-            except Exception:
-                pass
+            # let copies already queued finish before the IPC mappings go (bounded: a copy may
+            # wait on an event of a trainer that died, which never completes)
+            end = time.monotonic() + (2.0 if wait_gpu else 0.0)
+            while self.inflight and time.monotonic() < end:
+                try:
+                    if self.inflight[-1][2].query():
+                        break
+                except Exception:
+                    break
+                time.sleep(1e-3)
             self.gpu, self.free_events, self.inflight = [], None, collections.deque()
             self.stage_t, self.stage_np = [], []
         self.host = []
@@ -912,6 +917,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     loader = None
+    parent_gone = False
     try:
         boot = _read_boot(sys.stdin.fileno(), args.boot_timeout)
         if os.getppid() != boot['parent_pid']:
@@ -922,6 +928,7 @@ def main(argv=None):
         except _Fatal:
             return 1
         except _ParentGone:
+            parent_gone = True
             return 0
         except Exception as e:
             traceback.print_exc()
@@ -938,9 +945,14 @@ def main(argv=None):
     finally:
         if loader is not None:
             try:
-                loader.close()
+                loader.close(wait_gpu=not parent_gone)
             except Exception:
                 pass
+        if parent_gone:
+            # nobody is left to use the buffers: skip interpreter/CUDA teardown, which could
+            # wait on GPU work tied to the dead trainer
+            sys.stderr.flush()
+            os._exit(0)
 
 
 if __name__ == '__main__':

@@ -452,3 +452,35 @@ def test_gpu_loader_errors(dataset, tmp_path):
                 os.kill(pid, signal.SIGKILL)
     loader.close()
     assert_no_loader_left(pid)
+
+
+@gpu
+@needs_cuda
+def test_gpu_dead_trainer_makes_loader_exit(dataset):
+    """The trainer dies while the loader's copy waits (GPU-side) on the trainer's event behind a
+    long kernel: the loader must still go within seconds."""
+    code = ("import sys, time, torch; sys.path.insert(0, %r)\n"
+            "from proc_load import ParallelLoader\n"
+            "l = ParallelLoader('cuda', max_rows=%d, prefetch=2, port=0)\n"
+            "it = l.iterate([(%r, 0, %d)] * 1000)\n"
+            "x = next(it); torch.cuda._sleep(20_000_000_000); x.sum()\n"
+            "next(it)   # frees x's buffer: the loader's next copy into it waits for the sleep\n"
+            "time.sleep(0.5)\n"
+            "print(l.pid, flush=True)\n"
+            "time.sleep(120)\n") % (ROOT, B, files_0(dataset), B)
+    trainer = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE)
+    try:
+        r, _, _ = select.select([trainer.stdout], [], [], 90)
+        assert r, "trainer did not start its loader within 90 s"
+        line = trainer.stdout.readline()
+        assert line.strip(), f"trainer exited with {trainer.wait(10)} before starting its loader"
+        pid = int(line)
+        assert alive(pid)
+        trainer.kill()
+        trainer.wait(10)
+        assert wait_dead(pid, 10), f"loader {pid} outlived its trainer by more than 10 s"
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+            trainer.wait(10)
+        trainer.stdout.close()
