@@ -218,6 +218,7 @@ class ParallelLoader:
         self._free = collections.deque()      # buffers the loader may fill now
         self._pending = collections.deque()   # (buf, event): fallback, free once event completes
         self._stale = {}             # seq -> buf: loads of an abandoned iterate() still in flight
+        self._sent = {}              # seq -> buf of every load the loader has not reported yet
         self._seq = 0
         self._strangers = 0
         self._error = None           # a loader error for a request behind the ones already ready
@@ -382,11 +383,11 @@ class ParallelLoader:
                     raise self._fail(msg['message'])
                 self._error = msg['message']
             if t == 'ready':
-                if msg['seq'] in self._stale:
-                    self._free.append(self._stale.pop(msg['seq']))
-                elif msg['seq'] in ready or not 0 <= msg['buf'] < self.prefetch:
+                if self._sent.pop(msg['seq'], None) != msg['buf']:
                     raise self._fail(f"loader process (pid {self.pid}) broke the protocol: "
                                      f"{msg!r}")
+                if msg['seq'] in self._stale:
+                    self._free.append(self._stale.pop(msg['seq']))
                 else:
                     ready[msg['seq']] = msg['buf']
             elif t == 'setup_ok':
@@ -515,6 +516,7 @@ class ParallelLoader:
                     self._send({'type': 'load', 'seq': self._seq, 'path': path, 'lo': lo,
                                 'hi': hi, 'buf': buf})
                     sent.append((self._seq, buf, hi - lo, path, lo, hi))
+                    self._sent[self._seq] = buf
                 if sent:
                     seq, buf, n, path, lo, hi = sent[0]
                     if seq in ready:
