@@ -248,8 +248,16 @@ def train(cfg, rank=0, world=1, exchanger=None, log=print):
     if rank == 0 and n_batches % 2:
         log('(the last minibatch of each epoch has no partner and is skipped)')
     batch = lambda i: (tx[i * bs:(i + 1) * bs], ty[i * bs:(i + 1) * bs])
+    # warm-up, not timed and without effect on the parameters: CUDA/cuBLAS start-up, and the
+    # exchange's first call (registration) on a copy that is the same on both replicas
+    scratch = flat.clone()
+    sgd_step(scratch, *batch(0), cfg)
+    error_rate(scratch, vx[:bs], vy[:bs], cfg)
     if exchanger is not None:
+        scratch.copy_(flat)
+        exchanger.average_(scratch)
         exchanger.barrier()
+    del scratch
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == 'cuda' else (lambda: None)
     sync()
     start = time.perf_counter()
