@@ -41,15 +41,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # batch_files.py and the preprocessing package live in the repository root
 
 from batch_files import BatchFileError, batch_rows, read_rows, write_batch  # noqa: E402
-from preprocessing.common import (BATCH_SIZE, TOY_IMAGES, PrepError, add_paths_argument,  # noqa: E402
-                                  get_shuffled_train_list, list_val_images, load_paths,
-                                  read_skipped, require_dir, run_main, save_npy_atomic,
-                                  skipped_report_file, write_skipped)
+from preprocessing.common import (BATCH_SIZE, TOY_IMAGES, PrepError,  # noqa: E402
+                                  add_paths_argument, get_shuffled_train_list, list_val_images,
+                                  load_paths, read_skipped, require_dir, run_main,
+                                  save_npy_atomic, skipped_report_file, write_skipped)
 from preprocessing.image_io import ImageDecodeError, load_image_256  # noqa: E402
 
 
 def available_cores():
     return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+
+
+def n_batches_text(n):
+    return f"{n} batch" if n == 1 else f"{n} batches"
 
 
 def batch_path(folder, k):
@@ -122,8 +126,40 @@ def run_task(task):
 
 # ---------------------------------------------------------------- one split
 
-def run_tasks(pool, workers, tasks, name, done, skip_bad):
-    """Run ``tasks`` in the pool, keeping every worker busy. Fills ``done`` {k: (n, sum)}.
+class BatchSums:
+    """The exact sum of the images of the finished training batches, for the mean image, in
+    little memory: a batch's sum is added to the float64 total once every batch before it is
+    finished too; until then it is held apart, since --skip-bad may still discard it."""
+
+    def __init__(self):
+        self.total = np.zeros((256, 256, 3), np.float64)
+        self.n_images = 0
+        self.n_batches = 0  # batches 0 .. n_batches-1 are in the total
+        self.held = {}
+
+    def add(self, k, n, batch_total):
+        self.held[k] = (n, batch_total)
+        while self.n_batches in self.held:
+            n, batch_total = self.held.pop(self.n_batches)
+            self.total += batch_total
+            self.n_images += n
+            self.n_batches += 1
+
+    def discard_after(self, k):
+        """Forget the batches after k (they will be made again)."""
+        assert self.n_batches <= k, "a batch in the total cannot change"
+        self.held = {j: v for j, v in self.held.items() if j <= k}
+
+    def mean(self):
+        """float32 (3, 256, 256), channel first as the original's img_mean.npy."""
+        assert not self.held
+        return (self.total / self.n_images).transpose(2, 0, 1).astype(np.float32)
+
+
+
+def run_tasks(pool, workers, tasks, name, done, sums, skip_bad):
+    """Run ``tasks`` in the pool, keeping every worker busy. Fills ``done`` {k: n_images} and,
+    for training batches, ``sums``.
     Returns the 'bad' results: without skip_bad the first one at once; with skip_bad no further
     task starts after the first one (the running ones finish), since the batches after a
     left-out image change."""
@@ -154,16 +190,19 @@ def run_tasks(pool, workers, tasks, name, done, skip_bad):
                 if not skip_bad:
                     break
                 continue
-            n, total_sum = result[2:]
-            done[k] = (n, total_sum)
+            n, batch_total = result[2:]
+            done[k] = n
+            if batch_total is not None:
+                sums.add(k, n, batch_total)
             if k in to_make:
                 bar.update(n)
     return bad
 
 
-def make_split(pool, workers, name, files, src_dir, out_dir, report_file, drop_last, want_sum,
+def make_split(pool, workers, name, files, src_dir, out_dir, report_file, drop_last, sums,
                skip_bad):
-    """Write the batches of one split; return {batch index: (n_images, sum or None)}."""
+    """Write the batches of one split; return {batch index: n_images}. With a BatchSums
+    ``sums``, add the sum of every batch's images to it (complete batches are read back)."""
     os.makedirs(out_dir, exist_ok=True)
     remove_leftover_tmp_files(out_dir)
     skipped = read_skipped(report_file)
@@ -193,19 +232,20 @@ def make_split(pool, workers, name, files, src_dir, out_dir, report_file, drop_l
                 except BatchFileError:
                     n_rows = None
                 if n_rows == len(rows):
-                    if want_sum:  # read back for the mean
+                    if sums is not None:  # read back for the mean
                         tasks.append(('read', k, path, n_rows))
                     else:
-                        done[k] = (n_rows, None)
+                        done[k] = n_rows
                     continue
-                print(f"  {path} holds {n_rows} images, not {len(rows)}: making it again")
+                problem = 'cannot be read' if n_rows is None else f'holds {n_rows} images'
+                print(f"  {path} {problem}, not {len(rows)} images: making it again")
                 os.unlink(path)
-            tasks.append(('make', k, path, [os.path.join(src_dir, f) for f in rows], want_sum,
-                          skip_bad))
+            tasks.append(('make', k, path, [os.path.join(src_dir, f) for f in rows],
+                          sums is not None, skip_bad))
         n_make = sum(t[0] == 'make' for t in tasks)
-        print(f"{name}: {len(plan)} images -> {n_batches} batches in {out_dir} "
+        print(f"{name}: {len(plan)} images -> {n_batches_text(n_batches)} in {out_dir} "
               f"({n_batches - n_make} complete, {n_make} to make)")
-        bad_results = run_tasks(pool, workers, tasks, name, done, skip_bad)
+        bad_results = run_tasks(pool, workers, tasks, name, done, sums, skip_bad)
         if not bad_results:
             return done
         newly_bad = {}
@@ -223,7 +263,9 @@ def make_split(pool, workers, name, files, src_dir, out_dir, report_file, drop_l
         for k, path in existing_batches(out_dir).items():
             if k > first:
                 os.unlink(path)
-        done = {k: v for k, v in done.items() if k < first}
+        done = {k: n for k, n in done.items() if k < first}
+        if sums is not None:
+            sums.discard_after(first)
         for file, message in sorted(newly_bad.items()):
             print(f"  leaving out {file}: {message}")
         skipped.update(newly_bad)
@@ -258,22 +300,19 @@ def main():
         train_files, val_files = train_files[:TOY_IMAGES], val_files[:TOY_IMAGES]
 
     with Pool(args.workers, initializer=ignore_sigint) as pool:
-        done = make_split(pool, args.workers, 'train', train_files, train_dir,
-                          paths['train_batch_dir'], skipped_report_file(paths, 'train'),
-                          drop_last=True, want_sum=True, skip_bad=args.skip_bad)
-        n_train = sum(n for n, _ in done.values())
-        total = np.zeros((256, 256, 3), np.float64)
-        for _, batch_total in done.values():
-            total += batch_total
-        mean = (total / n_train).transpose(2, 0, 1).astype(np.float32)  # (3, 256, 256)
+        sums = BatchSums()
+        make_split(pool, args.workers, 'train', train_files, train_dir, paths['train_batch_dir'],
+                   skipped_report_file(paths, 'train'), drop_last=True, sums=sums,
+                   skip_bad=args.skip_bad)
         mean_file = os.path.join(paths['misc_dir'], 'img_mean.npy')
-        save_npy_atomic(mean_file, mean)
-        print(f"train: mean of {n_train} images -> {mean_file}")
+        save_npy_atomic(mean_file, sums.mean())
+        print(f"train: {n_batches_text(sums.n_batches)}; mean of their {sums.n_images} images -> "
+              f"{mean_file}")
 
         done = make_split(pool, args.workers, 'val', val_files, val_dir, paths['val_batch_dir'],
-                          skipped_report_file(paths, 'val'), drop_last=False, want_sum=False,
+                          skipped_report_file(paths, 'val'), drop_last=False, sums=None,
                           skip_bad=args.skip_bad)
-        print(f"val: {sum(n for n, _ in done.values())} images in {len(done)} batches")
+        print(f"val: {n_batches_text(len(done))}, {sum(done.values())} images")
 
 
 if __name__ == '__main__':

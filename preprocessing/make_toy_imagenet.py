@@ -3,7 +3,8 @@
     python preprocessing/make_toy_imagenet.py data/toy_imagenet        # the quickstart's tree
     preprocessing/generate_toy_data.sh                                 # default paths.yaml uses it
     # or, for a tree anywhere else:
-    python preprocessing/make_toy_imagenet.py /tmp/toy && preprocessing/generate_toy_data.sh /tmp/toy/paths.yaml
+    python preprocessing/make_toy_imagenet.py /tmp/toy
+    preprocessing/generate_toy_data.sh /tmp/toy/paths.yaml
 
 The 1,797 real 8x8 digit images of sklearn.datasets.load_digits (10 classes) are drawn as
 ImageNet-like photographs: JPEGs of about 280-400 x 200-320 pixels, each digit stroke and

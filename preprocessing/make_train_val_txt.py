@@ -1,6 +1,6 @@
 """Caffe-style label lists of every train and validation image, from the ImageNet devkit.
 
-    python preprocessing/make_train_val_txt.py                    # paths from preprocessing/paths.yaml
+    python preprocessing/make_train_val_txt.py             # paths from preprocessing/paths.yaml
     python preprocessing/make_train_val_txt.py --paths other.yaml
 
 Works from any folder. Reads the devkit's meta_clsloc.mat (its `synsets` struct gives each class

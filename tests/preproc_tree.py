@@ -106,7 +106,8 @@ class Tree:
         self.train_dir = os.path.join(self.root, 'ILSVRC2012_img_train')
         self.val_dir = os.path.join(self.root, 'ILSVRC2012_img_val')
         self.meta = os.path.join(self.root, 'devkit', 'data', 'meta_clsloc.mat')
-        self.gt = os.path.join(self.root, 'devkit', 'data', 'ILSVRC2014_clsloc_validation_ground_truth.txt')
+        self.gt = os.path.join(self.root, 'devkit', 'data',
+                               'ILSVRC2014_clsloc_validation_ground_truth.txt')
         self.train_label = {}  # 'wnid/name' -> label
         self.kind = {}         # 'wnid/name' or val name -> kind
         self.val_names = []

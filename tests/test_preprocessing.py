@@ -1,8 +1,10 @@
 """End-to-end tests of preprocessing/: the real scripts (and shell scripts) in subprocesses, on
 trees with every quirk of the real ImageNet (tests/preproc_tree.py), checked image by image."""
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import h5py
 import numpy as np
@@ -229,6 +231,37 @@ def test_stale_batches_beyond_the_run_are_refused(done):
         os.unlink(extra)
 
 
+def test_ctrl_c_then_rerun_finishes_the_same_batches(tmp_path):
+    tree = build_tree(tmp_path / 'imagenet', per_class=(400, 300, 330), n_val=10, quirks=False)
+    yaml_path = tree.write_paths_yaml(tmp_path / 'paths.yaml', tmp_path / 'out')
+    paths = load_paths(yaml_path)
+    first = os.path.join(paths['train_batch_dir'], '0000.hkl')
+    proc = subprocess.Popen([sys.executable, os.path.join(PREP, 'make_hkl.py'), '--paths',
+                             yaml_path, '--workers', '1'], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    while not os.path.exists(first) and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C after the first of four training batches
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert 'interrupted' in stderr and 'Traceback' not in stderr
+    assert len(list_batch_files(paths['train_batch_dir'])) < 4
+
+    result = ok(run(['make_hkl.py', '--paths', yaml_path, '--workers', '2'], REPO))
+    train_line, = [line for line in result.stdout.splitlines() if line.startswith('train: ')
+                   and ' to make)' in line]
+    assert '(0 complete' not in train_line  # the batches of the first run were kept
+    rows = np.concatenate(read_batches(paths['train_batch_dir']))
+    order = np.load(os.path.join(paths['misc_dir'], 'shuffled_train_filenames.npy'),
+                    allow_pickle=False).tolist()
+    assert len(rows) == 1024
+    for i in range(0, 1024, 9):
+        assert_row_is_image(rows[i], os.path.join(tree.train_dir, order[i]), 'rgb')
+    mean = np.load(os.path.join(paths['misc_dir'], 'img_mean.npy'), allow_pickle=False)
+    np.testing.assert_allclose(mean, rows.mean(axis=0, dtype=np.float64).transpose(2, 0, 1),
+                               rtol=0, atol=1e-4)
+
+
 # ---------------------------------------------------------------- unreadable images
 
 @pytest.fixture
@@ -260,7 +293,8 @@ def test_a_truncated_image_stops_the_run_naming_the_file(bad_tree):
 
 def test_skip_bad_leaves_images_out_of_batches_and_labels(bad_tree):
     tree, yaml_path, bad_train, bad_val, paths = bad_tree
-    ok(run(['generate_data.sh', yaml_path, '--skip-bad', '--workers', '2'], REPO))
+    result = ok(run(['generate_data.sh', yaml_path, '--skip-bad', '--workers', '2'], REPO))
+    assert f'leaving out {bad_train}: cannot read image' in result.stdout
 
     with open(os.path.join(paths['misc_dir'], 'skipped_train_images.txt')) as f:
         listed = [line.split('\t')[0] for line in f if not line.startswith('#')]
@@ -277,6 +311,9 @@ def test_skip_bad_leaves_images_out_of_batches_and_labels(bad_tree):
         assert_row_is_image(rows[i], os.path.join(tree.train_dir, good[i]), 'rgb')
     train_labels = np.load(os.path.join(paths['labels_dir'], 'train_labels.npy'))
     assert train_labels.tolist() == [tree.train_label[name] for name in good]
+    mean = np.load(os.path.join(paths['misc_dir'], 'img_mean.npy'), allow_pickle=False)
+    np.testing.assert_allclose(mean, rows.mean(axis=0, dtype=np.float64).transpose(2, 0, 1),
+                               rtol=0, atol=1e-4)
 
     val_rows = np.concatenate(read_batches(paths['val_batch_dir']))
     val_good = [(n, label) for n, label in zip(tree.val_names, tree.val_label) if n != bad_val]
