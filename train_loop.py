@@ -185,9 +185,12 @@ class Replica:
         return out
 
     # -- training ---------------------------------------------------------------------------
-    def train_epoch(self, epoch, lr, loader, progress=True):
+    def train_epoch(self, epoch, lr, loader, progress=True, requests=None):
+        """Train over the epoch's steps (or the given requests); returns the mean training
+        loss, train error and images/s over all replicas. self.data_wait_s: the time this
+        epoch spent waiting for the loader."""
         cfg, dev = self.cfg, self.device
-        requests = self.train_requests(epoch)
+        requests = requests or self.train_requests(epoch)
         lo, hi = self.rank * self.batch, (self.rank + 1) * self.batch
         loss_sum = torch.zeros((), device=dev)
         err_sum = torch.zeros((), device=dev)
@@ -199,8 +202,12 @@ class Replica:
         n_prev = len(requests) * (epoch - 1)
         t0 = t_print = time.time()
         since_print = 0
-        feed = loader.iterate([r[:3] for r in requests])
-        for step, (images, (_, a, b, label_off)) in enumerate(zip(feed, requests)):
+        feed = iter(loader.iterate([r[:3] for r in requests]))
+        self.data_wait_s = 0.0
+        for step, (_, a, b, label_off) in enumerate(requests):
+            t_wait = time.time()
+            images = next(feed)
+            self.data_wait_s += time.time() - t_wait
             offsets, mirror, mask_seed = step_draws(cfg['seed'], epoch, step, self.global_batch,
                                                     cfg['rand_crop'], cfg['batch_crop_mirror'])
             labels = self.train_labels[label_off + a:label_off + b].to(dev, non_blocking=True)
@@ -238,6 +245,7 @@ class Replica:
                 else:
                     self.log(msg)
                 t_print, since_print = now, 0
+        next(feed, None)  # the loader learns that the last buffer is free again
         if bar is not None:
             bar.close()
         elapsed = time.time() - t0

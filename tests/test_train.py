@@ -164,3 +164,12 @@ def test_missing_batch_folder_and_label_file(small_dataset, tmp_path):
 def test_batch_size_must_divide_the_batch_files(small_dataset, tmp_path):
     with pytest.raises(ConfigError, match='must divide the 16 images'):
         train_loop.train(cfg_for(small_dataset, tmp_path, 'batch_size=6'), progress=False)
+
+
+def test_parallel_loading_trains_bit_identically(small_dataset, two_epochs, tmp_path):
+    """para_load: True (a real loader process over ZeroMQ, shared-memory buffers) gives the same
+    weights and momentum as serial loading, bit for bit."""
+    _, straight = two_epochs
+    rep = train_loop.train(cfg_for(small_dataset, tmp_path, 'n_epochs=2', 'shuffle=True',
+                                   'para_load=True', 'prefetch=3'), progress=False)
+    assert torch.equal(rep.net.state, straight)

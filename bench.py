@@ -1,0 +1,230 @@
+"""Benchmark: the report's Table 1 on the machine at hand, plus the peers.
+
+    python bench.py                                  # GPUs: 1 and 2 GPUs x parallel/serial loading
+    python bench.py precision=fp32 compile=False     # any config key=value, as train.py
+    python bench.py --cpu                            # a small CPU run (labelled CPU), e.g. for CI
+    python bench.py --out bench_out/bench.json --iters 100
+
+For {1 GPU, 2 GPUs (when present)} x {parallel loading, serial loading} it trains from the
+configured batch files (train_folder; the files are visited cyclically) with the real training
+loop, and prints seconds per 20 iterations of the global batch, images/s, the peak GPU memory
+of a trainer and the share of time spent waiting for data. In the same run: the model step alone
+on data already on the GPU, this network written plainly in eager PyTorch (nn.Conv2d & co,
+torch.optim.SGD) on data already on the GPU, and torchvision's AlexNet in that same loop when
+torchvision is installed. A short table comes last; every figure goes to the JSON file.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+from config import load_config, ConfigError
+
+REPORT = {'1 GPU, parallel loading': 39.72, '1 GPU, serial loading': 49.11,
+          '2 GPUs, parallel loading': 23.39, '2 GPUs, serial loading': 28.92}
+
+
+def cyclic_requests(rep, n):
+    base = rep.train_requests(1)
+    return [base[i % len(base)] for i in range(n)]
+
+
+def time_training(cfg, rank, world, device, exchanger, iters, warmup):
+    """Train warmup + iters steps with the real loop; figures of the timed part."""
+    from train_loop import Replica
+    rep = Replica(cfg, rank, world, device, exchanger)
+    reqs = cyclic_requests(rep, warmup + iters)
+    cuda = rep.device.type == 'cuda'
+    with rep.make_loader() as loader:
+        rep.train_epoch(1, cfg['learning_rate'], loader, progress=False, requests=reqs[:warmup])
+        if cuda:
+            torch.cuda.synchronize(rep.device)
+            torch.cuda.reset_peak_memory_stats(rep.device)
+        t0 = time.time()
+        rep.train_epoch(1, cfg['learning_rate'], loader, progress=False, requests=reqs[warmup:])
+        elapsed = time.time() - t0   # train_epoch ends by reading its sums: the GPU is done
+    return {'s_per_20_iter': 20 * elapsed / iters,
+            'images_per_s': iters * rep.global_batch / elapsed,
+            'global_batch': rep.global_batch,
+            'peak_gpu_mem_gb': torch.cuda.max_memory_allocated(rep.device) / 1e9 if cuda else None,
+            'data_wait_share': rep.data_wait_s / elapsed}
+
+
+def _bench_worker(rank, world, cfg, devices, iters, warmup, out_dir):
+    from exchange import make_exchanger
+    if devices[rank] == 'cpu':
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    with make_exchanger(cfg['exchange'], rank, world, devices[rank], port=cfg['sock_gpu']) as ex:
+        r = time_training(cfg, rank, world, devices[rank], ex, iters, warmup)
+        r['exchange'] = ex.kind
+    with open(os.path.join(out_dir, f'rank{rank}.json'), 'w') as f:
+        json.dump(r, f)
+
+
+def time_multi(cfg, devices, iters, warmup):
+    import launch
+    with tempfile.TemporaryDirectory() as d:
+        launch.spawn(_bench_worker, len(devices), (cfg, devices, iters, warmup, d))
+        with open(os.path.join(d, 'rank0.json')) as f:
+            return json.load(f)
+
+
+def time_model_step(cfg, device, iters, warmup):
+    """Our training step (augmentation, forward, backward, update) on one batch already on the
+    device: the model's own speed, no loading."""
+    from train_loop import Replica
+    rep = Replica(cfg, 0, 1, device)
+    path, lo, hi, _ = rep.train_requests(1)[0]
+    from batch_files import read_rows
+    images = torch.from_numpy(read_rows(path, lo, hi)).to(rep.device)
+
+    class Resident:   # a loader whose every batch is the one already on the device
+        def iterate(self, requests):
+            for _ in requests:
+                yield images
+
+    reqs = cyclic_requests(rep, warmup + iters)
+    rep.train_epoch(1, cfg['learning_rate'], Resident(), progress=False, requests=reqs[:warmup])
+    t0 = time.time()
+    rep.train_epoch(1, cfg['learning_rate'], Resident(), progress=False, requests=reqs[warmup:])
+    elapsed = time.time() - t0
+    return {'s_per_20_iter': 20 * elapsed / iters, 'images_per_s': iters * rep.batch / elapsed}
+
+
+def plain_alexnet():
+    """This network written plainly with torch.nn (the peer of SPEC §7)."""
+    import torch.nn as nn
+    lrn = lambda: nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)
+    return nn.Sequential(
+        nn.Conv2d(3, 96, 11, 4), nn.ReLU(), nn.MaxPool2d(3, 2), lrn(),
+        nn.Conv2d(96, 256, 5, 1, 2, groups=2), nn.ReLU(), nn.MaxPool2d(3, 2), lrn(),
+        nn.Conv2d(256, 384, 3, 1, 1), nn.ReLU(),
+        nn.Conv2d(384, 384, 3, 1, 1, groups=2), nn.ReLU(),
+        nn.Conv2d(384, 256, 3, 1, 1, groups=2), nn.ReLU(), nn.MaxPool2d(3, 2), nn.Flatten(),
+        nn.Linear(9216, 4096), nn.ReLU(), nn.Dropout(),
+        nn.Linear(4096, 4096), nn.ReLU(), nn.Dropout(), nn.Linear(4096, 1000))
+
+
+def time_peer(model, device, batch, amp_dtype, iters, warmup, size=227):
+    """A plain eager loop: SGD with momentum on one batch already on the device."""
+    model = model.to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    if device.type == 'cuda':
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+    def step():
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                            enabled=amp_dtype is not None):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+    for _ in range(warmup):
+        step()
+    float(step())
+    t0 = time.time()
+    for _ in range(iters):
+        loss = step()
+    float(loss)
+    elapsed = time.time() - t0
+    return {'s_per_20_iter': 20 * elapsed / iters, 'images_per_s': iters * batch / elapsed}
+
+
+def main(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument('--cpu', action='store_true', help='a small run on the CPU (2 processes)')
+    ap.add_argument('--iters', type=int, help='timed iterations (default 100 GPU, 3 CPU)')
+    ap.add_argument('--warmup', type=int, help='untimed iterations first (default 15 GPU, 1 CPU)')
+    ap.add_argument('--max-gpus', type=int, default=2)
+    ap.add_argument('--per-gpu-batch', type=int,
+                    help='batch per GPU of the multi-GPU rows (default: batch_size / GPUs)')
+    ap.add_argument('--no-peers', action='store_true')
+    ap.add_argument('--out', default='bench_out/bench.json')
+    a, overrides = ap.parse_known_args(argv)
+    gpus = 0 if a.cpu else torch.cuda.device_count()
+    if not gpus and not a.cpu:
+        print("no CUDA GPU visible: running the small CPU benchmark (--cpu)", file=sys.stderr)
+        a.cpu = True
+    iters = a.iters or (3 if a.cpu else 100)
+    warmup = a.warmup if a.warmup is not None else (1 if a.cpu else 15)
+    base = ['print_freq=1000000000', 'snapshot_freq=1000000']
+    if a.cpu:
+        base += ['batch_size=8', 'gpu=cpu']
+    try:
+        cfg1 = load_config('spec_1gpu.yaml', base + overrides)
+        n_multi = min(a.max_gpus, gpus) if gpus >= 2 else (2 if a.cpu else 0)
+        devices = ['cpu'] * 2 if a.cpu else [f'cuda:{i}' for i in range(n_multi)]
+        cfgm = None
+        if n_multi >= 2:
+            # Table 1: the GPUs share the global batch (2 x 128 = 256); --per-gpu-batch to scale
+            per_gpu = a.per_gpu_batch or cfg1['batch_size'] // n_multi
+            m = [o for o in overrides if not o.startswith('gpu=')]
+            extra = ['exchange=host'] if a.cpu else []
+            cfgm = load_config('spec_2gpu.yaml', base + [f'batch_size={per_gpu}'] + extra + m
+                               + [f'gpus=[{",".join(devices)}]'])
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    label = 'CPU (small: batch %d, %d iterations)' % (cfg1['batch_size'], iters) if a.cpu else \
+        torch.cuda.get_device_name(0)
+    results = {'machine': label, 'date': time.strftime('%Y-%m-%d'), 'argv': argv,
+               'batch_size': cfg1['batch_size'], 'precision': cfg1['precision'],
+               'compile': cfg1['compile'], 'rows': {}}
+    rows = results['rows']
+    dev1 = cfg1['gpu']
+    for para in (True, False):
+        cfg = dict(cfg1, para_load=para)
+        name = f"1 {'GPU' if not a.cpu else 'CPU process'}, {'parallel' if para else 'serial'} loading"
+        rows[name] = time_training(cfg, 0, 1, dev1, None, iters, warmup)
+        print(name, rows[name], flush=True)
+    if cfgm:
+        for para in (True, False):
+            name = (f"{len(devices)} {'GPUs' if not a.cpu else 'CPU processes'}, "
+                    f"{'parallel' if para else 'serial'} loading")
+            rows[name] = time_multi(dict(cfgm, para_load=para), devices, iters, warmup)
+            print(name, rows[name], flush=True)
+    rows['model step alone (data on the device)'] = time_model_step(cfg1, dev1, iters, warmup)
+    print('model step', rows['model step alone (data on the device)'], flush=True)
+    if not a.no_peers:
+        device = torch.device(dev1)
+        amp = torch.bfloat16 if (device.type == 'cuda' and cfg1['precision'] != 'fp32') else None
+        b = cfg1['batch_size']
+        rows['peer: plain eager PyTorch of this network'] = time_peer(
+            plain_alexnet(), device, b, amp, iters, warmup)
+        try:
+            import torchvision
+            rows['peer: torchvision AlexNet, same loop'] = time_peer(
+                torchvision.models.alexnet(), device, b, amp, iters, warmup, size=224)
+        except ImportError:
+            rows['peer: torchvision AlexNet, same loop'] = None
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, 'w') as f:
+        json.dump(results, f, indent=1)
+    print(f"\n{label}; batch {cfg1['batch_size']}/GPU, precision {cfg1['precision']}, "
+          f"compile {cfg1['compile']}")
+    print(f"{'':44s} {'s/20 iter':>9s} {'img/s':>9s} {'peak GB':>8s} {'wait':>6s} {'report':>7s}")
+    for name, r in rows.items():
+        if r is None:
+            print(f"{name:44s} {'(not installed)':>9s}")
+            continue
+        mem = r.get('peak_gpu_mem_gb')
+        wait = r.get('data_wait_share')
+        rep = REPORT.get(name)
+        print(f"{name:44s} {r['s_per_20_iter']:9.3f} {r['images_per_s']:9.0f} "
+              f"{mem if mem is not None else float('nan'):8.2f} "
+              f"{wait if wait is not None else float('nan'):6.1%} "
+              f"{rep if rep else float('nan'):7.2f}")
+    print(f"wrote {a.out}")
+    return results
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
