@@ -74,8 +74,9 @@ def make_exchanger(kind, rank, world, device, *, port, timeout=120.0, secret=Non
         if kind == 'nccl':
             raise ValueError('the nccl exchange needs CUDA buffers; device is %s (use gloo or host)'
                              % device)
-        print('exchange: p2p needs GPUs, device is %s: using host memory instead' % device,
-              file=sys.stderr, flush=True)
+        if rank == 0:
+            print('exchange: p2p needs GPUs, device is %s: using host memory instead' % device,
+                  file=sys.stderr, flush=True)
         kind = 'host'
     if kind in ('p2p', 'host'):
         _check_one_node(kind)
