@@ -29,7 +29,7 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from preprocessing.common import PrepError, run_main  # noqa: E402
+from preprocessing.common import PrepError, default_paths_file, load_paths, run_main  # noqa: E402
 
 N_TRAIN = 1400
 DIGIT_NAMES = ['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine']
@@ -149,6 +149,10 @@ traintxt_filename: {os.path.join(tar_root, 'misc', 'train.txt')}
     print(f"make_toy_imagenet.py: {len(train_idx)} train images in 10 class folders and "
           f"{len(val_idx)} validation images -> {out}")
     print(f"preprocess with: preprocessing/generate_toy_data.sh {os.path.join(out, 'paths.yaml')}")
+    default = load_paths(default_paths_file())
+    if default['train_img_dir'] == os.path.join(out, 'train'):
+        print(f"or with: preprocessing/generate_toy_data.sh  (the default paths.yaml: outputs in "
+              f"{default['tar_root_dir']})")
 
 
 if __name__ == '__main__':
