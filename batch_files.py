@@ -55,6 +55,65 @@ def batch_rows(path):
         raise BatchFileError(f"cannot read batch file {path!r}: {e}") from e
 
 
+# A contiguous, uncompressed dataset (what hickle writes) is read at its file offset with
+# os.preadv on several threads: h5py reads on one thread only (~25k images/s from the page
+# cache), four threads of preadv reach ~120k images/s on a 16-core host.
+READ_THREADS = 4
+_PARALLEL_MIN_BYTES = 8 << 20
+_pool = None
+_layout_cache = {}
+
+
+def _layout(path):
+    """(rows, file offset of the data) for a contiguous, unfiltered 'data' dataset, else
+    (rows, None); checked once per file version (device, inode, size, mtime)."""
+    st = os.stat(path)
+    key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    got = _layout_cache.get(key)
+    if got is None:
+        with h5py.File(path, 'r') as h5:
+            d = _dataset(h5, path)
+            off = None
+            if d.chunks is None and d.id.get_create_plist().get_nfilters() == 0:
+                off = d.id.get_offset()
+                if off is not None and off + d.id.get_storage_size() > st.st_size:
+                    raise BatchFileError(f"batch file {path!r} is truncated")
+            got = (int(d.shape[0]), off)
+        if len(_layout_cache) > 100000:
+            _layout_cache.clear()
+        _layout_cache[key] = got
+    return got
+
+
+def _pread_into(path, offset, buf):
+    """Reads len(buf) bytes at ``offset`` of ``path`` into buf, READ_THREADS threads for big ones
+    (os.preadv releases the GIL: one thread's memcpy from the page cache is ~4-6 GB/s)."""
+    global _pool
+    mv = memoryview(buf).cast('B')
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        def part(a, b):
+            done = a
+            while done < b:
+                got = os.preadv(fd, [mv[done:b]], offset + done)
+                if got <= 0:
+                    raise BatchFileError(f"batch file {path!r} is truncated")
+                done += got
+        n = len(mv)
+        k = max(1, min(READ_THREADS, n // _PARALLEL_MIN_BYTES))
+        if k == 1:
+            part(0, n)
+            return
+        if _pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            _pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix='read_rows')
+        step = -(-n // k)
+        for f in [_pool.submit(part, a, min(n, a + step)) for a in range(0, n, step)]:
+            f.result()
+    finally:
+        os.close(fd)
+
+
 def read_rows(path, lo, hi, out=None):
     """Rows [lo, hi) of a batch file, read straight into ``out`` (uint8 (hi-lo, 256, 256, 3),
     C-contiguous) when given. Raises BatchFileError naming the file on any problem."""
@@ -64,13 +123,15 @@ def read_rows(path, lo, hi, out=None):
     elif out.shape != (n,) + IMAGE_SHAPE or out.dtype != np.uint8 or not out.flags.c_contiguous:
         raise ValueError(f"read_rows: out must be uint8 C-contiguous {(n,) + IMAGE_SHAPE}")
     try:
-        with h5py.File(path, 'r') as h5:
-            d = _dataset(h5, path)
-            if hi > d.shape[0] or lo < 0 or lo > hi:
-                raise BatchFileError(f"batch file {path!r} has {d.shape[0]} images; rows "
-                                     f"[{lo}, {hi}) were asked for")
-            if n:
-                d.read_direct(out, source_sel=np.s_[lo:hi])
+        rows, off = _layout(path)
+        if hi > rows or lo < 0 or lo > hi:
+            raise BatchFileError(f"batch file {path!r} has {rows} images; rows "
+                                 f"[{lo}, {hi}) were asked for")
+        if n and off is not None:
+            _pread_into(path, off + lo * out[0].nbytes, out)
+        elif n:
+            with h5py.File(path, 'r') as h5:
+                _dataset(h5, path).read_direct(out, source_sel=np.s_[lo:hi])
     except BatchFileError:
         raise
     except (OSError, KeyError, ValueError, TypeError) as e:

@@ -75,7 +75,7 @@ from batch_files import IMAGE_SHAPE, read_rows
 
 LOADER_SCRIPT = os.path.abspath(__file__)
 ROW_BYTES = int(np.prod(IMAGE_SHAPE))
-CHUNK_ROWS = 256            # most rows per read_rows call (and GPU copy) in the loader; each
+CHUNK_ROWS = 128            # most rows per read_rows call (and GPU copy) in the loader; each
                             # call opens the file (~1 ms), so small chunks cost throughput
 N_STAGING = 2               # pinned host staging buffers in the loader (read k+1 while copying k)
 MAX_MESSAGE_BYTES = 1 << 16
