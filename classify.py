@@ -1,0 +1,181 @@
+"""Classify images with a snapshot: top-5 classes, their probabilities and names.
+
+    python classify.py IMAGE [IMAGE ...] [key=value ...] [extra.yaml ...]
+    python classify.py cat.jpg dog.png gpu=cpu weights_dir=pretrained/alexnet/weights \
+        load_epoch=65 mean_file=pretrained/alexnet/weights/img_mean.npy \
+        meta_clsloc_mat=ILSVRC2014_devkit/data/meta_clsloc.mat
+    python classify.py cat.jpg pretrained/alexnet/config.yaml gpu=cpu synset_words=synset_words.txt
+
+The configuration is the usual one (config.yaml + spec_1gpu.yaml + yaml files + key=value):
+weights_dir and load_epoch choose the snapshot, mean_file the mean image, gpu the device,
+precision the arithmetic, batch_size how many images go through the network at once.
+
+Each image is read with preprocessing.image_io.load_image_256 (any format preprocessing reads:
+JPEG, PNG, greyscale, CMYK, alpha, ...; decided by content, not name), exactly as the batch
+files hold it (RGB, 256x256), then goes through what validation does (train_loop.eval_batch):
+minus the mean image, the centre 227x227 crop without mirror (data.crop_mirror with
+data.centre_draws), the test-time network (alex_net.forward), then a softmax.
+
+Class names, for label i (the index of the WNID among the sorted training class folders,
+SPEC section 5), from the first of:
+  meta_clsloc_mat=PATH   the devkit's meta_clsloc.mat (or meta.mat): its classes with
+                         ILSVRC2012_ID 1..1000, in sorted WNID order
+  synset_words=PATH      a text file whose line i is 'WNID words' of label i (caffe's
+                         synset_words.txt, or misc/synset_words.txt of make_train_val_txt.py)
+  synset_words.txt beside mean_file (misc/ of the preprocessing output), when it exists
+else only the label index is printed. These two keys are this script's own, not config keys.
+
+Output (stdout): a block per image, then as its very last line one JSON object:
+{"weights_dir": ..., "load_epoch": 65, "names": SOURCE or null,
+ "results": [{"image": PATH, "top5": [{"label": 281, "probability": 0.93, "name": "n02123045
+ tabby, tabby cat"}, ...]}, ...]}       ("name" is null where no name is known)
+An unreadable image, snapshot, mean or names file is one line 'error: ...' on stderr naming
+the file, exit status 1 (a configuration error: 2).
+"""
+import json
+import os
+import re
+import sys
+
+import numpy as np
+import torch
+
+import alex_net
+from alex_net import AlexNet, N_CLASSES
+from config import main_config
+from data import centre_draws, crop_mirror, mean_image_hwc
+from preprocessing.image_io import ImageDecodeError, load_image_256
+from run_errors import run_main
+from snapshot import load_snapshot
+from train_loop import autocast_dtype, resolve_device
+
+OWN_KEYS = ('meta_clsloc_mat', 'synset_words')
+TOP = 5
+USAGE = ("usage: python classify.py IMAGE [IMAGE ...] [key=value ...] "
+         "[meta_clsloc_mat=PATH | synset_words=PATH]")
+
+
+def split_args(argv):
+    """(images, this script's own settings, config words)."""
+    images, own, config_words = [], {}, []
+    for a in argv:
+        key = re.match(r'^([A-Za-z_]\w*)=', a)
+        if os.path.isfile(a):
+            images.append(a)
+        elif key and key.group(1) in OWN_KEYS:
+            own[key.group(1)] = a.split('=', 1)[1]
+        elif key or a.endswith(('.yaml', '.yml')):
+            config_words.append(a)
+        else:
+            images.append(a)
+    return images, own, config_words
+
+
+def names_from_devkit(meta_file):
+    """Label i -> 'WNID words', from the devkit's synsets (ids 1..1000 are the classes)."""
+    from preprocessing.common import PrepError, read_devkit_synsets
+    try:
+        synsets = read_devkit_synsets(meta_file)
+    except PrepError as e:
+        raise ValueError(str(e)) from None
+    classes = sorted(w for w, (cid, _) in synsets.items() if 1 <= cid <= N_CLASSES)
+    if not classes:
+        raise ValueError(f"devkit file {meta_file} has no classes with ILSVRC2012_ID 1..{N_CLASSES}")
+    return [f"{w} {synsets[w][1]}".strip() for w in classes]
+
+
+def names_from_words_file(path):
+    """Label i -> line i ('WNID words') of a synset words file."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"synset words file {path} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read synset words file {path}: {e}") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if len(lines) > N_CLASSES:
+        raise ValueError(f"synset words file {path} has {len(lines)} lines; the network has "
+                         f"{N_CLASSES} classes (line i names label i)")
+    return [line.strip() for line in lines]
+
+
+def class_names(own, mean_file):
+    """(names list or None, where they came from)."""
+    if 'meta_clsloc_mat' in own:
+        return names_from_devkit(own['meta_clsloc_mat']), own['meta_clsloc_mat']
+    if 'synset_words' in own:
+        return names_from_words_file(own['synset_words']), own['synset_words']
+    beside = os.path.join(os.path.dirname(mean_file), 'synset_words.txt')
+    if os.path.isfile(beside):
+        return names_from_words_file(beside), beside
+    return None, None
+
+
+def read_image(path):
+    try:
+        return load_image_256(path)
+    except ImageDecodeError as e:
+        raise ValueError(str(e)) from None
+
+
+@torch.no_grad()
+def probabilities(params, images, mean_hwc, amp_dtype):
+    """Softmax of the test-time network on the centre crops of uint8 (B, 256, 256, 3) images:
+    train_loop.eval_batch's forward."""
+    offsets, mirror = centre_draws(images.shape[0])
+    x = crop_mirror(images, mean_hwc, torch.from_numpy(offsets).to(images.device),
+                    torch.from_numpy(mirror).to(images.device))
+    with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32,
+                        enabled=amp_dtype is not None):
+        logits = alex_net.forward(params, x).float()
+    return torch.softmax(logits, dim=1)
+
+
+def classify(cfg, images, own):
+    for path in images:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"image {path} not found")
+    names, source = class_names(own, cfg['mean_file'])
+    device = resolve_device(cfg['gpu'])
+    amp_dtype = autocast_dtype(cfg, device)
+    mean = mean_image_hwc(cfg['mean_file'], device)
+    net = AlexNet(device, init=False)
+    load_snapshot(cfg['weights_dir'], cfg['load_epoch'], net, with_momentum=False)
+    print(f"snapshot {cfg['load_epoch']} of {cfg['weights_dir']}, mean {cfg['mean_file']}, "
+          f"names {'from ' + source if source else 'unknown (labels only)'}")
+    results = []
+    for start in range(0, len(images), cfg['batch_size']):
+        chunk = images[start:start + cfg['batch_size']]
+        batch = torch.from_numpy(np.stack([read_image(p) for p in chunk])).to(device)
+        probs = probabilities(net.params, batch, mean, amp_dtype).cpu()
+        top_p, top_i = probs.topk(TOP, dim=1)
+        for path, ps, ls in zip(chunk, top_p.tolist(), top_i.tolist()):
+            top5 = [{"label": l, "probability": p,
+                     "name": names[l] if names and l < len(names) else None}
+                    for p, l in zip(ps, ls)]
+            print(path)
+            for rank, t in enumerate(top5, 1):
+                print(f"  {rank}. {t['probability']:.4f}  label {t['label']:4d}"
+                      f"{'  ' + t['name'] if t['name'] else ''}")
+            results.append({"image": path, "top5": top5})
+    print(json.dumps({"weights_dir": cfg['weights_dir'], "load_epoch": cfg['load_epoch'],
+                      "names": source, "results": results}))
+    return results
+
+
+def main(argv):
+    if '-h' in argv or '--help' in argv:
+        print(__doc__)
+        return
+    images, own, config_words = split_args(argv)
+    if not images:
+        print(f"{USAGE}\nerror: no image given", file=sys.stderr)
+        raise SystemExit(2)
+    cfg = main_config('spec_1gpu.yaml', config_words)
+    run_main(lambda: classify(cfg, images, own))
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
