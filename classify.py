@@ -14,7 +14,7 @@ Each image is read with preprocessing.image_io.load_image_256 (any format prepro
 JPEG, PNG, greyscale, CMYK, alpha, ...; decided by content, not name), exactly as the batch
 files hold it (RGB, 256x256), then goes through what validation does (train_loop.eval_batch):
 minus the mean image, the centre 227x227 crop without mirror (data.crop_mirror with
-data.centre_draws), the test-time network (alex_net.forward), then a softmax.
+data.centre_draws), the test-time network (AlexNet.forward), then a softmax.
 
 Class names, for label i (the index of the WNID among the sorted training class folders,
 SPEC section 5), from the first of:
@@ -40,7 +40,6 @@ import sys
 import numpy as np
 import torch
 
-import alex_net
 from alex_net import AlexNet, N_CLASSES
 from config import main_config
 from data import centre_draws, crop_mirror, mean_image_hwc
@@ -121,15 +120,15 @@ def read_image(path):
 
 
 @torch.no_grad()
-def probabilities(params, images, mean_hwc, amp_dtype):
-    """Softmax of the test-time network on the centre crops of uint8 (B, 256, 256, 3) images:
-    train_loop.eval_batch's forward."""
+def probabilities(net, images, mean_hwc, amp_dtype):
+    """Softmax of the test-time network (net.forward without dropout masks) on the centre crops
+    of uint8 (B, 256, 256, 3) images: the forward of train_loop.eval_batch."""
     offsets, mirror = centre_draws(images.shape[0])
     x = crop_mirror(images, mean_hwc, torch.from_numpy(offsets).to(images.device),
                     torch.from_numpy(mirror).to(images.device))
     with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32,
                         enabled=amp_dtype is not None):
-        logits = alex_net.forward(params, x).float()
+        logits = net.forward(x).float()
     return torch.softmax(logits, dim=1)
 
 
@@ -149,7 +148,7 @@ def classify(cfg, images, own):
     for start in range(0, len(images), cfg['batch_size']):
         chunk = images[start:start + cfg['batch_size']]
         batch = torch.from_numpy(np.stack([read_image(p) for p in chunk])).to(device)
-        probs = probabilities(net.params, batch, mean, amp_dtype).cpu()
+        probs = probabilities(net, batch, mean, amp_dtype).cpu()
         top_p, top_i = probs.topk(TOP, dim=1)
         for path, ps, ls in zip(chunk, top_p.tolist(), top_i.tolist()):
             top5 = [{"label": l, "probability": p,
