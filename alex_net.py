@@ -11,6 +11,7 @@ which is also the order of the original's momentum files mom_{k}.
 
     net = AlexNet('cuda:0')               # initialised from RandomState(23455), as the original
     logits = net.forward(x, masks)        # x: float (B, 3, 227, 227) mean-subtracted crops
+    loss.backward()                       # gradients land in the flat buffer net.grad
     arrays = net.to_original()            # {'W_0': (3, 11, 11, 96) ..., 'b_7': (1000,)}
 """
 from dataclasses import dataclass
@@ -120,26 +121,28 @@ def _layer_slices():
 LAYER_SLICES = _layer_slices()
 
 
-def original_init(seed=INIT_SEED):
+def original_init(seed=INIT_SEED, scheme='original'):
     """The original initialisation, in original layouts: one RandomState draws every weight in
-    layer order (W0 before W1); biases are constants and draw nothing."""
+    layer order (W0 before W1); biases are constants and draw nothing. scheme 'he' scales the
+    same draws to std sqrt(2 / fan_in) per layer (config key init: he): a network that starts
+    learning within a few hundred steps instead of thousands, for quick toy runs."""
     rng = np.random.RandomState(seed)
     arrays = {}
     for p in PARAMS:
         l = LAYERS[p.layer]
         if p.is_weight:
-            arrays[p.name] = rng.normal(0.0, l.init_std, p.original_shape).astype(np.float32)
+            fan_in = int(np.prod(p.original_shape[:-1]))
+            std = l.init_std if scheme == 'original' else float(np.sqrt(2.0 / fan_in))
+            arrays[p.name] = rng.normal(0.0, std, p.original_shape).astype(np.float32)
         else:
             arrays[p.name] = np.full(p.original_shape, l.init_bias, np.float32)
     return arrays
 
 
-def forward(params, x, masks=None):
-    """Logits of AlexNet. params: the flat parameter buffer; x: (B, 3, 227, 227); masks: None at
-    test time, else the keep-masks (B, 4096) of fc6 and fc7 for training."""
-    for i, (l, (wo, wshape, bo, bn)) in enumerate(zip(LAYERS, LAYER_SLICES)):
-        W = params[wo:wo + int(np.prod(wshape))].view(wshape)
-        b = params[bo:bo + bn]
+def forward(layer_params, x, masks=None):
+    """Logits of AlexNet. layer_params: (W, b) of each layer (AlexNet.layer_params); x: (B, 3,
+    227, 227); masks: None at test time, else the keep-masks (B, 4096) of fc6 and fc7."""
+    for i, (l, (W, b)) in enumerate(zip(LAYERS, layer_params)):
         if l.kind == 'conv':
             x = conv_relu(x, W, b, l.stride, l.pad, l.groups)
             if l.pool:
@@ -160,16 +163,29 @@ def forward(params, x, masks=None):
 class AlexNet:
     """The parameters and momentum of one replica, in one flat buffer on ``device``."""
 
-    def __init__(self, device='cpu', init=True):
+    def __init__(self, device='cpu', init='original'):
         self.device = torch.device(device)
         self.state = torch.zeros(2 * N_PARAMS, dtype=torch.float32, device=self.device)
-        self.params = self.state[:N_PARAMS].requires_grad_()
+        self.params = self.state[:N_PARAMS]
         self.momentum = self.state[N_PARAMS:]
+        # each layer's W and b are autograd leaves that view the flat buffer, and their .grad
+        # views one flat gradient buffer: backward accumulates in place, with no per-step
+        # full-size copies, and the update and exchange see one buffer
+        self.grad = torch.zeros(N_PARAMS, dtype=torch.float32, device=self.device)
+        self.layer_params = []
+        for wo, wshape, bo, bn in LAYER_SLICES:
+            pair = []
+            for off, shape in ((wo, wshape), (bo, (bn,))):
+                n = int(np.prod(shape))
+                leaf = self.params[off:off + n].view(shape).requires_grad_()
+                leaf.grad = self.grad[off:off + n].view(shape)
+                pair.append(leaf)
+            self.layer_params.append(tuple(pair))
         if init:
-            self.load_original(original_init())
+            self.load_original(original_init(scheme=init))
 
     def forward(self, x, masks=None):
-        return forward(self.params, x, masks)
+        return forward(self.layer_params, x, masks)
 
     def view(self, buf, p):
         return buf[p.offset:p.offset + p.size].view(p.shape)

@@ -50,8 +50,7 @@ def time_training(cfg, rank, world, device, exchanger, iters, warmup):
     return {'s_per_20_iter': 20 * elapsed / iters,
             'images_per_s': iters * rep.global_batch / elapsed,
             'global_batch': rep.global_batch,
-            'peak_gpu_mem_gb': torch.cuda.max_memory_allocated(rep.device) / 1e9 if cuda else None,
-            'data_wait_share': rep.data_wait_s / elapsed}
+            'peak_gpu_mem_gb': torch.cuda.max_memory_allocated(rep.device) / 1e9 if cuda else None}
 
 
 def _bench_worker(rank, world, cfg, devices, iters, warmup, out_dir):
@@ -129,11 +128,11 @@ def time_peer(model, device, batch, amp_dtype, iters, warmup, size=227):
         return loss
     for _ in range(warmup):
         step()
-    float(step())
+    float(step().detach())
     t0 = time.time()
     for _ in range(iters):
         loss = step()
-    float(loss)
+    float(loss.detach())
     elapsed = time.time() - t0
     return {'s_per_20_iter': 20 * elapsed / iters, 'images_per_s': iters * batch / elapsed}
 
@@ -180,19 +179,21 @@ def main(argv):
                'compile': cfg1['compile'], 'rows': {}}
     rows = results['rows']
     dev1 = cfg1['gpu']
+    resident = time_model_step(cfg1, dev1, iters, warmup)
     for para in (True, False):
         cfg = dict(cfg1, para_load=para)
         name = f"1 {'GPU' if not a.cpu else 'CPU process'}, {'parallel' if para else 'serial'} loading"
-        rows[name] = time_training(cfg, 0, 1, dev1, None, iters, warmup)
-        print(name, rows[name], flush=True)
+        rows[name] = r = time_training(cfg, 0, 1, dev1, None, iters, warmup)
+        # the share of a step the device waits for data: the step's time over the model's own
+        r['data_wait_share'] = max(0.0, 1 - resident['s_per_20_iter'] / r['s_per_20_iter'])
+        print(name, r, flush=True)
     if cfgm:
         for para in (True, False):
             name = (f"{len(devices)} {'GPUs' if not a.cpu else 'CPU processes'}, "
                     f"{'parallel' if para else 'serial'} loading")
             rows[name] = time_multi(dict(cfgm, para_load=para), devices, iters, warmup)
             print(name, rows[name], flush=True)
-    rows['model step alone (data on the device)'] = time_model_step(cfg1, dev1, iters, warmup)
-    print('model step', rows['model step alone (data on the device)'], flush=True)
+    rows['model step alone (data on the device)'] = resident
     if not a.no_peers:
         device = torch.device(dev1)
         amp = torch.bfloat16 if (device.type == 'cuda' and cfg1['precision'] != 'fp32') else None

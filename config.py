@@ -5,7 +5,7 @@ an unknown key is an error naming the closest known key, a value of the wrong ty
 naming the key, and a combination that makes no sense an error saying why.
 
     cfg = load_config('spec_1gpu.yaml', ['n_epochs=2', 'gpu=cpu'])
-    cfg['batch_size'], cfg['device']      # 256, device('cpu')
+    cfg['batch_size'], cfg['gpu']         # 256, 'cpu'
 
 The yaml files are read from the current directory when it has them, else from this folder.
 Relative paths are relative to the folder of the file that set them (the current directory for
@@ -29,6 +29,7 @@ CONFIG_KEYS = {
     'weight_decay': 'float', 'weights_dir': 'path', 'snapshot_freq': 'int',
     'print_train_error': 'bool', 'print_freq': 'int', 'lib_conv': 'str',
     'precision': ('auto', 'bf16', 'fp32'), 'compile': 'bool', 'seed': 'int',
+    'init': ('original', 'he'),
     'exchange': ('p2p', 'nccl', 'gloo', 'host'), 'average': ('weights', 'gradients'),
     'exchange_freq': 'int',
 }

@@ -79,24 +79,24 @@ def load_labels(label_folder, name, need, what):
     return torch.from_numpy(labels.astype(np.int64))
 
 
-def batch_loss(params, images, labels, mean_hwc, offsets, mirror, masks, amp_dtype):
+def batch_loss(layer_params, images, labels, mean_hwc, offsets, mirror, masks, amp_dtype):
     """Augmentation, forward, loss and the number of top-1 errors of one minibatch."""
     x = crop_mirror(images, mean_hwc, offsets, mirror)
     with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32,
                         enabled=amp_dtype is not None):
-        logits = alex_net.forward(params, x, masks)
+        logits = alex_net.forward(layer_params, x, masks)
     loss = F.cross_entropy(logits.float(), labels)
     errors = (logits.argmax(1) != labels).sum()
     return loss, errors
 
 
 @torch.no_grad()
-def eval_batch(params, images, labels, mean_hwc, offsets, mirror, amp_dtype):
+def eval_batch(layer_params, images, labels, mean_hwc, offsets, mirror, amp_dtype):
     """Sum of loss, top-1 errors and top-5 errors of a validation minibatch (test-time net)."""
     x = crop_mirror(images, mean_hwc, offsets, mirror)
     with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32,
                         enabled=amp_dtype is not None):
-        logits = alex_net.forward(params, x).float()
+        logits = alex_net.forward(layer_params, x).float()
     loss = F.cross_entropy(logits, labels, reduction='sum')
     top5 = logits.topk(5, dim=1).indices
     top1_err = (top5[:, 0] != labels).sum()
@@ -120,7 +120,7 @@ class Replica:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self._setup_data(for_training)
-        self.net = AlexNet(self.device)
+        self.net = AlexNet(self.device, init=cfg['init'])
         self.step_fn = batch_loss
         if cfg['compile']:
             self.step_fn = torch.compile(batch_loss)
@@ -187,8 +187,7 @@ class Replica:
     # -- training ---------------------------------------------------------------------------
     def train_epoch(self, epoch, lr, loader, progress=True, requests=None):
         """Train over the epoch's steps (or the given requests); returns the mean training
-        loss, train error and images/s over all replicas. self.data_wait_s: the time this
-        epoch spent waiting for the loader."""
+        loss, train error and images/s over all replicas."""
         cfg, dev = self.cfg, self.device
         requests = requests or self.train_requests(epoch)
         lo, hi = self.rank * self.batch, (self.rank + 1) * self.batch
@@ -202,27 +201,25 @@ class Replica:
         n_prev = len(requests) * (epoch - 1)
         t0 = t_print = time.time()
         since_print = 0
-        feed = iter(loader.iterate([r[:3] for r in requests]))
-        self.data_wait_s = 0.0
-        for step, (_, a, b, label_off) in enumerate(requests):
-            t_wait = time.time()
-            images = next(feed)
-            self.data_wait_s += time.time() - t_wait
+        feed = loader.iterate([r[:3] for r in requests])
+        # the loader comes first in zip: after the last step it is advanced once more, so it
+        # learns that the last buffer is free again
+        for step, (images, (_, a, b, label_off)) in enumerate(zip(feed, requests)):
             offsets, mirror, mask_seed = step_draws(cfg['seed'], epoch, step, self.global_batch,
                                                     cfg['rand_crop'], cfg['batch_crop_mirror'])
             labels = self.train_labels[label_off + a:label_off + b].to(dev, non_blocking=True)
             offs = torch.from_numpy(offsets[lo:hi]).to(dev, non_blocking=True)
             mirr = torch.from_numpy(mirror[lo:hi]).to(dev, non_blocking=True)
             masks = dropout_masks(mask_seed, self.global_batch, lo, hi, dev)
-            loss, errors = self.step_fn(self.net.params, images, labels, self.mean, offs, mirr,
-                                        masks, self.amp_dtype)
-            loss.backward()
-            grad = self.net.params.grad
-            self.net.params.grad = None
+            loss, errors = self.step_fn(self.net.layer_params, images, labels, self.mean, offs,
+                                        mirr, masks, self.amp_dtype)
+            loss.backward()   # into the flat buffer net.grad
+            grad = self.net.grad
             if self.exchanger and cfg['average'] == 'gradients':
                 self.exchanger.average_(grad)
             sgd_update_(self.net.params, grad, self.net.momentum, lr, N_WEIGHTS, cfg['momentum'],
                         cfg['weight_decay'], cfg['use_momentum'], cfg['use_nesterov_momentum'])
+            grad.zero_()
             if (self.exchanger and cfg['average'] == 'weights'
                     and (step + 1) % cfg['exchange_freq'] == 0):
                 self.exchanger.average_(self.net.state)
@@ -245,7 +242,6 @@ class Replica:
                 else:
                     self.log(msg)
                 t_print, since_print = now, 0
-        next(feed, None)  # the loader learns that the last buffer is free again
         if bar is not None:
             bar.close()
         elapsed = time.time() - t0
@@ -274,7 +270,7 @@ class Replica:
         for images, (_, a, b, off) in zip(loader.iterate([r[:3] for r in requests]), requests):
             offsets, mirror = centre_draws(b - a)
             labels = self.val_labels[off + a:off + b].to(self.device)
-            totals += eval_batch(self.net.params, images, labels, self.mean,
+            totals += eval_batch(self.net.layer_params, images, labels, self.mean,
                                  torch.from_numpy(offsets).to(self.device),
                                  torch.from_numpy(mirror).to(self.device), self.amp_dtype)
         n = sum(b - a for _, a, b, _ in requests)
