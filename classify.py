@@ -55,18 +55,19 @@ USAGE = ("usage: python classify.py IMAGE [IMAGE ...] [key=value ...] "
 
 
 def split_args(argv):
-    """(images, this script's own settings, config words)."""
+    """(images, this script's own settings, config words). A word ending in .yaml/.yml is a
+    config file, an existing file an image, 'key=value' a setting, anything else an image."""
     images, own, config_words = [], {}, []
     for a in argv:
         key = re.match(r'^([A-Za-z_]\w*)=', a)
-        if os.path.isfile(a):
-            images.append(a)
-        elif key and key.group(1) in OWN_KEYS:
-            own[key.group(1)] = a.split('=', 1)[1]
-        elif key or a.endswith(('.yaml', '.yml')):
+        if a.endswith(('.yaml', '.yml')):
             config_words.append(a)
-        else:
+        elif os.path.isfile(a) or not key:
             images.append(a)
+        elif key.group(1) in OWN_KEYS:
+            own[key.group(1)] = a.split('=', 1)[1]
+        else:
+            config_words.append(a)
     return images, own, config_words
 
 
@@ -79,7 +80,8 @@ def names_from_devkit(meta_file):
         raise ValueError(str(e)) from None
     classes = sorted(w for w, (cid, _) in synsets.items() if 1 <= cid <= N_CLASSES)
     if not classes:
-        raise ValueError(f"devkit file {meta_file} has no classes with ILSVRC2012_ID 1..{N_CLASSES}")
+        raise ValueError(f"devkit file {meta_file} has no classes with ILSVRC2012_ID "
+                         f"1..{N_CLASSES}")
     return [f"{w} {synsets[w][1]}".strip() for w in classes]
 
 

@@ -7,7 +7,8 @@ Then, from the repository root:
 
     python validate.py weights_dir=pretrained/alexnet/weights load_epoch=65 mean_file=...
     python classify.py cat.jpg weights_dir=pretrained/alexnet/weights load_epoch=65 mean_file=...
-    python train.py resume_train=True load_epoch=65 n_epochs=70 weights_dir=pretrained/alexnet/weights
+    python train.py resume_train=True load_epoch=65 n_epochs=70 \
+        weights_dir=pretrained/alexnet/weights mean_file=...
     # or with the released run's settings: python validate.py pretrained/alexnet/config.yaml
 
 What it does (pretrained/alexnet/readme.md says more):
@@ -61,6 +62,9 @@ RUN_CONFIG = os.path.join(REPO, 'pretrained', 'alexnet', 'config.yaml')
 MEAN_NAME = 'img_mean.npy'
 MEAN_SHAPE = (3, 256, 256)
 RECORD_NAME = 'val_record.npy'
+PARAM_FILES = [os.path.basename(param_file('', p.name, EPOCH)) for p in PARAMS]  # W_0_65.npy, ...
+MOM_FILES = [os.path.basename(mom_file('', k, EPOCH)) for k in range(len(PARAMS))]
+LR_NAME = os.path.basename(lr_file('', EPOCH))
 
 
 class ReleaseError(Exception):
@@ -84,11 +88,9 @@ def is_unsafe(member):
 
 def expected_names():
     """{file name: (what, shape)} of every file the import looks for in the zip."""
-    names = {os.path.basename(param_file('', p.name, EPOCH)): ('parameter', p.original_shape)
-             for p in PARAMS}
-    names.update({os.path.basename(mom_file('', k, EPOCH)): ('momentum', p.original_shape)
-                  for k, p in enumerate(PARAMS)})
-    names[os.path.basename(lr_file('', EPOCH))] = ('learning rate', ())
+    names = {f: ('parameter', p.original_shape) for f, p in zip(PARAM_FILES, PARAMS)}
+    names.update({f: ('momentum', p.original_shape) for f, p in zip(MOM_FILES, PARAMS)})
+    names[LR_NAME] = ('learning rate', ())
     names[MEAN_NAME] = ('mean image', MEAN_SHAPE)
     names[RECORD_NAME] = ('val_record', None)
     return names
@@ -153,9 +155,9 @@ def check_weights_dir(weights_dir):
     ours = set(expected_names())
     foreign = sorted(f for f in os.listdir(weights_dir) if f not in ours)
     if foreign:
-        raise ReleaseError(f"WEIGHTS_DIR {weights_dir} already holds {foreign[0]}"
-                           f"{f' and {len(foreign) - 1} other file(s)' if len(foreign) > 1 else ''}"
-                           f", which this import does not write: choose a new or empty folder")
+        more = f" and {len(foreign) - 1} other file(s)" if len(foreign) > 1 else ""
+        raise ReleaseError(f"WEIGHTS_DIR {weights_dir} already holds {foreign[0]}{more}, which "
+                           f"this import does not write: choose a new or empty folder")
 
 
 def release_lr():
@@ -179,20 +181,18 @@ def load_release(zip_path):
     with zf:
         members = find_members(zf, zip_path)
         wanted = expected_names()
-        param_names = [os.path.basename(param_file('', p.name, EPOCH)) for p in PARAMS]
-        mom_names = [os.path.basename(mom_file('', k, EPOCH)) for k in range(len(PARAMS))]
-        missing = [n for n in param_names if n not in members]
+        missing = [n for n in PARAM_FILES if n not in members]
         if missing:
-            npys = sorted(m for m in zf.namelist() if m.endswith('.npy'))
             hint = ''
-            if len(missing) == len(param_names):
-                hint = (f" (its .npy files: {', '.join(npys[:6])}{', ...' if len(npys) > 6 else ''})"
-                        if npys else " (it holds no .npy files)")
-            raise ReleaseError(f"{zip_path} lacks {len(missing)} of the {len(param_names)} "
+            if len(missing) == len(PARAM_FILES):  # say what the zip does hold
+                npys = sorted(m for m in zf.namelist() if m.endswith('.npy'))
+                hint = (f" (its .npy files: {', '.join(npys[:6])}"
+                        f"{', ...' if len(npys) > 6 else ''})" if npys
+                        else " (it holds no .npy files)")
+            raise ReleaseError(f"{zip_path} lacks {len(missing)} of the {len(PARAM_FILES)} "
                                f"parameter files of epoch {EPOCH}: {', '.join(missing)}{hint}")
-        have_mom = [n for n in mom_names if n in members]
-        if have_mom and len(have_mom) != len(mom_names):
-            absent = [n for n in mom_names if n not in members]
+        absent = [n for n in MOM_FILES if n not in members]
+        if 0 < len(absent) < len(MOM_FILES):
             raise ReleaseError(f"{zip_path} holds momentum for some parameters only: missing "
                                f"{', '.join(absent)}")
         arrays, problems = {}, []
@@ -201,7 +201,7 @@ def load_release(zip_path):
             a = read_member(zf, zip_path, member)
             if name == RECORD_NAME and not isinstance(a, str):
                 problem = check_record(a)
-            elif name == os.path.basename(lr_file('', EPOCH)) and not isinstance(a, str):
+            elif name == LR_NAME and not isinstance(a, str):
                 problem = check_array(a, what, (a.shape if a.size == 1 else ()))
                 if problem is None and not a.reshape(()) > 0:
                     problem = f"holds {a.reshape(())}, not a positive learning rate"
@@ -219,7 +219,8 @@ def load_release(zip_path):
 
 def check_record(a):
     if not np.issubdtype(a.dtype, np.floating) or a.ndim != 2 or a.shape[1] != 2:
-        return f"has dtype {a.dtype} and shape {a.shape}, expected float rows [val_error, val_loss]"
+        return (f"has dtype {a.dtype} and shape {a.shape}, expected float rows "
+                f"[val_error, val_loss]")
     if a.shape[0] < EPOCH:
         return f"has {a.shape[0]} rows; epoch {EPOCH} needs at least {EPOCH}"
     return None
@@ -228,30 +229,29 @@ def check_record(a):
 def write_weights_dir(weights_dir, arrays, lr_default):
     """Write the snapshot; returns the lines that say where each non-parameter file came from."""
     os.makedirs(weights_dir, exist_ok=True)
-    notes = []
-    for p in PARAMS:
-        name = os.path.basename(param_file('', p.name, EPOCH))
-        save_array(param_file(weights_dir, p.name, EPOCH), arrays[name].astype(np.float32, copy=False))
-    mom_names = [os.path.basename(mom_file('', k, EPOCH)) for k in range(len(PARAMS))]
-    if mom_names[0] in arrays:
-        for k, p in enumerate(PARAMS):
-            save_array(mom_file(weights_dir, k, EPOCH), arrays[mom_names[k]].astype(np.float32, copy=False))
-        notes.append(f"momentum: from the zip (mom_0_{EPOCH}.npy .. mom_{len(PARAMS) - 1}_{EPOCH}.npy)")
+    f32 = lambda a: a.astype(np.float32, copy=False)  # noqa: E731
+    for p, name in zip(PARAMS, PARAM_FILES):
+        save_array(param_file(weights_dir, p.name, EPOCH), f32(arrays[name]))
+    last = len(PARAMS) - 1
+    if MOM_FILES[0] in arrays:
+        for k, name in enumerate(MOM_FILES):
+            save_array(mom_file(weights_dir, k, EPOCH), f32(arrays[name]))
+        notes = [f"momentum: from the zip (mom_0_{EPOCH}.npy .. mom_{last}_{EPOCH}.npy)"]
     else:
         for k, p in enumerate(PARAMS):
             save_array(mom_file(weights_dir, k, EPOCH), np.zeros(p.original_shape, np.float32))
-        notes.append(f"momentum: not in the zip; wrote zeros (mom_0_{EPOCH}.npy .. "
-                     f"mom_{len(PARAMS) - 1}_{EPOCH}.npy), so a resumed run starts without momentum")
+        notes = [f"momentum: not in the zip; wrote zeros (mom_0_{EPOCH}.npy .. "
+                 f"mom_{last}_{EPOCH}.npy), so a resumed run starts without momentum"]
+    mean_path = os.path.join(weights_dir, MEAN_NAME)
     if MEAN_NAME in arrays:
-        save_array(os.path.join(weights_dir, MEAN_NAME), arrays[MEAN_NAME].astype(np.float32, copy=False))
-        notes.append(f"mean image: extracted to {os.path.join(weights_dir, MEAN_NAME)}; give "
-                     f"mean_file={os.path.join(weights_dir, MEAN_NAME)} to validate.py, "
-                     f"classify.py and train.py")
+        save_array(mean_path, f32(arrays[MEAN_NAME]))
+        notes.append(f"mean image: extracted to {mean_path}; give mean_file={mean_path} to "
+                     f"validate.py, classify.py and train.py")
     else:
         notes.append("mean image: not in the zip; use the img_mean.npy of your own ImageNet "
                      "preprocessing (mean_file=...)")
     if RECORD_NAME in arrays:
-        record = arrays[RECORD_NAME].astype(np.float32, copy=False)
+        record = f32(arrays[RECORD_NAME])
         notes.append(f"val_record.npy: from the zip ({len(record)} rows)")
     else:
         record = np.full((EPOCH, 2), np.nan, np.float32)
@@ -260,14 +260,13 @@ def write_weights_dir(weights_dir, arrays, lr_default):
                      f"run's per-epoch validation is not published) except epoch {EPOCH}'s top-1 "
                      f"error, {PUBLISHED_TOP1_ERROR:.3f} (the published 57.40% accuracy)")
     save_array(os.path.join(weights_dir, RECORD_NAME), record)
-    lr_name = os.path.basename(lr_file('', EPOCH))
-    if lr_name in arrays:
-        lr = float(arrays[lr_name].reshape(()))
-        notes.append(f"lr_{EPOCH}.npy: from the zip ({lr:g})")
+    if LR_NAME in arrays:
+        lr = float(arrays[LR_NAME].reshape(()))
+        notes.append(f"{LR_NAME}: from the zip ({lr:g})")
     else:
         lr = lr_default
-        notes.append(f"lr_{EPOCH}.npy: not in the zip; wrote {lr:g}, the learning rate the "
-                     f"released run used after epoch {EPOCH} (pretrained/alexnet/config.yaml)")
+        notes.append(f"{LR_NAME}: not in the zip; wrote {lr:g}, the learning rate the released "
+                     f"run used after epoch {EPOCH} (pretrained/alexnet/config.yaml)")
     save_array(lr_file(weights_dir, EPOCH), np.float32(lr))  # last: the snapshot is complete
     return notes
 

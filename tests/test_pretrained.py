@@ -259,8 +259,8 @@ def test_classify_equals_validation_forward(release, imported, tmp_path):
     words = [f'n{i:08d} class number {i}' for i in range(1000)]
     (misc / 'synset_words.txt').write_text(''.join(w + '\n' for w in words))
     images = write_images(tmp_path / 'img')
-    r = run(os.path.join(ROOT, 'classify.py'), *images, 'gpu=cpu', f'weights_dir={wd}',
-            'load_epoch=65', f'mean_file={misc / "img_mean.npy"}')
+    r = run(os.path.join(ROOT, 'classify.py'), *images, RUN_CONFIG, 'gpu=cpu', f'weights_dir={wd}',
+            f'mean_file={misc / "img_mean.npy"}')  # load_epoch: 65 from the run's config.yaml
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res['names'] == str(misc / 'synset_words.txt')
@@ -310,6 +310,9 @@ def test_classify_names_from_devkit_and_errors(imported, tmp_path, capsys):
     ids = rng.permutation(1000) + 1  # devkit ids are not in WNID order
     meta = str(tmp_path / 'devkit' / 'meta_clsloc.mat')
     write_meta(meta, dict(zip(wnids, ids.tolist())))
+    assert classify.split_args(['a.jpg', RUN_CONFIG, 'gpu=cpu', f'meta_clsloc_mat={meta}',
+                                'b.png']) == (['a.jpg', 'b.png'], {'meta_clsloc_mat': meta},
+                                              [RUN_CONFIG, 'gpu=cpu'])
     names = classify.names_from_devkit(meta)
     assert names == [f'{w} words of {w}' for w in sorted(wnids)]
 
