@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from alex_net import LAYERS, PARAMS, AlexNet
+from alex_net import PARAMS, AlexNet
 from batch_files import write_batch
 from conftest import make_dataset
 from config import load_config
@@ -166,6 +166,14 @@ def test_wrong_checksum_is_refused(tmp_path):
     assert msg.startswith('error:') and len(msg.splitlines()) == 1 and 'Traceback' not in msg
     assert actual in msg and RELEASE_SHA1 in msg and '--skip-checksum' in msg
     assert not (tmp_path / 'w').exists()
+
+
+def test_matching_checksum_passes_the_gate(tmp_path, capsys, monkeypatch):
+    zip_path = write_zip(tmp_path / 'r.zip', {'W_0_65.npy': np.zeros(3, np.float32)})
+    monkeypatch.setattr(import_params, 'RELEASE_SHA1',
+                        hashlib.sha1(open(zip_path, 'rb').read()).hexdigest())
+    code, out, err = import_in_process(capsys, zip_path, tmp_path / 'w')  # no --skip-checksum
+    assert 'the release' in out and code == 1 and 'lacks 21 of the 22' in err
 
 
 def test_missing_file_is_named(tmp_path, capsys):
@@ -345,4 +353,3 @@ def test_run_config_is_the_released_run():
     assert cfg['weights_dir'] == os.path.join(ROOT, 'pretrained', 'alexnet', 'weights')
     differ = {k for k in cfg if cfg[k] != defaults[k]}
     assert differ == {'n_epochs', 'lr_step', 'load_epoch', 'weights_dir', 'mean_file'}
-    assert LAYERS[7].n_out == 1000
