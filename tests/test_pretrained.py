@@ -241,12 +241,6 @@ def test_resume_from_imported_snapshot(imported, tmp_path):
     plot.plot(wd, str(tmp_path / 'after.png'))
 
 
-def eval_params(net):
-    """What train_loop.validate passes to eval_batch: net.layer_params (per-layer views of the
-    flat buffer) where the network has them, else the flat buffer net.params."""
-    return getattr(net, 'layer_params', net.params)
-
-
 def write_images(d):
     rng = np.random.default_rng(3)
     d.mkdir(exist_ok=True)
@@ -289,7 +283,7 @@ def test_classify_equals_validation_forward(release, imported, tmp_path):
     for i, t5 in enumerate(top5):
         assert t5[0]['probability'] > 0.05
         for t in t5:
-            loss = train_loop.eval_batch(eval_params(net), torch.from_numpy(rows[i:i + 1]),
+            loss = train_loop.eval_batch(net.layer_params, torch.from_numpy(rows[i:i + 1]),
                                          torch.tensor([t['label']]), mean, offsets, mirror,
                                          None)[0]
             assert t['probability'] == pytest.approx(float(torch.exp(-loss)), rel=1e-4)
