@@ -305,6 +305,10 @@ def main(argv):
     except OSError as e:  # disk full, permissions, ...
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1)
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again (files are written whole or not at all)",
+              file=sys.stderr)
+        raise SystemExit(130)
     wd = args.weights_dir
     print(f"imported epoch {EPOCH} ({len(PARAMS)} parameter files, shapes checked) into {wd}")
     for line in notes:
