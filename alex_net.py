@@ -124,15 +124,19 @@ LAYER_SLICES = _layer_slices()
 def original_init(seed=INIT_SEED, scheme='original'):
     """The original initialisation, in original layouts: one RandomState draws every weight in
     layer order (W0 before W1); biases are constants and draw nothing. scheme 'he' scales the
-    same draws to std sqrt(2 / fan_in) per layer (config key init: he): a network that starts
-    learning within a few hundred steps instead of thousands, for quick toy runs."""
+    same draws to std sqrt(2 / fan_in) per layer (conv1's divided by PIXEL_SCALE, since its input
+    is raw pixels minus the mean), so that activations keep unit scale through the layers
+    (config key init: he): the network starts learning at once instead of after thousands of
+    steps, for quick toy runs."""
     rng = np.random.RandomState(seed)
     arrays = {}
     for p in PARAMS:
         l = LAYERS[p.layer]
         if p.is_weight:
             fan_in = int(np.prod(p.original_shape[:-1]))
-            std = l.init_std if scheme == 'original' else float(np.sqrt(2.0 / fan_in))
+            std = l.init_std
+            if scheme == 'he' and p.layer > 0:   # conv1 keeps its std: its input is raw pixels
+                std = float(np.sqrt(2.0 / fan_in))
             arrays[p.name] = rng.normal(0.0, std, p.original_shape).astype(np.float32)
         else:
             arrays[p.name] = np.full(p.original_shape, l.init_bias, np.float32)

@@ -7,8 +7,8 @@
     preprocessing/generate_toy_data.sh /tmp/toy/paths.yaml
 
 The 1,797 real 8x8 digit images of sklearn.datasets.load_digits (10 classes) are drawn as
-ImageNet-like photographs: JPEGs of about 280-400 x 200-320 pixels, each digit stroke and
-background in its own colours (so RGB matters), a few greyscale and CMYK files as in ImageNet.
+ImageNet-like photographs: JPEGs of about 280-400 x 200-320 pixels, dark ink of its own colour
+on a light tinted background (so RGB matters), a few greyscale and CMYK files as in ImageNet.
 Deterministic: the same files every time. Writes into OUT_DIR:
 
   train/<wnid>/<wnid>_<n>.JPEG       1,400 images in 10 class folders (5 full batches of 256)
@@ -43,19 +43,15 @@ OWN_ENTRIES = {'train', 'val', 'devkit', 'paths.yaml', 'preprocessed'}
 def render(digit_image, rng):
     """One 8x8 digit (values 0..16) as a colour photograph-like PIL image."""
     w, h = int(rng.randint(280, 401)), int(rng.randint(200, 321))
-    # background: a vertical gradient between two colours
-    c0, c1 = rng.uniform(0, 255, size=(2, 3))
+    # background: a light, tinted vertical gradient (paper under uneven light)
+    c0, c1 = rng.uniform(165, 255, size=(2, 3))
     ramp = np.linspace(0, 1, h)[:, None]
     column = (c0 * (1 - ramp) + c1 * ramp).astype(np.uint8)[:, None, :]   # (h, 1, 3)
     background = Image.fromarray(column, 'RGB').resize((w, h), Image.Resampling.NEAREST)
-    # ink: a colour whose brightness stands out from the background's (also in greyscale)
-    luma = np.array([0.299, 0.587, 0.114])
-    while True:
-        ink = rng.uniform(0, 255, size=3)
-        if abs(ink @ luma - (c0 + c1) @ luma / 2) > 70:
-            break
-    # the digit fills a random part of the frame, smoothly upscaled
-    dw, dh = int(w * rng.uniform(0.55, 0.95)), int(h * rng.uniform(0.6, 0.95))
+    # ink: a dark colour, so the strokes stand out in colour and in greyscale alike
+    ink = rng.uniform(0, 100, size=3)
+    # the digit fills most of the frame, a little off centre, smoothly upscaled
+    dw, dh = int(w * rng.uniform(0.7, 0.9)), int(h * rng.uniform(0.75, 0.95))
     x0, y0 = int(rng.randint(0, w - dw + 1)), int(rng.randint(0, h - dh + 1))
     strokes = Image.fromarray((digit_image * (255 / 16)).astype(np.uint8), 'L')
     mask = Image.new('L', (w, h), 0)
