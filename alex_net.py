@@ -121,23 +121,15 @@ def _layer_slices():
 LAYER_SLICES = _layer_slices()
 
 
-def original_init(seed=INIT_SEED, scheme='original'):
+def original_init(seed=INIT_SEED):
     """The original initialisation, in original layouts: one RandomState draws every weight in
-    layer order (W0 before W1); biases are constants and draw nothing. scheme 'he' scales the
-    same draws to std sqrt(2 / fan_in) per layer (conv1's divided by PIXEL_SCALE, since its input
-    is raw pixels minus the mean), so that activations keep unit scale through the layers
-    (config key init: he): the network starts learning at once instead of after thousands of
-    steps, for quick toy runs."""
+    layer order (W0 before W1); biases are constants and draw nothing."""
     rng = np.random.RandomState(seed)
     arrays = {}
     for p in PARAMS:
         l = LAYERS[p.layer]
         if p.is_weight:
-            fan_in = int(np.prod(p.original_shape[:-1]))
-            std = l.init_std
-            if scheme == 'he' and p.layer > 0:   # conv1 keeps its std: its input is raw pixels
-                std = float(np.sqrt(2.0 / fan_in))
-            arrays[p.name] = rng.normal(0.0, std, p.original_shape).astype(np.float32)
+            arrays[p.name] = rng.normal(0.0, l.init_std, p.original_shape).astype(np.float32)
         else:
             arrays[p.name] = np.full(p.original_shape, l.init_bias, np.float32)
     return arrays
@@ -167,7 +159,7 @@ def forward(layer_params, x, masks=None):
 class AlexNet:
     """The parameters and momentum of one replica, in one flat buffer on ``device``."""
 
-    def __init__(self, device='cpu', init='original'):
+    def __init__(self, device='cpu', init=True):
         self.device = torch.device(device)
         self.state = torch.zeros(2 * N_PARAMS, dtype=torch.float32, device=self.device)
         self.params = self.state[:N_PARAMS]
@@ -186,7 +178,7 @@ class AlexNet:
                 pair.append(leaf)
             self.layer_params.append(tuple(pair))
         if init:
-            self.load_original(original_init(scheme=init))
+            self.load_original(original_init())
 
     def forward(self, x, masks=None):
         return forward(self.layer_params, x, masks)

@@ -29,7 +29,6 @@ CONFIG_KEYS = {
     'weight_decay': 'float', 'weights_dir': 'path', 'snapshot_freq': 'int',
     'print_train_error': 'bool', 'print_freq': 'int', 'lib_conv': 'str',
     'precision': ('auto', 'bf16', 'fp32'), 'compile': 'bool', 'seed': 'int',
-    'init': ('original', 'he'),
     'exchange': ('p2p', 'nccl', 'gloo', 'host'), 'average': ('weights', 'gradients'),
     'exchange_freq': 'int',
 }

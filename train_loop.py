@@ -120,7 +120,7 @@ class Replica:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self._setup_data(for_training)
-        self.net = AlexNet(self.device, init=cfg['init'])
+        self.net = AlexNet(self.device)
         self.step_fn = batch_loss
         if cfg['compile']:
             self.step_fn = torch.compile(batch_loss)
