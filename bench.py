@@ -146,6 +146,7 @@ def main(argv):
     ap.add_argument('--per-gpu-batch', type=int,
                     help='batch per GPU of the multi-GPU rows (default: batch_size / GPUs)')
     ap.add_argument('--no-peers', action='store_true')
+    ap.add_argument('--multi-only', action='store_true', help='only the multi-GPU rows')
     ap.add_argument('--out', default='bench_out/bench.json')
     a, overrides = ap.parse_known_args(argv)
     gpus = 0 if a.cpu else torch.cuda.device_count()
@@ -179,8 +180,8 @@ def main(argv):
                'compile': cfg1['compile'], 'rows': {}}
     rows = results['rows']
     dev1 = cfg1['gpu']
-    resident = time_model_step(cfg1, dev1, iters, warmup)
-    for para in (True, False):
+    resident = None if a.multi_only else time_model_step(cfg1, dev1, iters, warmup)
+    for para in () if a.multi_only else (True, False):
         cfg = dict(cfg1, para_load=para)
         name = f"1 {'GPU' if not a.cpu else 'CPU process'}, {'parallel' if para else 'serial'} loading"
         rows[name] = r = time_training(cfg, 0, 1, dev1, None, iters, warmup)
@@ -193,7 +194,8 @@ def main(argv):
                     f"{'parallel' if para else 'serial'} loading")
             rows[name] = time_multi(dict(cfgm, para_load=para), devices, iters, warmup)
             print(name, rows[name], flush=True)
-    rows['model step alone (data on the device)'] = resident
+    if resident:
+        rows['model step alone (data on the device)'] = resident
     if not a.no_peers:
         device = torch.device(dev1)
         amp = torch.bfloat16 if (device.type == 'cuda' and cfg1['precision'] != 'fp32') else None

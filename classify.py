@@ -12,9 +12,9 @@ precision the arithmetic, batch_size how many images go through the network at o
 
 Each image is read with preprocessing.image_io.load_image_256 (any format preprocessing reads:
 JPEG, PNG, greyscale, CMYK, alpha, ...; decided by content, not name), exactly as the batch
-files hold it (RGB, 256x256), then goes through what validation does (train_loop.eval_batch):
-minus the mean image, the centre 227x227 crop without mirror (data.crop_mirror with
-data.centre_draws), the test-time network (AlexNet.forward), then a softmax.
+files hold it (RGB, 256x256), then goes through what validation does (train_loop.test_logits):
+minus the mean image, the centre 227x227 crop without mirror, the test-time network, then a
+softmax.
 
 Class names, for label i (the index of the WNID among the sorted training class folders,
 SPEC section 5), from the first of:
@@ -42,11 +42,11 @@ import torch
 
 from alex_net import AlexNet, N_CLASSES
 from config import main_config
-from data import centre_draws, crop_mirror, mean_image_hwc
+from data import mean_image_hwc
 from preprocessing.image_io import ImageDecodeError, load_image_256
 from run_errors import run_main
 from snapshot import load_snapshot
-from train_loop import autocast_dtype, resolve_device
+from train_loop import precision_of, resolve_device, test_logits
 
 OWN_KEYS = ('meta_clsloc_mat', 'synset_words')
 TOP = 5
@@ -123,15 +123,9 @@ def read_image(path):
 
 @torch.no_grad()
 def probabilities(net, images, mean_hwc, amp_dtype):
-    """Softmax of the test-time network (net.forward without dropout masks) on the centre crops
-    of uint8 (B, 256, 256, 3) images: the forward of train_loop.eval_batch."""
-    offsets, mirror = centre_draws(images.shape[0])
-    x = crop_mirror(images, mean_hwc, torch.from_numpy(offsets).to(images.device),
-                    torch.from_numpy(mirror).to(images.device))
-    with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32,
-                        enabled=amp_dtype is not None):
-        logits = net.forward(x).float()
-    return torch.softmax(logits, dim=1)
+    """Softmax of the test-time network on the centre crops of uint8 (B, 256, 256, 3) images:
+    the same forward as validation (train_loop.test_logits)."""
+    return torch.softmax(test_logits(net.layer_params, images, mean_hwc, amp_dtype), dim=1)
 
 
 def classify(cfg, images, own):
@@ -140,7 +134,7 @@ def classify(cfg, images, own):
             raise FileNotFoundError(f"image {path} not found")
     names, source = class_names(own, cfg['mean_file'])
     device = resolve_device(cfg['gpu'])
-    amp_dtype = autocast_dtype(cfg, device)
+    amp_dtype = torch.bfloat16 if precision_of(cfg, device) == 'bf16' else None
     mean = mean_image_hwc(cfg['mean_file'], device)
     net = AlexNet(device, init=False)
     load_snapshot(cfg['weights_dir'], cfg['load_epoch'], net, with_momentum=False)

@@ -28,7 +28,7 @@ CONFIG_KEYS = {
     'use_momentum': 'bool', 'use_nesterov_momentum': 'bool', 'momentum': 'float',
     'weight_decay': 'float', 'weights_dir': 'path', 'snapshot_freq': 'int',
     'print_train_error': 'bool', 'print_freq': 'int', 'lib_conv': 'str',
-    'precision': ('auto', 'bf16', 'fp32'), 'compile': 'bool', 'seed': 'int',
+    'precision': ('auto', 'bf16', 'tf32', 'fp32'), 'compile': 'bool', 'seed': 'int',
     'exchange': ('p2p', 'nccl', 'gloo', 'host'), 'average': ('weights', 'gradients'),
     'exchange_freq': 'int',
 }

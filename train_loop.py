@@ -51,12 +51,10 @@ def resolve_device(name):
     return device
 
 
-def autocast_dtype(cfg, device):
-    """bf16 autocast (float32 master weights) or None for float32."""
+def precision_of(cfg, device):
+    """'bf16', 'tf32' or 'fp32' ('auto': bf16 on a GPU, fp32 on the CPU)."""
     p = cfg['precision']
-    if p == 'auto':
-        p = 'bf16' if device.type == 'cuda' else 'fp32'
-    return torch.bfloat16 if p == 'bf16' else None
+    return ('bf16' if device.type == 'cuda' else 'fp32') if p == 'auto' else p
 
 
 def load_labels(label_folder, name, need, what):
@@ -90,13 +88,21 @@ def batch_loss(layer_params, images, labels, mean_hwc, offsets, mirror, masks, a
     return loss, errors
 
 
-@torch.no_grad()
-def eval_batch(layer_params, images, labels, mean_hwc, offsets, mirror, amp_dtype):
-    """Sum of loss, top-1 errors and top-5 errors of a validation minibatch (test-time net)."""
-    x = crop_mirror(images, mean_hwc, offsets, mirror)
+def test_logits(layer_params, images, mean_hwc, amp_dtype):
+    """Float logits of the test-time network (no dropout masks) on the centre crops of uint8
+    (B, 256, 256, 3) images on the device: what validation and classify.py compute."""
+    offsets, mirror = centre_draws(images.shape[0])
+    x = crop_mirror(images, mean_hwc, torch.from_numpy(offsets).to(images.device),
+                    torch.from_numpy(mirror).to(images.device))
     with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32,
                         enabled=amp_dtype is not None):
-        logits = alex_net.forward(layer_params, x).float()
+        return alex_net.forward(layer_params, x).float()
+
+
+@torch.no_grad()
+def eval_batch(layer_params, images, labels, mean_hwc, amp_dtype):
+    """Sum of loss, top-1 errors and top-5 errors of a validation minibatch."""
+    logits = test_logits(layer_params, images, mean_hwc, amp_dtype)
     loss = F.cross_entropy(logits, labels, reduction='sum')
     top5 = logits.topk(5, dim=1).indices
     top1_err = (top5[:, 0] != labels).sum()
@@ -114,11 +120,14 @@ class Replica:
         self.exchanger = exchanger
         self.lead = rank == 0
         self.log = log or (lambda *a: print(*a, flush=True) if self.lead else None)
-        self.amp_dtype = autocast_dtype(cfg, self.device)
+        self.precision = precision_of(cfg, self.device)
+        self.amp_dtype = torch.bfloat16 if self.precision == 'bf16' else None
         if self.device.type == 'cuda':
             torch.backends.cudnn.benchmark = True
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            # TF32 matrix units for tf32, and for what bf16 autocast leaves in float32
+            tf32 = self.precision != 'fp32'
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.allow_tf32 = tf32
         self._setup_data(for_training)
         self.net = AlexNet(self.device)
         self.step_fn = batch_loss
@@ -268,11 +277,8 @@ class Replica:
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)
         requests = self.val_requests()
         for images, (_, a, b, off) in zip(loader.iterate([r[:3] for r in requests]), requests):
-            offsets, mirror = centre_draws(b - a)
             labels = self.val_labels[off + a:off + b].to(self.device)
-            totals += eval_batch(self.net.layer_params, images, labels, self.mean,
-                                 torch.from_numpy(offsets).to(self.device),
-                                 torch.from_numpy(mirror).to(self.device), self.amp_dtype)
+            totals += eval_batch(self.net.layer_params, images, labels, self.mean, self.amp_dtype)
         n = sum(b - a for _, a, b, _ in requests)
         sums = totals.tolist() + [float(n)]
         if self.exchanger:
@@ -330,7 +336,7 @@ def train(cfg, rank=0, world=1, device=None, exchanger=None, progress=True):
         exchanger.check_identical(rep.net.state, 'parameters and momentum')
     rep.log(f"training on {rep.device} x{world}: {len(rep.train_files)} batch files, "
             f"{len(rep.train_files) * rep.steps_per_file} steps of {rep.global_batch} images per "
-            f"epoch, precision {'bf16' if rep.amp_dtype else 'fp32'}")
+            f"epoch, precision {rep.precision}")
     with rep.make_loader() as loader:
         for epoch in range(first, cfg['n_epochs'] + 1):
             t0 = time.time()

@@ -27,7 +27,7 @@ from alex_net import PARAMS, AlexNet
 from batch_files import write_batch
 from conftest import make_dataset
 from config import load_config
-from data import centre_draws, mean_image_hwc
+from data import mean_image_hwc
 from preprocessing.image_io import load_image_256
 from preproc_tree import write_meta
 from snapshot import load_snapshot, mom_file, param_file
@@ -279,13 +279,11 @@ def test_classify_equals_validation_forward(release, imported, tmp_path):
     load_snapshot(wd, 65, net, with_momentum=False)
     mean = mean_image_hwc(str(misc / 'img_mean.npy'), 'cpu')
     rows = np.stack([load_image_256(p) for p in images])
-    offsets, mirror = (torch.from_numpy(a[:1]) for a in centre_draws(1))
     for i, t5 in enumerate(top5):
         assert t5[0]['probability'] > 0.05
         for t in t5:
             loss = train_loop.eval_batch(net.layer_params, torch.from_numpy(rows[i:i + 1]),
-                                         torch.tensor([t['label']]), mean, offsets, mirror,
-                                         None)[0]
+                                         torch.tensor([t['label']]), mean, None)[0]
             assert t['probability'] == pytest.approx(float(torch.exp(-loss)), rel=1e-4)
 
     # and validate.py itself on a validation batch file of those rows, labelled with the top-1
