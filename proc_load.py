@@ -50,7 +50,8 @@ Design
   the loader's exit status in every slice: a loader error (message naming the file) or death
   (signal, exit status, stderr tail) raises LoaderError within a second and the loader is
   reaped. The loader exits when its stdin pipe reaches EOF or its parent pid changes (trainer
-  dead), on a 'stop' message, and on SIGINT/SIGTERM (Ctrl-C reaches both processes).
+  dead), on a 'stop' message, and on SIGINT (Ctrl-C reaches both processes). It ignores
+  SIGTERM, so that a preempted trainer can finish its step and write a snapshot.
 """
 import argparse
 import collections
@@ -901,8 +902,6 @@ def _read_boot(fd, timeout):
     return boot
 
 
-def _on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)
 
 
 def main(argv=None):
@@ -913,11 +912,13 @@ def main(argv=None):
                     "connects to the trainer, and reads the requested rows of batch files into "
                     "the trainer's buffers (CUDA IPC or shared memory), reporting each one "
                     "ready. It exits on 'stop', when the trainer dies (stdin EOF or a new parent "
-                    "pid), and on SIGINT/SIGTERM.")
+                    "pid), and on SIGINT; it ignores SIGTERM (its trainer decides).")
     p.add_argument('--boot-timeout', type=float, default=60.0,
                    help="seconds to wait for the start-up line on stdin (default 60)")
     args = p.parse_args(argv)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    # SIGTERM is ignored: a cluster that preempts a job signals every process, and the trainer
+    # must be able to finish its step and write a snapshot; the loader ends with its trainer
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     loader = None
     parent_gone = False
     try:

@@ -4,6 +4,8 @@ After epoch e, weights_dir holds W_{i}_{e}.npy / b_{i}_{e}.npy (W0_/W1_/b0_/b1_ 
 layers) in the original layouts, mom_{k}_{e}.npy for the k-th parameter in param order, and
 lr_{e}.npy, the learning rate the next epoch uses. lr_{e}.npy is written last: a snapshot whose
 lr file exists is complete. val_record.npy holds one row [val_error, val_loss] per epoch.
+A run stopped by SIGTERM (preemption) writes snapshot e in the middle of epoch e, with
+progress_{e}.npy holding the number of steps of epoch e done; resuming it finishes epoch e.
 
     save_snapshot('models', 3, net, lr=0.01)
     lr = load_snapshot('models', 3, net)     # parameters, momentum; returns lr
@@ -57,8 +59,21 @@ def lr_file(weights_dir, epoch):
     return os.path.join(weights_dir, f"lr_{epoch}.npy")
 
 
-def save_snapshot(weights_dir, epoch, net, lr):
+def progress_file(weights_dir, epoch):
+    return os.path.join(weights_dir, f"progress_{epoch}.npy")
+
+
+def save_snapshot(weights_dir, epoch, net, lr, steps_done=None):
+    """Snapshot ``epoch``: after the epoch (steps_done None), or in the middle of it, after
+    ``steps_done`` steps (a preempted run), marked by progress_{epoch}.npy. The lr file goes
+    first and comes back last, so a snapshot interrupted while being written is never taken
+    for a complete one."""
     os.makedirs(weights_dir, exist_ok=True)
+    for path in (lr_file(weights_dir, epoch), progress_file(weights_dir, epoch)):
+        if os.path.exists(path):
+            os.unlink(path)
+    if steps_done is not None:
+        save_array(progress_file(weights_dir, epoch), np.int64(steps_done))
     for name, a in net.to_original().items():
         save_array(param_file(weights_dir, name, epoch), a)
     for k, a in enumerate(net.momentum_to_original()):
@@ -75,6 +90,12 @@ def load_params(weights_dir, epoch):
                             f"{', '.join(os.path.basename(m) for m in missing)}")
     return {p.name: load_array(param_file(weights_dir, p.name, epoch), p.original_shape,
                                'parameter') for p in PARAMS}
+
+
+def steps_done_in(weights_dir, epoch):
+    """For a mid-epoch snapshot (a preempted run), the steps of ``epoch`` it holds; else None."""
+    path = progress_file(weights_dir, epoch)
+    return int(load_array(path, (), 'progress')) if os.path.exists(path) else None
 
 
 def load_snapshot(weights_dir, epoch, net, with_momentum=True):

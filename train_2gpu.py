@@ -57,7 +57,8 @@ def main(argv):
     world = len(devices_of(cfg))
     print(f"train_2gpu: {world} trainers on {devices_of(cfg)}, exchange {cfg['exchange']}, "
           f"average {cfg['average']} every {cfg['exchange_freq']} step(s)", flush=True)
-    run_main(lambda: launch.spawn(spawned_trainer, world, (cfg,)))
+    # grace: on SIGTERM the trainers finish a few steps and write a snapshot before they exit
+    run_main(lambda: launch.spawn(spawned_trainer, world, (cfg,), grace=300.0))
 
 
 if __name__ == '__main__':

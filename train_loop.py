@@ -14,7 +14,9 @@ image, val_record.npy and metrics.csv, the learning-rate policy, and a snapshot.
 import csv
 import math
 import os
+import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -29,7 +31,7 @@ from data import (SerialLoader, centre_draws, crop_mirror, dropout_masks, mean_i
                   step_draws)
 from sgd import adjust_learning_rate, sgd_update_
 from snapshot import SnapshotError, latest_complete_snapshot, load_array, load_snapshot, \
-    save_array, save_snapshot
+    save_array, save_snapshot, steps_done_in
 
 METRICS_FIELDS = ['epoch', 'lr', 'train_loss', 'val_top1_error', 'val_top5_error', 'val_loss',
                   'images_per_s', 'wall_time_s']
@@ -37,6 +39,13 @@ METRICS_FIELDS = ['epoch', 'lr', 'train_loss', 'val_top1_error', 'val_top5_error
 
 class TrainingStopped(RuntimeError):
     """Training cannot go on (a NaN loss, say); the message says where and what is left."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM arrived: the current step was finished and a resumable snapshot written."""
+
+
+STOP_CHECK_EVERY = 10   # replicas agree on a SIGTERM at steps that are multiples of this
 
 
 def resolve_device(name):
@@ -194,11 +203,14 @@ class Replica:
         return out
 
     # -- training ---------------------------------------------------------------------------
-    def train_epoch(self, epoch, lr, loader, progress=True, requests=None):
+    def train_epoch(self, epoch, lr, loader, progress=True, requests=None, start_step=0,
+                    stop=None):
         """Train over the epoch's steps (or the given requests); returns the mean training
         loss, train error and images/s over all replicas."""
         cfg, dev = self.cfg, self.device
         requests = requests or self.train_requests(epoch)
+        steps_in_epoch = len(requests)
+        requests = requests[start_step:]
         lo, hi = self.rank * self.batch, (self.rank + 1) * self.batch
         loss_sum = torch.zeros((), device=dev)
         err_sum = torch.zeros((), device=dev)
@@ -207,13 +219,13 @@ class Replica:
             from tqdm import tqdm
             bar = tqdm(total=len(requests), desc=f"epoch {epoch}", unit='it', leave=False,
                        mininterval=1.0, file=sys.stderr)
-        n_prev = len(requests) * (epoch - 1)
+        n_prev = steps_in_epoch * (epoch - 1) + start_step
         t0 = t_print = time.time()
         since_print = 0
         feed = loader.iterate([r[:3] for r in requests])
         # the loader comes first in zip: after the last step it is advanced once more, so it
         # learns that the last buffer is free again
-        for step, (images, (_, a, b, label_off)) in enumerate(zip(feed, requests)):
+        for step, (images, (_, a, b, label_off)) in enumerate(zip(feed, requests), start_step):
             offsets, mirror, mask_seed = step_draws(cfg['seed'], epoch, step, self.global_batch,
                                                     cfg['rand_crop'], cfg['batch_crop_mirror'])
             labels = self.train_labels[label_off + a:label_off + b].to(dev, non_blocking=True)
@@ -235,6 +247,8 @@ class Replica:
             loss_sum += loss.detach()
             err_sum += errors
             since_print += 1
+            if stop is not None and self._agreed_stop(stop, step):
+                self._preempt(epoch, step + 1, lr)
             if bar is not None:
                 bar.update(1)
             if (n_prev + step + 1) % cfg['print_freq'] == 0:
@@ -262,6 +276,25 @@ class Replica:
         self._check_finite(train_loss, epoch, n_prev + len(requests))
         return train_loss, totals[1] / totals[2], len(requests) * self.global_batch / elapsed
 
+    def _agreed_stop(self, stop, step):
+        """Whether to stop after this step: at once for one replica; for several, at the next
+        step that is a multiple of STOP_CHECK_EVERY, once any of them was asked to."""
+        if not self.exchanger or self.world == 1:
+            return stop.is_set()
+        if (step + 1) % STOP_CHECK_EVERY:
+            return False
+        return self.exchanger.all_sum([float(stop.is_set())])[0] > 0
+
+    def _preempt(self, epoch, steps_done, lr):
+        wd = self.cfg['weights_dir']
+        if self.lead:
+            save_snapshot(wd, epoch, self.net, lr, steps_done=steps_done)
+        if self.exchanger:
+            self.exchanger.barrier()   # every replica leaves after the snapshot is complete
+        raise Preempted(f"SIGTERM: stopped after step {steps_done} of epoch {epoch} and wrote a "
+                        f"resumable snapshot to {wd}; resume with resume_train=True "
+                        f"load_epoch={epoch}")
+
     def _check_finite(self, value, epoch, iteration):
         if math.isfinite(value):
             return
@@ -288,19 +321,28 @@ class Replica:
 
     # -- the run ----------------------------------------------------------------------------
     def resume_or_start(self):
-        """(first epoch, lr, val_record rows) — from snapshot load_epoch when resuming."""
+        """(first epoch, its first step, lr, val_record rows) — from snapshot load_epoch when
+        resuming; a mid-epoch snapshot (preempted run) continues its epoch."""
         cfg = self.cfg
         if not cfg['resume_train']:
-            return 1, cfg['learning_rate'], []
-        e = cfg['load_epoch']
-        lr = load_snapshot(cfg['weights_dir'], e, self.net)
-        path = os.path.join(cfg['weights_dir'], 'val_record.npy')
-        record = load_array(path, what='val_record').reshape(-1, 2).tolist()
-        if len(record) < e:
-            raise SnapshotError(f"{path} has {len(record)} epochs; resuming epoch {e} needs "
-                                f"{e}")
-        self.log(f"resumed from snapshot {e} in {cfg['weights_dir']} (lr {lr:g})")
-        return e + 1, lr, record[:e]
+            return 1, 0, cfg['learning_rate'], []
+        e, wd = cfg['load_epoch'], cfg['weights_dir']
+        lr = load_snapshot(wd, e, self.net)
+        done = steps_done_in(wd, e)
+        epochs_recorded = e if done is None else e - 1
+        path = os.path.join(wd, 'val_record.npy')
+        record = []
+        if epochs_recorded:
+            record = load_array(path, what='val_record').reshape(-1, 2).tolist()
+            if len(record) < epochs_recorded:
+                raise SnapshotError(f"{path} has {len(record)} epochs; resuming after epoch "
+                                    f"{epochs_recorded} needs {epochs_recorded}")
+        if done is None:
+            self.log(f"resumed from snapshot {e} in {wd} (lr {lr:g})")
+            return e + 1, 0, lr, record[:e]
+        self.log(f"resumed from snapshot {e} in {wd}, taken after step {done} of epoch {e} "
+                 f"(lr {lr:g})")
+        return e, done, lr, record[:e - 1]
 
     def end_of_epoch(self, epoch, lr_used, lr_next, record, row):
         """Lead replica: val_record.npy, metrics.csv, snapshot."""
@@ -331,7 +373,10 @@ def write_metrics(path, epoch, row):
 def train(cfg, rank=0, world=1, device=None, exchanger=None, progress=True):
     """Train one replica for cfg['n_epochs'] epochs; returns the Replica."""
     rep = Replica(cfg, rank, world, device, exchanger)
-    first, lr, record = rep.resume_or_start()
+    first, start_step, lr, record = rep.resume_or_start()
+    stop = threading.Event()   # set by SIGTERM (what a cluster sends before it kills a job)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
     if exchanger:
         exchanger.check_identical(rep.net.state, 'parameters and momentum')
     rep.log(f"training on {rep.device} x{world}: {len(rep.train_files)} batch files, "
@@ -340,7 +385,9 @@ def train(cfg, rank=0, world=1, device=None, exchanger=None, progress=True):
     with rep.make_loader() as loader:
         for epoch in range(first, cfg['n_epochs'] + 1):
             t0 = time.time()
-            train_loss, train_err, ips = rep.train_epoch(epoch, lr, loader, progress)
+            train_loss, train_err, ips = rep.train_epoch(epoch, lr, loader, progress,
+                                                         start_step=start_step, stop=stop)
+            start_step = 0
             top1, top5, val_loss, n = rep.validate(loader)
             record.append([top1, val_loss])
             lr_next = float(np.float32(adjust_learning_rate(cfg, epoch, lr,

@@ -292,16 +292,16 @@ def test_sigkill_of_loader_mid_epoch_raises_and_leaves_nothing(dataset):
     assert_no_loader_left(pid)
 
 
-def test_sigterm_of_loader_raises(dataset):
+def test_loader_ignores_sigterm_and_ends_with_its_trainer(dataset):
+    """A preempted job gets SIGTERM everywhere: the loader keeps serving so the trainer can
+    finish its step and write a snapshot; it ends when the trainer closes it."""
     files, _ = dataset
     with ParallelLoader('cpu', max_rows=B, port=0) as loader:
         pid = loader.pid
-        it = loader.iterate([(files[0], 0, B)] * 20)
+        it = loader.iterate([(files[0], 0, B)] * 6)
         next(it)
         os.kill(pid, signal.SIGTERM)
-        with pytest.raises(LoaderError, match='pid'):
-            for _ in it:
-                pass
+        assert len(list(it)) == 5
     assert_no_loader_left(pid)
 
 

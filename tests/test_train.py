@@ -173,3 +173,33 @@ def test_parallel_loading_trains_bit_identically(small_dataset, two_epochs, tmp_
     rep = train_loop.train(cfg_for(small_dataset, tmp_path, 'n_epochs=2', 'shuffle=True',
                                    'para_load=True', 'prefetch=3'), progress=False)
     assert torch.equal(rep.net.state, straight)
+
+
+def test_sigterm_finishes_the_step_snapshots_and_resume_matches(small_dataset, two_epochs,
+                                                                 tmp_path):
+    """Preemption: SIGTERM mid-epoch -> the step finishes, a resumable snapshot is written, the
+    run exits (143) saying how to resume; resuming ends with the uninterrupted run's weights."""
+    import signal
+    _, straight = two_epochs
+    args = [*small_dataset, 'gpu=cpu', 'batch_size=8', 'print_freq=1', 'para_load=True',
+            'shuffle=True', 'n_epochs=2', f'weights_dir={tmp_path}']
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), *args], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = []
+    for line in p.stdout:
+        out.append(line)
+        if 'iter 6 ' in line:         # epoch 2, step 2 of 4
+            p.send_signal(signal.SIGTERM)
+            break
+    out.append(p.communicate(timeout=120)[0])
+    text = ''.join(out)
+    assert p.returncode == 143, text[-2000:]
+    assert 'resume_train=True load_epoch=2' in text
+    assert (tmp_path / 'progress_2.npy').exists() and (tmp_path / 'lr_2.npy').exists()
+    done = int(np.load(tmp_path / 'progress_2.npy'))
+    assert 2 <= done < 4
+    rep = train_loop.train(cfg_for(small_dataset, tmp_path, 'n_epochs=2', 'shuffle=True',
+                                   'resume_train=True', 'load_epoch=2'), progress=False)
+    assert torch.equal(rep.net.state, straight)
+    assert not (tmp_path / 'progress_2.npy').exists()   # epoch 2's snapshot is complete now
+    assert np.load(tmp_path / 'val_record.npy').shape == (2, 2)
