@@ -45,7 +45,8 @@ class Preempted(RuntimeError):
     """SIGTERM arrived: the current step was finished and a resumable snapshot written."""
 
 
-STOP_CHECK_EVERY = 10   # replicas agree on a SIGTERM at steps that are multiples of this
+STOP_CHECK_EVERY = 10   # replicas agree on a SIGTERM at steps that are multiples of this,
+                        # and at the end of every epoch
 
 
 def resolve_device(name):
@@ -247,7 +248,9 @@ class Replica:
             loss_sum += loss.detach()
             err_sum += errors
             since_print += 1
-            if stop is not None and self._agreed_stop(stop, step):
+            # a stop at the epoch's last step waits for the epoch's end (train() checks there):
+            # the epoch is validated and its snapshot is an ordinary, complete one
+            if stop is not None and step + 1 < steps_in_epoch and self._agreed_stop(stop, step):
                 self._preempt(epoch, step + 1, lr)
             if bar is not None:
                 bar.update(1)
@@ -276,14 +279,26 @@ class Replica:
         self._check_finite(train_loss, epoch, n_prev + len(requests))
         return train_loss, totals[1] / totals[2], len(requests) * self.global_batch / elapsed
 
-    def _agreed_stop(self, stop, step):
+    def _agreed_stop(self, stop, step=None):
         """Whether to stop after this step: at once for one replica; for several, at the next
-        step that is a multiple of STOP_CHECK_EVERY, once any of them was asked to."""
+        step that is a multiple of STOP_CHECK_EVERY, once any of them was asked to. step None:
+        at the end of an epoch, where every replica checks."""
         if not self.exchanger or self.world == 1:
             return stop.is_set()
-        if (step + 1) % STOP_CHECK_EVERY:
+        if step is not None and (step + 1) % STOP_CHECK_EVERY:
             return False
         return self.exchanger.all_sum([float(stop.is_set())])[0] > 0
+
+    def _preempt_after_epoch(self, epoch, lr_next):
+        """SIGTERM seen at the end of an epoch: its snapshot (written now if snapshot_freq
+        skipped it) is complete; resuming starts the next epoch."""
+        wd = self.cfg['weights_dir']
+        if self.lead and epoch % self.cfg['snapshot_freq']:
+            save_snapshot(wd, epoch, self.net, lr_next)
+        if self.exchanger:
+            self.exchanger.barrier()
+        raise Preempted(f"SIGTERM: stopped after epoch {epoch} and wrote a resumable snapshot "
+                        f"to {wd}; resume with resume_train=True load_epoch={epoch}")
 
     def _preempt(self, epoch, steps_done, lr):
         wd = self.cfg['weights_dir']
@@ -399,4 +414,6 @@ def train(cfg, rank=0, world=1, device=None, exchanger=None, progress=True):
                 rep.end_of_epoch(epoch, lr, lr_next, record,
                                  [lr, train_loss, top1, top5, val_loss, ips, time.time() - t0])
             lr = lr_next
+            if epoch < cfg['n_epochs'] and rep._agreed_stop(stop):
+                rep._preempt_after_epoch(epoch, lr_next)
     return rep
