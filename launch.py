@@ -87,7 +87,7 @@ def parent_watchdog(parent_pid=None, interval=0.5):
     threading.Thread(target=watch, name='parent-watchdog', daemon=True).start()
 
 
-def _worker_main(worker_fn, rank, world, args, parent_pid, err_conn):
+def _worker_main(worker_fn, rank, world, args, parent_pid, err_conn, expected=()):
     parent_watchdog(parent_pid)
     try:
         worker_fn(rank, world, *args)
@@ -98,6 +98,11 @@ def _worker_main(worker_fn, rank, world, args, parent_pid, err_conn):
     except KeyboardInterrupt:
         _report(err_conn, 'KeyboardInterrupt')
         sys.exit(130)
+    except expected as e:
+        # an error its message explains (bad input, a dead peer, preemption): the launcher
+        # prints it; no traceback. exit_status: the exception's own exit code (default 1)
+        _report(err_conn, '%s: %s' % (type(e).__name__, e))
+        sys.exit(getattr(e, 'exit_status', 1))
     except BaseException as e:
         _report(err_conn, '%s: %s' % (type(e).__name__, e))
         traceback.print_exc()
@@ -133,14 +138,16 @@ def _stop(procs, grace):
         p.join(5.0)
 
 
-def spawn(worker_fn, world, args=(), *, timeout=None, grace=5.0):
+def spawn(worker_fn, world, args=(), *, timeout=None, grace=5.0, expected=()):
     """Run worker_fn(rank, world, *args) in `world` processes and wait for all of them.
 
     Returns None when every worker exits with code 0. Raises WorkerFailed naming the first rank
     that failed (exit code or signal, and its exception's message when it raised one), or when
     `timeout` seconds pass; the other workers are stopped first. On SIGINT/SIGTERM the signal is
-    forwarded to the workers, which get `grace` seconds, and the launcher exits with 128+signal.
-    worker_fn must be importable by name (a module-level function)."""
+    forwarded to the workers, which get `grace` seconds, and the launcher exits with 128+signal,
+    printing what the workers reported. worker_fn must be importable by name (a module-level
+    function). A worker that raises one of the `expected` exception types reports its message
+    and exits (with the exception's exit_status attribute, default 1) without a traceback."""
     if world < 1:
         raise ValueError('world must be at least 1, got %r' % (world,))
     ctx = mp.get_context('spawn')
@@ -163,7 +170,8 @@ def spawn(worker_fn, world, args=(), *, timeout=None, grace=5.0):
         for rank in range(world):
             r_conn, w_conn = ctx.Pipe(duplex=False)
             p = ctx.Process(target=_worker_main, name='worker-%d' % rank,
-                            args=(worker_fn, rank, world, tuple(args), os.getpid(), w_conn))
+                            args=(worker_fn, rank, world, tuple(args), os.getpid(), w_conn,
+                                  tuple(expected)))
             p.start()
             w_conn.close()
             procs.append(p)
@@ -185,8 +193,19 @@ def spawn(worker_fn, world, args=(), *, timeout=None, grace=5.0):
                 for p in procs:
                     p.join(max(0.0, deadline_sig - time.monotonic()))
                 _stop(procs, 1.0)
-                print('launcher: %s received, workers stopped' % signal.Signals(signum).name,
-                      file=sys.stderr, flush=True)
+                for r, c in enumerate(conns):
+                    try:
+                        if c.poll():
+                            received[r] = c.recv_bytes(8192).decode('utf-8', 'replace')
+                    except (EOFError, OSError):
+                        pass
+                said = ''.join('; rank %d: %s' % (r, received[r]) for r in sorted(received)
+                               if r == min(received) or received[r] != received[min(received)])
+                print('launcher: %s received, workers stopped (%s)%s' % (
+                    signal.Signals(signum).name,
+                    ', '.join('rank %d: %s' % (r, describe_exit(p.exitcode))
+                              for r, p in enumerate(procs)), said),
+                    file=sys.stderr, flush=True)
                 raise SystemExit(128 + signum)
             failed = [(r, p) for r, p in enumerate(procs)
                       if p.exitcode is not None and p.exitcode != 0]

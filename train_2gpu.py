@@ -57,8 +57,13 @@ def main(argv):
     world = len(devices_of(cfg))
     print(f"train_2gpu: {world} trainers on {devices_of(cfg)}, exchange {cfg['exchange']}, "
           f"average {cfg['average']} every {cfg['exchange_freq']} step(s)", flush=True)
-    # grace: on SIGTERM the trainers finish a few steps and write a snapshot before they exit
-    run_main(lambda: launch.spawn(spawned_trainer, world, (cfg,), grace=300.0))
+    # grace: on SIGTERM the trainers finish a few steps and write a snapshot before they exit;
+    # expected errors and preemption end a trainer with its message (the launcher prints it),
+    # not a traceback
+    from run_errors import expected_errors
+    from train_loop import Preempted
+    run_main(lambda: launch.spawn(spawned_trainer, world, (cfg,), grace=300.0,
+                                  expected=expected_errors() + (Preempted,)))
 
 
 if __name__ == '__main__':

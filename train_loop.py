@@ -43,6 +43,7 @@ class TrainingStopped(RuntimeError):
 
 class Preempted(RuntimeError):
     """SIGTERM arrived: the current step was finished and a resumable snapshot written."""
+    exit_status = 143    # 128 + SIGTERM, as a process ended by the signal
 
 
 STOP_CHECK_EVERY = 10   # replicas agree on a SIGTERM at steps that are multiples of this,
