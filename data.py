@@ -88,15 +88,19 @@ def centre_draws(n):
     return np.full((n, 2), CENTRE, np.int64), np.zeros(n, bool)
 
 
+def load_npy(path, what, fix):
+    """np.load without pickles; a missing or unreadable file is one clear error naming it."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path!r} not found: {fix}") from None
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{what} {path!r} is not a .npy array: {e}") from None
+
+
 def mean_image_hwc(mean_file, device):
     """The mean image file (3, 256, 256) float32, as (256, 256, 3) on device."""
-    try:
-        m = np.load(mean_file, allow_pickle=False)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"mean file {mean_file!r} not found: run preprocessing or fix "
-                                f"mean_file in config.yaml") from None
-    except (ValueError, OSError) as e:
-        raise ValueError(f"mean file {mean_file!r} is not a .npy array: {e}") from None
+    m = load_npy(mean_file, 'mean file', 'run preprocessing or fix mean_file in config.yaml')
     if m.shape != (3, 256, 256):
         raise ValueError(f"mean file {mean_file!r} has shape {m.shape}; expected (3, 256, 256)")
     if not np.isfinite(m).all():

@@ -27,8 +27,8 @@ import alex_net
 from alex_net import AlexNet, N_WEIGHTS
 from batch_files import batch_rows, list_batch_files, replica_rows
 from config import ConfigError
-from data import (SerialLoader, centre_draws, crop_mirror, dropout_masks, mean_image_hwc,
-                  step_draws)
+from data import (SerialLoader, centre_draws, crop_mirror, dropout_masks, load_npy,
+                  mean_image_hwc, step_draws)
 from sgd import adjust_learning_rate, sgd_update_
 from snapshot import SnapshotError, latest_complete_snapshot, load_array, load_snapshot, \
     save_array, save_snapshot, steps_done_in
@@ -70,13 +70,7 @@ def precision_of(cfg, device):
 
 def load_labels(label_folder, name, need, what):
     path = os.path.join(label_folder, name)
-    try:
-        labels = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"label file {path!r} not found: run preprocessing "
-                                f"(make_labels.py) or fix label_folder") from None
-    except (ValueError, OSError) as e:
-        raise ValueError(f"label file {path!r} is not a .npy array: {e}") from None
+    labels = load_npy(path, 'label file', 'run preprocessing (make_labels.py) or fix label_folder')
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"label file {path!r} holds {labels.dtype} {labels.shape}; expected "
                          f"1-D integer labels")
@@ -379,11 +373,17 @@ def write_metrics(path, epoch, row):
                     and int(r['epoch']) < epoch]
     rows.append(dict(zip(METRICS_FIELDS, [epoch] + list(row))))
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, 'w', newline='') as f:
-        w = csv.DictWriter(f, METRICS_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'w', newline='') as f:
+            w = csv.DictWriter(f, METRICS_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise SnapshotError(f"cannot write {path} (disk full?): {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def train(cfg, rank=0, world=1, device=None, exchanger=None, progress=True):

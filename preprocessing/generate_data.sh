@@ -15,5 +15,5 @@ PATHS="$HERE/paths.yaml"
 if [[ $# -gt 0 && "$1" != -* ]]; then PATHS="$1"; shift; fi
 
 "$PY" "$HERE/make_train_val_txt.py" --paths "$PATHS"
-"$PY" "$HERE/make_hkl.py" full --paths "$PATHS" "$@"
+"$PY" "$HERE/make_hkl.py" "${HKL_MODE:-full}" --paths "$PATHS" "$@"  # generate_toy_data.sh: toy
 "$PY" "$HERE/make_labels.py" --paths "$PATHS"

@@ -10,10 +10,4 @@
 # Works from any folder; prints where the batches are at the end.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PY="${PYTHON:-python3}"
-PATHS="$HERE/paths.yaml"
-if [[ $# -gt 0 && "$1" != -* ]]; then PATHS="$1"; shift; fi
-
-"$PY" "$HERE/make_train_val_txt.py" --paths "$PATHS"
-"$PY" "$HERE/make_hkl.py" toy --paths "$PATHS" "$@"
-"$PY" "$HERE/make_labels.py" --paths "$PATHS"
+HKL_MODE=toy exec bash "$HERE/generate_data.sh" "$@"
