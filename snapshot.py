@@ -22,7 +22,9 @@ class SnapshotError(RuntimeError):
 
 
 def save_array(path, array):
-    """np.save that leaves either the old file or the complete new one, never a partial file."""
+    """np.save that leaves either the old file or the complete new one, never a partial file.
+    A failed write (disk full, a file-size limit, no permission) is a SnapshotError naming the
+    file."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, 'wb') as f:
@@ -30,6 +32,9 @@ def save_array(path, array):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise SnapshotError(f"cannot write {path} (disk full or over a file-size limit?): "
+                            f"{e.strerror or e}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -72,13 +77,19 @@ def save_snapshot(weights_dir, epoch, net, lr, steps_done=None):
     for path in (lr_file(weights_dir, epoch), progress_file(weights_dir, epoch)):
         if os.path.exists(path):
             os.unlink(path)
-    if steps_done is not None:
-        save_array(progress_file(weights_dir, epoch), np.int64(steps_done))
-    for name, a in net.to_original().items():
-        save_array(param_file(weights_dir, name, epoch), a)
-    for k, a in enumerate(net.momentum_to_original()):
-        save_array(mom_file(weights_dir, k, epoch), a)
-    save_array(lr_file(weights_dir, epoch), np.float32(lr))
+    try:
+        if steps_done is not None:
+            save_array(progress_file(weights_dir, epoch), np.int64(steps_done))
+        for name, a in net.to_original().items():
+            save_array(param_file(weights_dir, name, epoch), a)
+        for k, a in enumerate(net.momentum_to_original()):
+            save_array(mom_file(weights_dir, k, epoch), a)
+        save_array(lr_file(weights_dir, epoch), np.float32(lr))
+    except SnapshotError as e:
+        last = latest_complete_snapshot(weights_dir)
+        raise SnapshotError(f"snapshot {epoch} was not written, its files in {weights_dir} are "
+                            f"incomplete: {e}; the last complete snapshot is "
+                            f"{'epoch %d' % last if last is not None else 'none'}") from None
 
 
 def load_params(weights_dir, epoch):
