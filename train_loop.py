@@ -31,7 +31,7 @@ from data import (SerialLoader, centre_draws, crop_mirror, dropout_masks, load_n
                   mean_image_hwc, step_draws)
 from sgd import adjust_learning_rate, sgd_update_
 from snapshot import SnapshotError, latest_complete_snapshot, load_array, load_snapshot, \
-    save_array, save_snapshot, steps_done_in
+    lr_file, save_array, save_snapshot, steps_done_in
 
 METRICS_FIELDS = ['epoch', 'lr', 'train_loss', 'val_top1_error', 'val_top5_error', 'val_loss',
                   'images_per_s', 'wall_time_s']
@@ -221,50 +221,52 @@ class Replica:
         feed = loader.iterate([r[:3] for r in requests])
         # the loader comes first in zip: after the last step it is advanced once more, so it
         # learns that the last buffer is free again
-        for step, (images, (_, a, b, label_off)) in enumerate(zip(feed, requests), start_step):
-            offsets, mirror, mask_seed = step_draws(cfg['seed'], epoch, step, self.global_batch,
-                                                    cfg['rand_crop'], cfg['batch_crop_mirror'])
-            labels = self.train_labels[label_off + a:label_off + b].to(dev, non_blocking=True)
-            offs = torch.from_numpy(offsets[lo:hi]).to(dev, non_blocking=True)
-            mirr = torch.from_numpy(mirror[lo:hi]).to(dev, non_blocking=True)
-            masks = dropout_masks(mask_seed, self.global_batch, lo, hi, dev)
-            loss, errors = self.step_fn(self.net.layer_params, images, labels, self.mean, offs,
-                                        mirr, masks, self.amp_dtype)
-            loss.backward()   # into the flat buffer net.grad
-            grad = self.net.grad
-            if self.exchanger and cfg['average'] == 'gradients':
-                self.exchanger.average_(grad)
-            sgd_update_(self.net.params, grad, self.net.momentum, lr, N_WEIGHTS, cfg['momentum'],
-                        cfg['weight_decay'], cfg['use_momentum'], cfg['use_nesterov_momentum'])
-            grad.zero_()
-            if (self.exchanger and cfg['average'] == 'weights'
-                    and (step + 1) % cfg['exchange_freq'] == 0):
-                self.exchanger.average_(self.net.state)
-            loss_sum += loss.detach()
-            err_sum += errors
-            since_print += 1
-            # a stop at the epoch's last step waits for the epoch's end (train() checks there):
-            # the epoch is validated and its snapshot is an ordinary, complete one
-            if stop is not None and step + 1 < steps_in_epoch and self._agreed_stop(stop, step):
-                self._preempt(epoch, step + 1, lr)
-            if bar is not None:
-                bar.update(1)
-            if (n_prev + step + 1) % cfg['print_freq'] == 0:
-                cost = float(loss.detach())
-                self._check_finite(cost, epoch, n_prev + step + 1)
-                now = time.time()
-                msg = (f"iter {n_prev + step + 1} | cost {cost:.4f}"
-                       + (f" | train error {float(errors) / self.batch:.4f}"
-                          if cfg['print_train_error'] else '')
-                       + f" | {since_print * self.global_batch / (now - t_print):.0f} img/s"
-                       f" | time per 20 iter {20 * (now - t_print) / since_print:.3f} s")
+        try:
+            for step, (images, (_, a, b, label_off)) in enumerate(zip(feed, requests), start_step):
+                offsets, mirror, mask_seed = step_draws(cfg['seed'], epoch, step, self.global_batch,
+                                                        cfg['rand_crop'], cfg['batch_crop_mirror'])
+                labels = self.train_labels[label_off + a:label_off + b].to(dev, non_blocking=True)
+                offs = torch.from_numpy(offsets[lo:hi]).to(dev, non_blocking=True)
+                mirr = torch.from_numpy(mirror[lo:hi]).to(dev, non_blocking=True)
+                masks = dropout_masks(mask_seed, self.global_batch, lo, hi, dev)
+                loss, errors = self.step_fn(self.net.layer_params, images, labels, self.mean, offs,
+                                            mirr, masks, self.amp_dtype)
+                loss.backward()   # into the flat buffer net.grad
+                grad = self.net.grad
+                if self.exchanger and cfg['average'] == 'gradients':
+                    self.exchanger.average_(grad)
+                sgd_update_(self.net.params, grad, self.net.momentum, lr, N_WEIGHTS, cfg['momentum'],
+                            cfg['weight_decay'], cfg['use_momentum'], cfg['use_nesterov_momentum'])
+                grad.zero_()
+                if (self.exchanger and cfg['average'] == 'weights'
+                        and (step + 1) % cfg['exchange_freq'] == 0):
+                    self.exchanger.average_(self.net.state)
+                loss_sum += loss.detach()
+                err_sum += errors
+                since_print += 1
+                # a stop at the epoch's last step waits for the epoch's end (train() checks there):
+                # the epoch is validated and its snapshot is an ordinary, complete one
+                if stop is not None and step + 1 < steps_in_epoch and self._agreed_stop(stop, step):
+                    self._preempt(epoch, step + 1, lr)
                 if bar is not None:
-                    bar.write(msg)
-                else:
-                    self.log(msg)
-                t_print, since_print = now, 0
-        if bar is not None:
-            bar.close()
+                    bar.update(1)
+                if (n_prev + step + 1) % cfg['print_freq'] == 0:
+                    cost = float(loss.detach())
+                    self._check_finite(cost, epoch, n_prev + step + 1)
+                    now = time.time()
+                    msg = (f"iter {n_prev + step + 1} | cost {cost:.4f}"
+                           + (f" | train error {float(errors) / self.batch:.4f}"
+                              if cfg['print_train_error'] else '')
+                           + f" | {since_print * self.global_batch / (now - t_print):.0f} img/s"
+                           f" | time per 20 iter {20 * (now - t_print) / since_print:.3f} s")
+                    if bar is not None:
+                        bar.write(msg)
+                    else:
+                        self.log(msg)
+                    t_print, since_print = now, 0
+        finally:   # an error leaves no half-drawn progress bar before its message
+            if bar is not None:
+                bar.close()
         elapsed = time.time() - t0
         n = len(requests) * self.batch
         totals = [float(loss_sum) * self.batch, float(err_sum), float(n)]
@@ -305,15 +307,20 @@ class Replica:
                         f"resumable snapshot to {wd}; resume with resume_train=True "
                         f"load_epoch={epoch}")
 
-    def _check_finite(self, value, epoch, iteration):
+    def _check_finite(self, value, epoch, iteration, what='training loss'):
+        """TrainingStopped unless value is finite; iteration None: after the epoch."""
         if math.isfinite(value):
             return
-        last = latest_complete_snapshot(self.cfg['weights_dir'])
-        where = (f"the last good snapshot is epoch {last} in {self.cfg['weights_dir']} "
-                 f"(resume with resume_train=True load_epoch={last} and a lower learning_rate)"
-                 if last is not None else "no snapshot was written yet")
-        raise TrainingStopped(f"the training loss became {value} at iteration {iteration} "
-                              f"(epoch {epoch}); stopped instead of training on garbage: {where}")
+        wd = self.cfg['weights_dir']
+        last = latest_complete_snapshot(wd)
+        # a resumed run takes its learning rate from the snapshot's lr file, not the config
+        where = (f"the last good snapshot is epoch {last} in {wd}; lower the learning rate it "
+                 f"holds ({lr_file(wd, last)}) and resume with resume_train=True "
+                 f"load_epoch={last}" if last is not None else
+                 "no snapshot was written yet; start again with a lower learning_rate")
+        when = f"at iteration {iteration}" if iteration is not None else "after"
+        raise TrainingStopped(f"the {what} became {value} {when} (epoch {epoch}); stopped "
+                              f"instead of training on garbage: {where}")
 
     def validate(self, loader):
         """(top-1 error, top-5 error, mean loss, images) over every validation image."""
@@ -405,6 +412,8 @@ def train(cfg, rank=0, world=1, device=None, exchanger=None, progress=True):
                                                          start_step=start_step, stop=stop)
             start_step = 0
             top1, top5, val_loss, n = rep.validate(loader)
+            # weights spoilt by the epoch's last steps: no snapshot of them
+            rep._check_finite(val_loss, epoch, None, 'validation loss')
             record.append([top1, val_loss])
             lr_next = float(np.float32(adjust_learning_rate(cfg, epoch, lr,
                                                             [r[0] for r in record])))
