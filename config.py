@@ -12,6 +12,7 @@ Relative paths are relative to the folder of the file that set them (the current
 command-line overrides).
 """
 import difflib
+import math
 import os
 import re
 import sys
@@ -78,6 +79,9 @@ def parse_device(value, key='gpu'):
     return f'cuda:{int(m.group(1))}'
 
 
+_NUMBER = re.compile(r'[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?')
+
+
 def _check_type(key, kind, value):
     def bad(want):
         return ConfigError(f"{key}: {value!r} is not {want}")
@@ -94,8 +98,12 @@ def _check_type(key, kind, value):
             raise bad("a whole number")
         return value
     if kind == 'float':
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            value = float(value)     # YAML 1.1 reads 1e-3 and 1.0e6 as strings
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
+        if not math.isfinite(value):
+            raise bad("a finite number")
         return float(value)
     if kind == 'int_list':
         if isinstance(value, int) and not isinstance(value, bool):
