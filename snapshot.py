@@ -11,6 +11,7 @@ progress_{e}.npy holding the number of steps of epoch e done; resuming it finish
     lr = load_snapshot('models', 3, net)     # parameters, momentum; returns lr
 """
 import os
+import re
 
 import numpy as np
 
@@ -74,6 +75,7 @@ def save_snapshot(weights_dir, epoch, net, lr, steps_done=None):
     first and comes back last, so a snapshot interrupted while being written is never taken
     for a complete one."""
     os.makedirs(weights_dir, exist_ok=True)
+    _remove_stale_temporaries(weights_dir, epoch)
     for path in (lr_file(weights_dir, epoch), progress_file(weights_dir, epoch)):
         if os.path.exists(path):
             os.unlink(path)
@@ -90,6 +92,26 @@ def save_snapshot(weights_dir, epoch, net, lr, steps_done=None):
         raise SnapshotError(f"snapshot {epoch} was not written, its files in {weights_dir} are "
                             f"incomplete: {e}; the last complete snapshot is "
                             f"{'epoch %d' % last if last is not None else 'none'}") from None
+
+
+def _remove_stale_temporaries(weights_dir, epoch):
+    """Temporary files of snapshot ``epoch`` left by a writer that was killed (SIGKILL leaves
+    no chance to clean up): name_{epoch}.npy.tmp<pid> of a process that no longer runs."""
+    for f in os.listdir(weights_dir):
+        m = re.fullmatch(rf'.+_{epoch}\.npy\.tmp(\d+)', f)
+        if m is None or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue                       # its writer still runs
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        try:
+            os.unlink(os.path.join(weights_dir, f))
+        except OSError:
+            pass
 
 
 def load_params(weights_dir, epoch):

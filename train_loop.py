@@ -134,7 +134,8 @@ class Replica:
             torch.backends.cuda.matmul.allow_tf32 = tf32
             torch.backends.cudnn.allow_tf32 = tf32
         self._setup_data(for_training)
-        self.net = AlexNet(self.device)
+        # a resumed run and validation load every parameter from a snapshot: no initial draw
+        self.net = AlexNet(self.device, init=for_training and not cfg['resume_train'])
         self.step_fn = batch_loss
         if cfg['compile']:
             self.step_fn = torch.compile(batch_loss)
@@ -318,9 +319,10 @@ class Replica:
                  f"holds ({lr_file(wd, last)}) and resume with resume_train=True "
                  f"load_epoch={last}" if last is not None else
                  "no snapshot was written yet; start again with a lower learning_rate")
-        when = f"at iteration {iteration}" if iteration is not None else "after"
-        raise TrainingStopped(f"the {what} became {value} {when} (epoch {epoch}); stopped "
-                              f"instead of training on garbage: {where}")
+        when = (f"at iteration {iteration} (epoch {epoch})" if iteration is not None
+                else f"after epoch {epoch}")
+        raise TrainingStopped(f"the {what} became {value} {when}; stopped instead of training "
+                              f"on garbage: {where}")
 
     def validate(self, loader):
         """(top-1 error, top-5 error, mean loss, images) over every validation image."""
