@@ -157,9 +157,9 @@ def main(argv):
     warmup = a.warmup if a.warmup is not None else (1 if a.cpu else 15)
     base = ['print_freq=1000000000', 'snapshot_freq=1000000']
     if a.cpu:
-        base += ['batch_size=8', 'gpu=cpu']
+        base += ['batch_size=8']
     try:
-        cfg1 = load_config('spec_1gpu.yaml', base + overrides)
+        cfg1 = load_config('spec_1gpu.yaml', base + (['gpu=cpu'] if a.cpu else []) + overrides)
         n_multi = min(a.max_gpus, gpus) if gpus >= 2 else (2 if a.cpu else 0)
         devices = ['cpu'] * 2 if a.cpu else [f'cuda:{i}' for i in range(n_multi)]
         cfgm = None
