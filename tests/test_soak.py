@@ -1,0 +1,95 @@
+"""Soak (issue 9.6): many epochs of a real two-replica run on the CPU with parallel loading
+(train_2gpu.py: 2 trainers exchanging through host memory, each with its loader process), whose
+memory (RSS), open file descriptors and threads are sampled after every training step. Once
+warmed up (epochs 1-2) they must stay flat: a leak of a buffer, a socket or a file per epoch
+or per step would show as growth over the remaining epochs."""
+import os
+import re
+import shutil
+import time
+
+import numpy as np
+
+from conftest import make_dataset
+from test_faults import Proc, alive, assert_ended_cleanly, cmdline, proc_stat
+
+EPOCHS = 8
+STEPS = 2                 # per epoch: 4 images, 2 replicas x 1
+WARM_UP = 2               # epochs not compared
+RSS_MARGIN_MB = 48        # later epochs' peak RSS may exceed the first compared epoch's by this
+RSS_TAIL_MB = 3           # ... and must have stopped growing: the last 3 epochs' peaks agree
+                          # within this (an allocator's one-time step is no leak; a leak grows
+                          # every epoch)
+
+
+def status(pid):
+    """(VmRSS in MB, open file descriptors, threads) of a live process."""
+    with open(f'/proc/{pid}/status') as f:
+        st = dict(line.split(':', 1) for line in f if ':' in line)
+    rss = int(st['VmRSS'].split()[0]) / 1024
+    return rss, len(os.listdir(f'/proc/{pid}/fd')), int(st['Threads'])
+
+
+def test_memory_and_descriptors_stay_flat_over_many_epochs(tmp_path):
+    data = make_dataset(str(tmp_path / 'data'), n_train_files=1, file_rows=4, val_sizes=(2,))
+    wd = tmp_path / 'w'
+    run = Proc('train_2gpu.py', [*data, 'gpu0=cpu', 'gpu1=cpu', 'exchange=host',
+                                 'batch_size=1', 'para_load=True', 'print_freq=1',
+                                 f'n_epochs={EPOCHS}', f'weights_dir={wd}'])
+    samples = {}       # name -> list of (epoch, rss, fds, threads)
+    try:
+        names = None
+        for it in range(1, EPOCHS * STEPS + 1):
+            run.wait_for(rf'^iter {it} ')
+            if names is None:   # the launcher, its 2 trainers and their 2 loaders
+                trainers = sorted(p for p in run.members('multiprocessing')
+                                  if 'resource_tracker' not in cmdline(p)
+                                  and proc_stat(p)[1] == run.pid)
+                loaders = {proc_stat(p)[1]: p for p in run.members('proc_load.py')}
+                assert len(trainers) == 2 and sorted(loaders) == trainers, run.family
+                names = {'launcher': run.pid}
+                for r, t in enumerate(trainers):
+                    names[f'trainer {r}'], names[f'loader {r}'] = t, loaders[t]
+            epoch = (it - 1) // STEPS + 1
+            for name, pid in names.items():
+                assert alive(pid), f"{name} (pid {pid}) is gone"
+                samples.setdefault(name, []).append((epoch, *status(pid)))
+            # keep the disk small: only the latest snapshot is needed
+            for f in os.listdir(wd) if os.path.isdir(wd) else []:
+                m = re.fullmatch(r'.+_(\d+)\.npy', f)
+                if m and int(m.group(1)) < epoch - 1:
+                    os.unlink(wd / f)
+        rc = run.wait()
+        assert_ended_cleanly(run, rc, 0, f'epoch {EPOCHS}: train loss')
+    finally:
+        if run.p.poll() is None:
+            run.kill_all()
+        shutil.rmtree(wd, ignore_errors=True)
+    assert not [f for f in os.listdir('/dev/shm') if f.startswith('xchg-')
+                and any(str(p) in f for p in names.values())]
+
+    report = []
+    for name, rows in samples.items():
+        a = np.array(rows)
+        epochs = a[:, 0]
+        late = a[epochs > WARM_UP]
+        peak = {e: late[late[:, 0] == e, 1].max() for e in np.unique(late[:, 0])}
+        first = peak[min(peak)]
+        es = np.array(sorted(peak))
+        slope = np.polyfit(es, [peak[e] for e in es], 1)[0]     # reported
+        # descriptors and threads: the least count of the first two compared epochs against
+        # the last two (a file being read or written at the moment of a sample is no leak)
+        early, last = late[late[:, 0] <= es[1]], late[late[:, 0] >= es[-2]]
+        report.append(f"{name}: RSS {a[0, 1]:.0f} MB at step 1, {first:.0f} -> "
+                      f"{max(peak.values()):.0f} MB over epochs {int(es[0])}-{int(es[-1])} "
+                      f"(slope {slope:+.2f} MB/epoch); fds {int(a[0, 2])} at step 1, "
+                      f"{int(late[:, 2].min())}..{int(late[:, 2].max())} later; threads "
+                      f"{int(late[:, 3].min())}..{int(late[:, 3].max())}")
+        assert max(peak.values()) <= first + RSS_MARGIN_MB, report[-1]
+        tail = [peak[e] for e in es[-3:]]
+        assert max(tail) - min(tail) <= RSS_TAIL_MB, f"RSS still grows: {report[-1]}"
+        for col, what in ((2, 'descriptors'), (3, 'threads')):
+            assert last[:, col].min() <= early[:, col].min(), f"{what} grew: {report[-1]}"
+            assert late[:, col].max() - late[:, col].min() <= 3, f"{what} vary: {report[-1]}"
+    print('\n'.join(report))
+    assert len(samples) == 5 and all(len(v) == EPOCHS * STEPS for v in samples.values())
