@@ -118,11 +118,24 @@ def load_params(weights_dir, epoch):
     """{name: array} of snapshot ``epoch``, every file checked for presence and shape."""
     missing = [param_file(weights_dir, p.name, epoch) for p in PARAMS
                if not os.path.exists(param_file(weights_dir, p.name, epoch))]
+    if len(missing) == len(PARAMS):
+        raise SnapshotError(f"no snapshot {epoch} in {weights_dir} (no "
+                            f"{os.path.basename(missing[0])} nor any other of its files): "
+                            f"{_what_is_there(weights_dir)}")
     if missing:
         raise SnapshotError(f"snapshot {epoch} in {weights_dir} is incomplete: missing "
                             f"{', '.join(os.path.basename(m) for m in missing)}")
     return {p.name: load_array(param_file(weights_dir, p.name, epoch), p.original_shape,
                                'parameter') for p in PARAMS}
+
+
+def _what_is_there(weights_dir):
+    if not os.path.isdir(weights_dir):
+        return "the folder does not exist (fix weights_dir or load_epoch)"
+    epochs = complete_snapshots(weights_dir)
+    if not epochs:
+        return "it holds no complete snapshot"
+    return f"its complete snapshots are epochs {', '.join(map(str, epochs))} (fix load_epoch)"
 
 
 def steps_done_in(weights_dir, epoch):
@@ -134,6 +147,11 @@ def steps_done_in(weights_dir, epoch):
 def load_snapshot(weights_dir, epoch, net, with_momentum=True):
     """Load parameters (and momentum) of snapshot ``epoch`` into ``net``; returns its lr, or
     None when only parameters were asked for."""
+    if with_momentum and not os.path.exists(lr_file(weights_dir, epoch)) and \
+            os.path.exists(param_file(weights_dir, PARAMS[0].name, epoch)):
+        raise SnapshotError(
+            f"snapshot {epoch} in {weights_dir} is incomplete: its lr file (written last) is "
+            f"missing, so writing it was interrupted; {_what_is_there(weights_dir)}")
     arrays = load_params(weights_dir, epoch)
     momentum = None
     if with_momentum:
@@ -146,10 +164,15 @@ def load_snapshot(weights_dir, epoch, net, with_momentum=True):
     return float(lr)
 
 
+def complete_snapshots(weights_dir):
+    """The epochs whose lr file (written last) exists, sorted."""
+    if not os.path.isdir(weights_dir):
+        return []
+    return sorted(int(f[3:-4]) for f in os.listdir(weights_dir)
+                  if f.startswith('lr_') and f.endswith('.npy') and f[3:-4].isdigit())
+
+
 def latest_complete_snapshot(weights_dir):
     """The highest epoch whose lr file (written last) exists, or None."""
-    if not os.path.isdir(weights_dir):
-        return None
-    epochs = [int(f[3:-4]) for f in os.listdir(weights_dir)
-              if f.startswith('lr_') and f.endswith('.npy') and f[3:-4].isdigit()]
-    return max(epochs) if epochs else None
+    epochs = complete_snapshots(weights_dir)
+    return epochs[-1] if epochs else None
