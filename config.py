@@ -52,8 +52,12 @@ def _read_yaml(path):
             data = yaml.safe_load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path!r} not found") from None
+    except (OSError, UnicodeDecodeError) as e:      # a folder, no permission, binary
+        raise ConfigError(f"cannot read config file {path!r}: "
+                          f"{getattr(e, 'strerror', None) or e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path!r} is not valid yaml: {e}") from None
+        raise ConfigError(f"config file {path!r} is not valid yaml: "
+                          f"{' '.join(str(e).split())}") from None   # one line
     if data is None:
         return {}
     if not isinstance(data, dict):
