@@ -1,0 +1,553 @@
+"""The bad-input catalogue (issue 9.5): configs, command lines, batch files, labels, mean files,
+snapshots, images, preprocessing paths, the MNIST pickle and the release zip. Each input is
+written for real and given to the real script, which must end with one clear line naming the
+key or file (exit status 2 for configuration errors, 1 for the rest) and no traceback.
+
+Cases marked 'script' run the script as a process (two at a time); the others call the script's
+main() in this process (the same code path without the 3 s start of a Python with torch) and
+check the SystemExit status and stderr. docs/bad_inputs.md lists every case; it is written from
+the actual messages by
+
+    python tests/test_bad_inputs.py > docs/bad_inputs.md
+"""
+import concurrent.futures
+import dataclasses
+import gzip
+import io
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import h5py
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from conftest import make_dataset  # noqa: E402
+
+DOC = os.path.join(ROOT, 'docs', 'bad_inputs.md')
+SCRIPT_TIMEOUT = 120
+
+
+@dataclasses.dataclass
+class Case:
+    id: str
+    group: str
+    input: str              # what the user gave, as the table says it
+    make: object            # World -> (script, argv)
+    expect: tuple           # substrings of the error line
+    rc: int = 1
+    mode: str = 'main'      # 'main': script's main() in this process; 'script': a process
+    skip: object = None     # a reason to skip, or None
+
+
+# ---------------------------------------------------------------------------------------------
+# the world the cases are made in
+
+class World:
+    """A good dataset, a complete snapshot 1 (zeros), and a folder for each case's bad files."""
+
+    def __init__(self, root):
+        self.root = root
+        self.data = make_dataset(os.path.join(root, 'good'), n_train_files=1, file_rows=8,
+                                 val_sizes=(4,))
+        opts = dict(a.split('=', 1) for a in self.data)
+        self.train, self.val = opts['train_folder'], opts['val_folder']
+        self.labels, self.mean = opts['label_folder'], opts['mean_file']
+        self.snap = os.path.join(root, 'snap')
+        from alex_net import AlexNet
+        from snapshot import save_array, save_snapshot
+        save_snapshot(self.snap, 1, AlexNet('cpu', init=False), 0.01)
+        save_array(os.path.join(self.snap, 'val_record.npy'), np.zeros((1, 2), np.float32))
+
+    def dir(self, name):
+        d = os.path.join(self.root, 'cases', name)
+        os.makedirs(d, exist_ok=True)
+        return d
+
+    def train_args(self, case, *extra, **replace):
+        """train.py's arguments: the good dataset (with replacements), CPU, 1 epoch."""
+        opts = dict(a.split('=', 1) for a in self.data)
+        opts.update(replace)
+        return [f'{k}={v}' for k, v in opts.items()] + [
+            'gpu=cpu', 'batch_size=4', 'para_load=False', 'n_epochs=1',
+            f'weights_dir={self.dir(case)}/w', *extra]
+
+    def snapshot_copy(self, case):
+        """A copy of snapshot 1 (hard links: replace a file, never write into one)."""
+        d = os.path.join(self.dir(case), 'snap')
+        if not os.path.isdir(d):
+            os.makedirs(d)
+            for f in os.listdir(self.snap):
+                os.link(os.path.join(self.snap, f), os.path.join(d, f))
+        return d
+
+    def label_folder(self, case, train_labels):
+        d = os.path.join(self.dir(case), 'labels')
+        os.makedirs(d, exist_ok=True)
+        shutil.copy(os.path.join(self.labels, 'val_labels.npy'), d)
+        if train_labels is not None:
+            train_labels(os.path.join(d, 'train_labels.npy'))
+        return d
+
+    def batch_folder(self, case, write):
+        d = os.path.join(self.dir(case), 'train')
+        os.makedirs(d, exist_ok=True)
+        write(d)
+        return d
+
+
+def _yaml(w, case, name, text):
+    path = os.path.join(w.dir(case), name)
+    with open(path, 'w') as f:
+        f.write(text)
+    return path
+
+
+def _h5(path, name, array):
+    with h5py.File(path, 'w') as h5:
+        h5.create_dataset(name, data=array)
+
+
+def _truncated_copy(d, w):
+    src = os.path.join(w.train, '0000.hkl')
+    data = open(src, 'rb').read()
+    with open(os.path.join(d, '0000.hkl'), 'wb') as f:
+        f.write(data[:len(data) // 2])
+
+
+def _two_files_second_short(d, w):
+    from batch_files import write_batch
+    shutil.copy(os.path.join(w.train, '0000.hkl'), d)
+    write_batch(os.path.join(d, '0001.hkl'), np.zeros((4, 256, 256, 3), np.uint8))
+
+
+def _labels_for_two_files(w, case):
+    return w.label_folder(case, lambda p: np.save(p, np.arange(16) % 10))
+
+
+def _object_array(n):
+    a = np.empty(n, dtype=object)
+    a[:] = [0] * n
+    return a
+
+
+def _snap_with(w, case, name, array):
+    d = w.snapshot_copy(case)
+    os.unlink(os.path.join(d, name))
+    np.save(os.path.join(d, name), array, allow_pickle=True)
+    return d
+
+
+def _snap_without(w, case, name):
+    d = w.snapshot_copy(case)
+    os.unlink(os.path.join(d, name))
+    return d
+
+
+def _image(w, case, name, content):
+    path = os.path.join(w.dir(case), name)
+    with open(path, 'wb') as f:
+        f.write(content)
+    return path
+
+
+def _jpeg_bytes():
+    from PIL import Image
+    buf = io.BytesIO()
+    rng = np.random.RandomState(0)
+    Image.fromarray(rng.randint(0, 256, (300, 400, 3)).astype(np.uint8)).save(buf, 'JPEG')
+    return buf.getvalue()
+
+
+def _classify_args(w, image):
+    return [image, 'gpu=cpu', f'weights_dir={w.snap}', 'load_epoch=1', f'mean_file={w.mean}']
+
+
+def _paths_yaml_without_misc(w, case):
+    keys = ['train_img_dir', 'val_img_dir', 'tar_root_dir', 'tar_train_dir', 'tar_val_dir',
+            'meta_clsloc_mat', 'val_label_file', 'valtxt_filename', 'traintxt_filename']
+    return _yaml(w, case, 'paths.yaml', ''.join(f'{k}: somewhere/{k}\n' for k in keys))
+
+
+def _mnist(w, case, obj):
+    path = os.path.join(w.dir(case), 'mnist.pkl.gz')
+    with gzip.open(path, 'wb') as f:
+        f.write(pickle.dumps(obj, protocol=2))
+    return path
+
+
+class _RunsCommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f'touch {self.marker}',))
+
+
+def _mnist_rows(n, cols=784):
+    rng = np.random.RandomState(0)
+    return (rng.rand(n, cols).astype(np.float32), rng.randint(0, 10, n).astype(np.int64))
+
+
+def _release_zip(w, case):
+    path = os.path.join(w.dir(case), 'parameters_releasing.zip')
+    buf = io.BytesIO()
+    np.save(buf, np.zeros(3, np.float32))
+    with zipfile.ZipFile(path, 'w') as z:
+        z.writestr('parameters_releasing/W_0_65.npy', buf.getvalue())
+    return path
+
+
+NO_CUDA = None
+try:
+    import torch
+    NO_CUDA = 'a CUDA GPU is visible' if torch.cuda.is_available() else None
+except ImportError:
+    pass
+
+T = 'train.py'
+CASES = [
+    # -- configuration and command line --------------------------------------------------------
+    Case('unknown-key', 'config', 'an unknown key on the command line: `n_epoch=2`',
+         lambda w, c: (T, w.train_args(c, 'n_epoch=2')),
+         ("config error: unknown key 'n_epoch' in the command line; did you mean 'n_epochs'?",),
+         rc=2, mode='script'),
+    Case('unknown-key-yaml', 'config', 'an unknown key in a yaml file: `learning_rat: 0.1`',
+         lambda w, c: (T, w.train_args(c, _yaml(w, c, 'extra.yaml', 'learning_rat: 0.1\n'))),
+         ("unknown key 'learning_rat' in", "extra.yaml", "did you mean 'learning_rate'?"), rc=2),
+    Case('wrong-type', 'config', 'a value of the wrong type: `n_epochs=ten`',
+         lambda w, c: (T, w.train_args(c, 'n_epochs=ten')),
+         ("n_epochs: 'ten' is not a whole number",), rc=2),
+    Case('wrong-bool', 'config', 'not a boolean: `para_load=maybe`',
+         lambda w, c: (T, w.train_args(c, 'para_load=maybe')),
+         ("para_load: 'maybe' is not True or False",), rc=2),
+    Case('out-of-range', 'config', 'a value out of range: `batch_size=0`',
+         lambda w, c: (T, w.train_args(c, 'batch_size=0')),
+         ("batch_size: 0 must be at least 1",), rc=2),
+    Case('nan-value', 'config', 'a non-finite number: `learning_rate=.nan`',
+         lambda w, c: (T, w.train_args(c, 'learning_rate=.nan')),
+         ("learning_rate: nan is not a finite number",), rc=2),
+    Case('prefetch', 'config', 'fewer than two loader buffers: `prefetch=1`',
+         lambda w, c: (T, w.train_args(c, 'prefetch=1')),
+         ("prefetch: 1 must be at least 2",), rc=2),
+    Case('bad-gpu', 'config', 'a device that is no device: `gpu=tpu0`',
+         lambda w, c: (T, w.train_args(c, 'gpu=tpu0')),
+         ("gpu: 'tpu0' is not a device; use gpu0, 0, cuda:0 or cpu",), rc=2),
+    Case('no-cuda', 'config', 'a GPU on a machine without one: `gpu=gpu0`',
+         lambda w, c: (T, w.train_args(c, 'gpu=gpu0')),
+         ("device cuda:0 asked for, but no CUDA GPU is visible; use gpu=cpu",), rc=2,
+         skip=NO_CUDA),
+    Case('p2p-on-cpu', 'config', 'GPU exchange between CPU replicas: `train_2gpu.py gpu0=cpu '
+         'gpu1=cpu exchange=p2p`',
+         lambda w, c: ('train_2gpu.py', w.data + ['gpu0=cpu', 'gpu1=cpu', 'exchange=p2p']),
+         ("exchange: p2p needs GPUs", "use exchange: host or exchange: gloo"), rc=2,
+         mode='script'),
+    Case('missing-yaml', 'config', 'a yaml file that does not exist: `nowhere.yaml`',
+         lambda w, c: (T, w.train_args(c, os.path.join(w.dir(c), 'nowhere.yaml'))),
+         ("config file", "nowhere.yaml' not found"), rc=2),
+    Case('malformed-yaml', 'config', 'malformed yaml: `n_epochs: [1, 2`',
+         lambda w, c: (T, w.train_args(c, _yaml(w, c, 'bad.yaml', 'n_epochs: [1, 2\n'))),
+         ("bad.yaml' is not valid yaml",), rc=2),
+    Case('yaml-folder', 'config', 'a yaml "file" that is a folder: `configs.yaml/`',
+         lambda w, c: (T, w.train_args(c, _folder(w, c, 'configs.yaml'))),
+         ("cannot read config file", "configs.yaml': Is a directory"), rc=2),
+    Case('yaml-not-mapping', 'config', 'a yaml file that is a list, not `key: value` lines',
+         lambda w, c: (T, w.train_args(c, _yaml(w, c, 'list.yaml', '- 1\n- 2\n'))),
+         ("list.yaml' must hold 'key: value' lines",), rc=2),
+    Case('bad-argument', 'config', 'a word that is neither `key=value` nor a yaml file: '
+         '`n_epochs 2`', lambda w, c: (T, w.train_args(c, 'n_epochs', '2')),
+         ("unexpected argument 'n_epochs': give settings as key=value",), rc=2),
+    # -- batch files ---------------------------------------------------------------------------
+    Case('no-train-folder', 'batch files', 'a training folder that does not exist',
+         lambda w, c: (T, w.train_args(c, train_folder=os.path.join(w.dir(c), 'nowhere'))),
+         ("batch folder", "nowhere' does not exist: run preprocessing",)),
+    Case('empty-folder', 'batch files', 'a batch folder without .hkl files',
+         lambda w, c: (T, w.train_args(c, train_folder=w.batch_folder(c, lambda d: None))),
+         ("holds no .hkl batch files",)),
+    Case('truncated-batch', 'batch files', 'a truncated batch file (para_load: True)',
+         lambda w, c: (T, w.train_args(c, 'para_load=True', train_folder=w.batch_folder(
+             c, lambda d: _truncated_copy(d, w)))),
+         ("cannot read batch file", "0000.hkl", "truncated"), mode='script'),
+    Case('nchw-batch', 'batch files', 'a batch file in channels-first layout: uint8 '
+         '(8, 3, 256, 256)',
+         lambda w, c: (T, w.train_args(c, train_folder=w.batch_folder(c, lambda d: _h5(
+             os.path.join(d, '0000.hkl'), 'data', np.zeros((8, 3, 256, 256), np.uint8))))),
+         ("0000.hkl' holds uint8 (8, 3, 256, 256); expected uint8 (B, 256, 256, 3)",)),
+    Case('float-batch', 'batch files', 'a batch file of float32 images',
+         lambda w, c: (T, w.train_args(c, train_folder=w.batch_folder(c, lambda d: _h5(
+             os.path.join(d, '0000.hkl'), 'data', np.zeros((8, 256, 256, 3), np.float32))))),
+         ("0000.hkl' holds float32 (8, 256, 256, 3); expected uint8",)),
+    Case('not-hdf5', 'batch files', 'a file named .hkl that is not HDF5',
+         lambda w, c: (T, w.train_args(c, train_folder=w.batch_folder(c, lambda d: open(
+             os.path.join(d, '0000.hkl'), 'w').write('not a batch\n')))),
+         ("cannot read batch file", "0000.hkl")),
+    Case('no-data-array', 'batch files', "an HDF5 file without the 'data' array",
+         lambda w, c: (T, w.train_args(c, train_folder=w.batch_folder(c, lambda d: _h5(
+             os.path.join(d, '0000.hkl'), 'images', np.zeros((8, 256, 256, 3), np.uint8))))),
+         ("0000.hkl' has no 'data' array",)),
+    Case('batch-size', 'batch files', 'a batch_size that does not divide the batch files: '
+         '`batch_size=3` for files of 8', lambda w, c: (T, w.train_args(c, 'batch_size=3')),
+         ("batch_size 3 x 1 replica(s) = 3 must divide the 8 images of each training batch "
+          "file",), rc=2),
+    Case('short-second-file', 'batch files', 'a later batch file with fewer images than the '
+         'first (found when it is read)',
+         lambda w, c: (T, w.train_args(
+             c, 'para_load=True', train_folder=w.batch_folder(
+                 c, lambda d: _two_files_second_short(d, w)),
+             label_folder=_labels_for_two_files(w, c))),
+         ("0001.hkl' has 4 images; rows [4, 8) were asked for",), mode='script'),
+    # -- labels --------------------------------------------------------------------------------
+    Case('no-label-file', 'labels', 'a label folder without train_labels.npy',
+         lambda w, c: (T, w.train_args(c, label_folder=w.label_folder(c, None))),
+         ("label file", "train_labels.npy' not found: run preprocessing (make_labels.py)",)),
+    Case('short-labels', 'labels', 'fewer labels than images',
+         lambda w, c: (T, w.train_args(c, label_folder=w.label_folder(
+             c, lambda p: np.save(p, np.arange(4))))),
+         ("train_labels.npy' has 4 labels, but the training batch files hold 8 images",)),
+    Case('label-range', 'labels', 'a label outside 0..999',
+         lambda w, c: (T, w.train_args(c, label_folder=w.label_folder(
+             c, lambda p: np.save(p, np.array([0, 1, 2, 3, 4, 5, 6, 1000]))))),
+         ("train_labels.npy' holds labels outside 0..999",)),
+    Case('float-labels', 'labels', 'float labels',
+         lambda w, c: (T, w.train_args(c, label_folder=w.label_folder(
+             c, lambda p: np.save(p, np.zeros(8))))),
+         ("train_labels.npy' holds float64 (8,); expected 1-D integer labels",)),
+    Case('pickled-labels', 'labels', 'a label file holding a pickled (object) array',
+         lambda w, c: (T, w.train_args(c, label_folder=w.label_folder(
+             c, lambda p: np.save(p, _object_array(8), allow_pickle=True)))),
+         ("train_labels.npy' is not a .npy array", "allow_pickle=False")),
+    # -- mean file -----------------------------------------------------------------------------
+    Case('no-mean', 'mean file', 'a mean file that does not exist',
+         lambda w, c: (T, w.train_args(c, mean_file=os.path.join(w.dir(c), 'img_mean.npy'))),
+         ("mean file", "img_mean.npy' not found: run preprocessing or fix mean_file")),
+    Case('hwc-mean', 'mean file', 'a mean image of shape (256, 256, 3)',
+         lambda w, c: (T, w.train_args(c, mean_file=_mean(w, c, np.zeros((256, 256, 3),
+                                                                           np.float32)))),
+         ("has shape (256, 256, 3); expected (3, 256, 256)",)),
+    Case('nan-mean', 'mean file', 'a mean image holding NaN',
+         lambda w, c: (T, w.train_args(c, mean_file=_mean(w, c, np.full((3, 256, 256), np.nan,
+                                                                         np.float32)))),
+         ("img_mean.npy' holds NaN or infinite values",)),
+    # -- snapshots -----------------------------------------------------------------------------
+    Case('no-snapshot', 'snapshots', 'validate.py with a load_epoch that has no snapshot',
+         lambda w, c: ('validate.py', w.data + ['gpu=cpu', f'weights_dir={w.snap}',
+                                                'load_epoch=7']),
+         ("no snapshot 7 in", "its complete snapshots are epochs 1 (fix load_epoch)")),
+    Case('no-weights-dir', 'snapshots', 'validate.py with a weights_dir that does not exist',
+         lambda w, c: ('validate.py', w.data + ['gpu=cpu', 'load_epoch=1',
+                                                f'weights_dir={w.dir(c)}/nowhere']),
+         ("no snapshot 1 in", "the folder does not exist")),
+    Case('misshaped-param', 'snapshots', 'a snapshot file of the wrong shape',
+         lambda w, c: ('validate.py', w.data + ['gpu=cpu', 'load_epoch=1', 'weights_dir=' +
+                                                _snap_with(w, c, 'W_0_1.npy',
+                                                           np.zeros((3, 3), np.float32))]),
+         ("W_0_1.npy has shape (3, 3), expected (3, 11, 11, 96)",)),
+    Case('pickled-param', 'snapshots', 'a snapshot file holding a pickled (object) array',
+         lambda w, c: ('validate.py', w.data + ['gpu=cpu', 'load_epoch=1', 'weights_dir=' +
+                                                _snap_with(w, c, 'b_7_1.npy',
+                                                           _object_array(1000))]),
+         ("cannot read parameter file", "b_7_1.npy", "allow_pickle=False")),
+    Case('incomplete-snapshot', 'snapshots', 'resuming from a snapshot without its lr file '
+         '(its writing was interrupted)',
+         lambda w, c: (T, w.train_args(c, 'resume_train=True', 'load_epoch=1',
+                                       f'weights_dir={_snap_without(w, c, "lr_1.npy")}')),
+         ("snapshot 1 in", "is incomplete: its lr file (written last) is missing, so writing it "
+          "was interrupted"), mode='script'),
+    Case('no-momentum', 'snapshots', 'resuming from a snapshot that lacks a momentum file',
+         lambda w, c: (T, w.train_args(c, 'resume_train=True', 'load_epoch=1',
+                                       f'weights_dir={_snap_without(w, c, "mom_3_1.npy")}')),
+         ("missing momentum file", "mom_3_1.npy")),
+    # -- images (classify.py) ------------------------------------------------------------------
+    Case('corrupt-image', 'images', 'classify.py on a truncated JPEG',
+         lambda w, c: ('classify.py', _classify_args(
+             w, _image(w, c, 'cut.jpg', _jpeg_bytes()[:400]))),
+         ("error: cannot read image", "cut.jpg"), mode='script'),
+    Case('not-an-image', 'images', 'classify.py on a text file named .jpg',
+         lambda w, c: ('classify.py', _classify_args(
+             w, _image(w, c, 'notes.jpg', b'these are notes, not pixels\n'))),
+         ("cannot read image", "notes.jpg")),
+    Case('missing-image', 'images', 'classify.py on an image that does not exist',
+         lambda w, c: ('classify.py', _classify_args(w, os.path.join(w.dir(c), 'gone.png'))),
+         ("image", "gone.png not found")),
+    # -- preprocessing, MNIST, release ---------------------------------------------------------
+    Case('paths-key', 'preprocessing', 'preprocessing/paths.yaml without `misc_dir`',
+         lambda w, c: ('preprocessing/make_hkl.py', ['--paths', _paths_yaml_without_misc(w, c)]),
+         ("paths.yaml has no key 'misc_dir'",), mode='script'),
+    Case('evil-pickle', 'MNIST pickle', 'dual_mlp.py --dataset with a pickle that runs a command',
+         lambda w, c: ('dual_mlp.py', ['cpu', 'cpu', '--dataset', _mnist(
+             w, c, _RunsCommand(os.path.join(w.dir(c), 'pwned')))]),
+         ("refusing to load", "system: this file may only hold NumPy arrays"), rc=2,
+         mode='script'),
+    Case('mnist-shape', 'MNIST pickle', 'dual_mlp.py --dataset with 783-column images',
+         lambda w, c: ('dual_mlp.py', ['cpu', 'cpu', '--dataset', _mnist(
+             w, c, (_mnist_rows(20, 783), _mnist_rows(10), _mnist_rows(10)))]),
+         ("train x should be a float32 array of shape (n, 784)",), rc=2),
+    Case('release-checksum', 'release zip', 'pretrained/import_params.py on a zip whose sha1 '
+         'is not the release\'s', lambda w, c: ('pretrained/import_params.py', [
+             _release_zip(w, c), os.path.join(w.dir(c), 'weights')]),
+         ("error: sha1 of", "expected 58950804f50f8d1a76705e1b28d3546e12ea8a81",
+          "--skip-checksum"), mode='script'),
+]
+
+# bad inputs whose errors other test files already check (listed in docs/bad_inputs.md too)
+ELSEWHERE = [
+    ('tests/test_preprocessing.py', 'test_a_truncated_image_stops_the_run_naming_the_file'),
+    ('tests/test_pretrained.py', 'test_path_traversal_member_is_refused'),
+    ('tests/test_pretrained.py', 'test_misshaped_wrong_dtype_and_pickled_files_are_named'),
+    ('tests/test_preprocessing.py', 'test_wnid_absent_from_the_devkit_is_named'),
+    ('tests/test_proc_load.py', 'test_script_without_startup_line_exits'),
+]
+
+
+def _folder(w, c, name):
+    path = os.path.join(w.dir(c), name)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _mean(w, c, array):
+    path = os.path.join(w.dir(c), 'img_mean.npy')
+    np.save(path, array)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# running a case
+
+def run_script(script, argv):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=ROOT,
+                       capture_output=True, text=True, timeout=SCRIPT_TIMEOUT,
+                       stdin=subprocess.DEVNULL)
+    return r.returncode, r.stderr
+
+
+def run_main(script, argv, capsys):
+    """The script's main(argv) in this process: (exit status, stderr)."""
+    import importlib.util
+    name = 'bad_input_' + os.path.basename(script)[:-3]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, script))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    capsys.readouterr()
+    try:
+        code = module.main(argv)
+    except SystemExit as e:
+        code = e.code
+    code = 0 if code is None else code
+    return (code if isinstance(code, int) else 1), capsys.readouterr().err
+
+
+def error_line(stderr):
+    """The message line of a failed run: the last line that is not a warning or notice."""
+    lines = [x for x in stderr.strip().splitlines() if x.strip()]
+    return lines[-1] if lines else ''
+
+
+@pytest.fixture(scope='module')
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp('bad_inputs')
+    yield World(str(root))
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope='module')
+def scripts(world):
+    """The 'script' cases, started two at a time in the background; case id -> future."""
+    pool = concurrent.futures.ThreadPoolExecutor(2)
+    futures = {c.id: pool.submit(run_script, *c.make(world, c.id)) for c in CASES
+               if c.mode == 'script' and not c.skip}
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.mark.parametrize('case', CASES, ids=[c.id for c in CASES])
+def test_bad_input_gives_one_clear_line(case, world, scripts, capsys, monkeypatch):
+    if case.skip:
+        pytest.skip(case.skip)
+    if case.mode == 'script':
+        rc, err = scripts[case.id].result(timeout=SCRIPT_TIMEOUT + 60)
+    else:
+        monkeypatch.chdir(ROOT)
+        rc, err = run_main(*case.make(world, case.id), capsys)
+    assert 'Traceback' not in err, err
+    line = error_line(err)
+    assert rc == case.rc, f"exit status {rc}, expected {case.rc}: {err[-2000:]}"
+    assert line.startswith(('error:', 'config error:', 'dual_mlp:')), err[-2000:]
+    for word in case.expect:
+        assert word in line, f"{word!r} not in {line!r}"
+    if case.id == 'evil-pickle':
+        assert not os.path.exists(os.path.join(world.dir(case.id), 'pwned'))
+
+
+def test_the_catalogue_is_documented():
+    """docs/bad_inputs.md has a row for every case, and the catalogue has at least 25."""
+    assert len(CASES) >= 25
+    with open(DOC, encoding='utf-8') as f:
+        doc = f.read()
+    missing = [c.id for c in CASES if f'| {c.input} |' not in doc]
+    assert not missing, f"cases missing from {DOC}: {missing}"
+    for path, test in ELSEWHERE:
+        with open(os.path.join(ROOT, path)) as f:
+            assert f'def {test}(' in f.read(), (path, test)
+
+
+# ---------------------------------------------------------------------------------------------
+# the table
+
+def _shorten(line, world):
+    line = line.replace(world.root + os.sep, '…/').replace(world.root, '…')
+    return line if len(line) <= 200 else line[:197] + '…'
+
+
+def main():
+    import tempfile
+    root = tempfile.mkdtemp(prefix='bad_inputs-')
+    try:
+        w = World(root)
+        rows = []
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            jobs = [(c, pool.submit(run_script, *c.make(w, c.id))) for c in CASES if not c.skip]
+            for c, job in jobs:
+                rc, err = job.result()
+                msg = _shorten(error_line(err), w).replace('|', '\\|')
+                rows.append(f"| {c.input} | `{msg}` (exit {rc}) |")
+        print("# Bad inputs and what the user sees\n")
+        print("Each row is a bad input given to the real script and the one line it ends with "
+              "(paths shortened to `…/`). Configuration errors exit with status 2, the others "
+              "with 1; no traceback. Tested by `tests/test_bad_inputs.py` (one test per row); "
+              "this file is written by `python tests/test_bad_inputs.py`.\n")
+        group = None
+        for c, row in zip([c for c in CASES if not c.skip], rows):
+            if c.group != group:
+                group = c.group
+                print(f"\n## {group[0].upper() + group[1:]}\n")
+                print("| input | what the user sees |")
+                print("| --- | --- |")
+            print(row)
+        print("\n## Tested elsewhere\n")
+        print("| input | test |")
+        print("| --- | --- |")
+        for text, (path, test) in zip(ELSEWHERE_TEXT, ELSEWHERE):
+            print(f"| {text} | `{path}::{test}` |")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+ELSEWHERE_TEXT = [
+    'a truncated JPEG among the training images (make_hkl.py; names the file, suggests '
+    '`--skip-bad`)',
+    'a release zip with a member path like `../W_0_65.npy` (import_params.py: unsafe path)',
+    'release files of the wrong shape or dtype, or pickled (import_params.py names each)',
+    'a training folder (WNID) absent from the devkit (make_train_val_txt.py names it)',
+    'proc_load.py started by hand, without its start-up line',
+]
+
+if __name__ == '__main__':
+    main()
