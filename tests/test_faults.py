@@ -89,6 +89,18 @@ def descendants(pid):
     return out
 
 
+_RUNS = []      # every Proc started: a failed test must not leave its run going
+
+
+@pytest.fixture(autouse=True)
+def _stop_runs_left_by_a_failed_test():
+    yield
+    while _RUNS:
+        run = _RUNS.pop()
+        if run.p.poll() is None or any(alive(p, s) for p, s in list(run.family.items())):
+            run.kill_all()
+
+
 class Proc:
     """A script of the repository run as a real process. Output (stdout and stderr together)
     is collected line by line as it comes ('\\r' ends a line too: progress bars); every process
@@ -101,6 +113,7 @@ class Proc:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=dict(os.environ, PYTHONUNBUFFERED='1', **(env or {})), preexec_fn=preexec_fn)
         self.pid = self.p.pid
+        _RUNS.append(self)
         self.lines = []
         self.family = {}                 # pid -> start time, every descendant seen
         self._cond = threading.Condition()
@@ -388,7 +401,7 @@ def test_sigkill_of_one_trainer_of_two(data, ref2, tmp_path):
     rank, pid and the signal, stops the other trainer and exits 1; both loaders go too; the
     last complete snapshot is intact."""
     rng = rng_for('sigkill-trainer')
-    it, delay = kill_point(rng, 1, 3)
+    it, delay = kill_point(rng, 1, 2)
     run = Proc('train_2gpu.py', two_args(data, tmp_path))
     run.wait_for(rf'^iter {it} ')
     time.sleep(delay)
@@ -408,7 +421,7 @@ def test_sigkill_of_one_trainer_of_two(data, ref2, tmp_path):
 def test_sigkill_of_the_launcher(data, ref2, tmp_path):
     """SIGKILL of train_2gpu.py itself: its trainers notice that their parent is gone and
     exit, their loaders follow; nothing is left and the snapshot is intact."""
-    it, delay = kill_point(rng_for('sigkill-launcher'), 1, 3)
+    it, delay = kill_point(rng_for('sigkill-launcher'), 1, 2)
     run = Proc('train_2gpu.py', two_args(data, tmp_path))
     run.wait_for(rf'^iter {it} ')
     time.sleep(delay)
@@ -428,7 +441,7 @@ def test_sigkill_of_the_launcher(data, ref2, tmp_path):
 def test_sigint_to_the_launcher(data, ref2, tmp_path):
     """Ctrl-C (SIGINT to the launcher): the trainers are interrupted, the launcher says so and
     exits 130; nothing is left; the snapshot is intact."""
-    it, delay = kill_point(rng_for('sigint-launcher'), 1, 3)
+    it, delay = kill_point(rng_for('sigint-launcher'), 1, 2)
     run = Proc('train_2gpu.py', two_args(data, tmp_path))
     run.wait_for(rf'^iter {it} ')
     time.sleep(delay)

@@ -100,6 +100,7 @@ def test_a_live_run_uses_loopback_only_and_ignores_a_stranger(tmp_path):
     ports = [free_port(), free_port()]
     run = Proc('train_2gpu.py', [*data, 'gpu0=cpu', 'gpu1=cpu', 'exchange=host',
                                  'batch_size=1', 'para_load=True', 'print_freq=1', 'n_epochs=1',
+                                 'snapshot_freq=100',
                                  f'sock_data0={ports[0]}', f'sock_data1={ports[1]}',
                                  f'weights_dir={tmp_path / "w"}'])
     try:
