@@ -531,6 +531,16 @@ def main():
                 print("| input | what the user sees |")
                 print("| --- | --- |")
             print(row)
+        print("\n## Faults during a run\n")
+        print("What a run ends with when something fails under it (`tests/test_faults.py`, "
+              "real processes, faults at seeded random points). In every case no process is "
+              "left behind and the last complete snapshot is byte for byte the one an "
+              "uninterrupted run wrote; resuming from it (`resume_train=True "
+              "load_epoch=N`) ends with the uninterrupted run's weights.\n")
+        print("| fault | what the user sees |")
+        print("| --- | --- |")
+        for fault, seen in FAULTS:
+            print(f"| {fault} | {seen} |")
         print("\n## Tested elsewhere\n")
         print("| input | test |")
         print("| --- | --- |")
@@ -539,6 +549,49 @@ def main():
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
+
+FAULTS = [
+    ('SIGKILL of train.py (at any moment, a snapshot write included)',
+     'nothing (killed); the loader exits with it; a half-written snapshot has no `lr_N.npy`, so '
+     'the last complete one is used; its leftover temporary files go when that snapshot is '
+     'written again'),
+    ('SIGKILL of the loader process',
+     "`error: loader process (pid 4242) was killed by signal SIGKILL while loading rows [0, 4) "
+     "of '…/0000.hkl'` (exit 1)"),
+    ('SIGKILL of one trainer of train_2gpu.py',
+     '`error: worker rank 1 (pid 4242) failed: signal SIGKILL (then stopped the others: rank 0: '
+     'exit code 1)` (exit 1)'),
+    ('SIGKILL of the train_2gpu.py launcher',
+     '`worker 4243: the launcher (pid 4241) has gone, exiting` from each trainer; their loaders '
+     'follow'),
+    ('Ctrl-C (SIGINT) to the train_2gpu.py launcher',
+     '`launcher: SIGINT received, workers stopped (rank 0: exit code 130, rank 1: exit code '
+     '130); rank 0: KeyboardInterrupt` (exit 130)'),
+    ('SIGTERM (preemption) to the train_2gpu.py launcher',
+     '`launcher: SIGTERM received, workers stopped (rank 0: exit code 143, rank 1: exit code '
+     '143); rank 0: Preempted: SIGTERM: stopped after epoch 1 and wrote a resumable snapshot to '
+     '…/w; resume with resume_train=True load_epoch=1` (exit 143; the replicas agree to stop '
+     'at a step that is a multiple of 10 or at the epoch\'s end)'),
+    ('SIGTERM to train.py',
+     '`preempted: SIGTERM: stopped after step 1 of epoch 2 and wrote a resumable snapshot to …/w; '
+     'resume with resume_train=True load_epoch=2` (exit 143; during an epoch\'s last step: '
+     '`stopped after epoch 1`, an ordinary complete snapshot)'),
+    ('the disk fills (or RLIMIT_FSIZE is hit) while a snapshot is written',
+     '`error: snapshot 2 was not written, its files in …/w are incomplete: cannot write '
+     '…/w/W_5_2.npy (disk full or over a file-size limit?): …; the last complete snapshot is '
+     'epoch 1` (exit 1)'),
+    ('a batch file truncated while the run goes on',
+     "`error: cannot read batch file '…/0001.hkl' (truncated or corrupt?): Unable to "
+     "synchronously open file (truncated file: …)` (exit 1)"),
+    ('a learning rate far too high: the loss becomes NaN',
+     '`error: the training loss became nan at iteration 7 (epoch 2); stopped instead of '
+     'training on garbage: the last good snapshot is epoch 1 in …/w; lower the learning rate '
+     'it holds (…/w/lr_1.npy) and resume with resume_train=True load_epoch=1` (exit 1)'),
+    ("the last step of an epoch spoils the weights (NaN), its loss still finite",
+     '`error: the validation loss became nan after epoch 1; stopped instead of training on '
+     'garbage: no snapshot was written yet; start again with a lower learning_rate` (exit 1; '
+     'no snapshot of the spoilt weights)'),
+]
 
 ELSEWHERE_TEXT = [
     'a truncated JPEG among the training images (make_hkl.py; names the file, suggests '

@@ -219,6 +219,7 @@ def error_lines(text):
 def assert_ended_cleanly(run, rc, expect_rc, *words):
     """rc as expected, each word in the output, no traceback, no process left behind."""
     out = run.text
+    print(f"{os.path.basename(run.p.args[1])} ended with {rc}:", *error_lines(out), sep='\n  ')
     assert rc == expect_rc, f"exit status {rc}, expected {expect_rc}; output:\n{out[-4000:]}"
     for w in words:
         assert w in out, f"{w!r} not in the output:\n{out[-4000:]}"
