@@ -205,7 +205,7 @@ class Replica:
         """Train over the epoch's steps (or the given requests); returns the mean training
         loss, train error and images/s over all replicas."""
         cfg, dev = self.cfg, self.device
-        requests = requests or self.train_requests(epoch)
+        requests = self.train_requests(epoch) if requests is None else requests
         steps_in_epoch = len(requests)
         requests = requests[start_step:]
         lo, hi = self.rank * self.batch, (self.rank + 1) * self.batch
