@@ -1,5 +1,6 @@
 """Shared fixtures: small real batch-file datasets written with the real writer."""
 import os
+import signal
 import sys
 
 import numpy as np
@@ -41,3 +42,9 @@ def make_dataset(root, n_train_files=2, file_rows=16, val_sizes=(16, 5), seed=0)
 @pytest.fixture(scope='session')
 def small_dataset(tmp_path_factory):
     return make_dataset(str(tmp_path_factory.mktemp('small_data')))
+
+
+def default_sigint():
+    """preexec_fn for a child that is sent Ctrl-C: a job started in the background (as CI may
+    start the suite) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

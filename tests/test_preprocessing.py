@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import default_sigint
+
 from preproc_tree import (DEVKIT_IDS, PALETTE, RGBA_COLOUR, WNIDS, build_tree, truncate,
                           write_meta)
 
@@ -238,7 +240,7 @@ def test_ctrl_c_then_rerun_finishes_the_same_batches(tmp_path):
     first = os.path.join(paths['train_batch_dir'], '0000.hkl')
     proc = subprocess.Popen([sys.executable, os.path.join(PREP, 'make_hkl.py'), '--paths',
                              yaml_path, '--workers', '1'], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     while not os.path.exists(first) and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)  # Ctrl-C after the first of four training batches

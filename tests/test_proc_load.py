@@ -14,6 +14,8 @@ import pytest
 import torch
 import zmq
 
+from conftest import default_sigint
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -368,7 +370,8 @@ def test_ctrl_c_ends_trainer_and_loader(dataset):
             "    for x in l.iterate([(%r, 0, %d)] * 100000):\n"
             "        time.sleep(0.001)\n") % (ROOT, B, files_0(dataset), B)
     trainer = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, start_new_session=True)
+                               stderr=subprocess.PIPE, start_new_session=True,
+                               preexec_fn=default_sigint)
     try:
         r, _, _ = select.select([trainer.stdout], [], [], 40)
         assert r, "trainer did not start its loader within 40 s"
