@@ -138,6 +138,16 @@ def _stop(procs, grace):
         p.join(5.0)
 
 
+def _collect_errors(conns, received):
+    """Read, without blocking, the error texts the workers sent (rank -> last text)."""
+    for rank, c in enumerate(conns):
+        try:
+            while c.poll():
+                received[rank] = c.recv_bytes(8192).decode('utf-8', 'replace')
+        except (EOFError, OSError):
+            pass
+
+
 def spawn(worker_fn, world, args=(), *, timeout=None, grace=5.0, expected=()):
     """Run worker_fn(rank, world, *args) in `world` processes and wait for all of them.
 
@@ -178,12 +188,7 @@ def spawn(worker_fn, world, args=(), *, timeout=None, grace=5.0, expected=()):
             conns.append(r_conn)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            for rank, c in enumerate(conns):        # collect error texts without blocking
-                try:
-                    while c.poll():
-                        received[rank] = c.recv_bytes(8192).decode('utf-8', 'replace')
-                except (EOFError, OSError):
-                    pass
+            _collect_errors(conns, received)
             if stop_signal:
                 signum = stop_signal[0]
                 for p in procs:
@@ -193,12 +198,7 @@ def spawn(worker_fn, world, args=(), *, timeout=None, grace=5.0, expected=()):
                 for p in procs:
                     p.join(max(0.0, deadline_sig - time.monotonic()))
                 _stop(procs, 1.0)
-                for r, c in enumerate(conns):
-                    try:
-                        if c.poll():
-                            received[r] = c.recv_bytes(8192).decode('utf-8', 'replace')
-                    except (EOFError, OSError):
-                        pass
+                _collect_errors(conns, received)
                 said = ''.join('; rank %d: %s' % (r, received[r]) for r in sorted(received)
                                if r == min(received) or received[r] != received[min(received)])
                 print('launcher: %s received, workers stopped (%s)%s' % (
@@ -215,12 +215,7 @@ def spawn(worker_fn, world, args=(), *, timeout=None, grace=5.0, expected=()):
                 failed.sort(key=lambda rp: (rp[1].exitcode >= 0, rp[0]))
                 rank, p = failed[0]
                 _stop(procs, grace)
-                for r, c in enumerate(conns):
-                    try:
-                        if c.poll():
-                            received[r] = c.recv_bytes(8192).decode('utf-8', 'replace')
-                    except (EOFError, OSError):
-                        pass
+                _collect_errors(conns, received)
                 msg = 'worker rank %d (pid %d) failed: %s' % (rank, p.pid, describe_exit(p.exitcode))
                 if rank in received:
                     msg += ': ' + received[rank]
