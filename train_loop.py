@@ -363,7 +363,7 @@ class Replica:
                  f"(lr {lr:g})")
         return e, done, lr, record[:e - 1]
 
-    def end_of_epoch(self, epoch, lr_used, lr_next, record, row):
+    def end_of_epoch(self, epoch, lr_next, record, row):
         """Lead replica: val_record.npy, metrics.csv, snapshot."""
         wd = self.cfg['weights_dir']
         os.makedirs(wd, exist_ok=True)
@@ -423,7 +423,7 @@ def train(cfg, rank=0, world=1, device=None, exchanger=None, progress=True):
                     f"{top1:.4f} top-5 error {top5:.4f} loss {val_loss:.4f} ({n} images) | "
                     f"{ips:.0f} img/s | lr {lr:g}")
             if rep.lead:
-                rep.end_of_epoch(epoch, lr, lr_next, record,
+                rep.end_of_epoch(epoch, lr_next, record,
                                  [lr, train_loss, top1, top5, val_loss, ips, time.time() - t0])
             lr = lr_next
             if epoch < cfg['n_epochs'] and rep._agreed_stop(stop):
