@@ -55,6 +55,7 @@ LAYERS = (
     Layer('fc', 4096, N_CLASSES, init_std=0.01, init_bias=0.0, relu=False),  # 7 fc8 (softmax)
 )
 DROPOUT_LAYERS = tuple(i for i, l in enumerate(LAYERS) if l.dropout)
+FIRST_FC = next(i for i, l in enumerate(LAYERS) if l.kind == 'fc')
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,10 @@ def _layer_slices():
 
 
 LAYER_SLICES = _layer_slices()
+# the fully connected weights are one contiguous range of the flat buffers (96% of the
+# parameters); the convolutional weights and all biases are the rest
+FC_WEIGHTS = slice(LAYER_SLICES[FIRST_FC][0], N_WEIGHTS)
+NOT_FC_WEIGHTS = (slice(0, LAYER_SLICES[FIRST_FC][0]), slice(N_WEIGHTS, N_PARAMS))
 
 
 def original_init(seed=INIT_SEED):
@@ -135,25 +140,34 @@ def original_init(seed=INIT_SEED):
     return arrays
 
 
+def features(conv_params, x):
+    """The convolutional part: (B, 3, 227, 227) -> (B, 9216) in (channel, row, col) order, the
+    original's fc6 input. conv_params: (W, b) of the convolutional layers."""
+    for l, (W, b) in zip(LAYERS[:FIRST_FC], conv_params):
+        x = conv_relu(x, W, b, l.stride, l.pad, l.groups)
+        if l.pool:
+            x = max_pool(x)
+        if l.lrn:
+            x = lrn(x)
+    return x.flatten(1)
+
+
+def classifier(fc_params, x, masks=None):
+    """The fully connected part: features -> logits. masks: None at test time, else the
+    keep-masks (B, 4096) of fc6 and fc7."""
+    for i, (W, b) in enumerate(fc_params, FIRST_FC):
+        x = fc(x, W, b)
+        if LAYERS[i].relu:
+            x = torch.relu(x)
+        if LAYERS[i].dropout:
+            x = dropout(x, None if masks is None else masks[DROPOUT_LAYERS.index(i)])
+    return x
+
+
 def forward(layer_params, x, masks=None):
     """Logits of AlexNet. layer_params: (W, b) of each layer (AlexNet.layer_params); x: (B, 3,
     227, 227); masks: None at test time, else the keep-masks (B, 4096) of fc6 and fc7."""
-    for i, (l, (W, b)) in enumerate(zip(LAYERS, layer_params)):
-        if l.kind == 'conv':
-            x = conv_relu(x, W, b, l.stride, l.pad, l.groups)
-            if l.pool:
-                x = max_pool(x)
-            if l.lrn:
-                x = lrn(x)
-        else:
-            if x.dim() > 2:
-                x = x.flatten(1)  # (channel, row, col) order, as the original's fc6
-            x = fc(x, W, b)
-            if l.relu:
-                x = torch.relu(x)
-            if l.dropout:
-                x = dropout(x, None if masks is None else masks[DROPOUT_LAYERS.index(i)])
-    return x
+    return classifier(layer_params[FIRST_FC:], features(layer_params[:FIRST_FC], x), masks)
 
 
 class AlexNet:

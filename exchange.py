@@ -2,6 +2,7 @@
 
     ex = make_exchanger('p2p', rank, world, device, port=5000, timeout=120.0)
     ex.average_(state)        # in place: every replica ends with the elementwise mean
+    p = ex.start_average_(grad); ...; p.wait()   # the same, overlapped with other work
     ex.all_sum([loss, errors, n])
     ex.check_identical(state, 'parameters')
     ex.close()
@@ -108,6 +109,22 @@ class Exchanger:
     def average_(self, flat):
         """Replace `flat` (1-D contiguous float32 on this exchanger's device) by its mean over
         the replicas. Every replica must call it, with corresponding buffers in the same order."""
+        self._check(flat)
+        if self._plane is not None:
+            self._plane.average_(flat)
+
+    def start_average_(self, flat):
+        """average_, started: returns a Pending whose wait() finishes it. With nccl (and gloo on
+        CPU buffers) the bytes move while the caller goes on computing, e.g. the rest of the
+        backward pass; `flat` must not be touched before wait(). Other planes average at once."""
+        self._check(flat)
+        start = getattr(self._plane, 'start_average_', None)
+        if start is not None:
+            return start(flat)
+        self.average_(flat)
+        return Pending()
+
+    def _check(self, flat):
         if not isinstance(flat, torch.Tensor):
             raise TypeError('average_ needs a torch.Tensor, got %s' % type(flat).__name__)
         if flat.dtype != torch.float32 or flat.dim() != 1 or not flat.is_contiguous():
@@ -117,8 +134,6 @@ class Exchanger:
         if _normalise_device(flat.device) != self.device:
             raise ValueError('average_: the buffer is on %s but this exchanger was made for %s'
                              % (flat.device, self.device))
-        if self._plane is not None:
-            self._plane.average_(flat)
 
     def all_sum(self, values):
         """Sum a short list of numbers over the replicas (float64); returns a list of floats."""
@@ -370,6 +385,27 @@ def _sha256(flat):
 # ----------------------------------------------------------------------------------------------
 # data planes
 
+class Pending:
+    """An average in flight (Exchanger.start_average_); wait() finishes it."""
+
+    def __init__(self, work=None, flat=None, world=1, guard=None):
+        self._work, self._flat, self._world, self._guard = work, flat, world, guard
+
+    def wait(self):
+        if self._work is None:
+            return
+        work, self._work = self._work, None
+        with self._guard:
+            work.wait()       # nccl: the current stream waits for the all-reduce
+            self._flat.div_(self._world)
+
+
+def _start_all_reduce(ctl, flat, group, what):
+    with ctl.guard(what):
+        work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=True)
+    return Pending(work, flat, ctl.world, ctl.guard(what))
+
+
 class _Gloo:
     def __init__(self, ctl, device, secret=None):
         self.ctl, self.device = ctl, device
@@ -377,21 +413,25 @@ class _Gloo:
 
     def average_(self, flat):
         ctl = self.ctl
+        if not flat.is_cuda:
+            return self.start_average_(flat).wait()
         with ctl.guard('average_ (gloo all_reduce)'):
-            if flat.is_cuda:
-                key = (flat.data_ptr(), flat.numel())
-                stage = self._pinned.get(key)
-                if stage is None:
-                    stage = self._pinned[key] = torch.empty(flat.numel(), dtype=flat.dtype,
-                                                            pin_memory=True)
-                stage.copy_(flat)                   # synchronous: the GPU work is finished
-                dist.all_reduce(stage, op=dist.ReduceOp.SUM, group=ctl.group)
-                stage.div_(ctl.world)
-                flat.copy_(stage, non_blocking=True)
-                _stream_sync(flat.device)           # the pinned buffer is reused next call
-            else:
-                dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=ctl.group)
-                flat.div_(ctl.world)
+            key = (flat.data_ptr(), flat.numel())
+            stage = self._pinned.get(key)
+            if stage is None:
+                stage = self._pinned[key] = torch.empty(flat.numel(), dtype=flat.dtype,
+                                                        pin_memory=True)
+            stage.copy_(flat)                   # synchronous: the GPU work is finished
+            dist.all_reduce(stage, op=dist.ReduceOp.SUM, group=ctl.group)
+            stage.div_(ctl.world)
+            flat.copy_(stage, non_blocking=True)
+            _stream_sync(flat.device)           # the pinned buffer is reused next call
+
+    def start_average_(self, flat):
+        if flat.is_cuda:       # staged through host memory: nothing to overlap
+            self.average_(flat)
+            return Pending()
+        return _start_all_reduce(self.ctl, flat, self.ctl.group, 'average_ (gloo all_reduce)')
 
     def close(self):
         self._pinned.clear()
@@ -402,10 +442,12 @@ class _Nccl:
         self.ctl, self.device = ctl, device
 
     def average_(self, flat):
-        # enqueued on the current stream; a dead peer is caught by the NCCL watchdog (timeout)
-        with self.ctl.guard('average_ (nccl all_reduce)'):
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.ctl.nccl_group)
-            flat.div_(self.ctl.world)
+        self.start_average_(flat).wait()
+
+    def start_average_(self, flat):
+        # on NCCL's own stream, after the work already queued on the current one; a dead peer
+        # is caught by the NCCL watchdog (timeout)
+        return _start_all_reduce(self.ctl, flat, self.ctl.nccl_group, 'average_ (nccl all_reduce)')
 
     def close(self):
         pass

@@ -5,8 +5,9 @@ train_2gpu.py (one trainer process per GPU, exchanging weights after every minib
     train(cfg)                                      # one replica on cfg['gpu']
     train(cfg, rank, world, device, exchanger)      # replica `rank` of `world`
 
-Each epoch visits every training batch file (in a new order per epoch when shuffle: True); a
-file of F images gives F / (world * batch_size) steps. Replica r reads its rows of each step
+Each epoch visits every training batch file (in a new order per epoch when shuffle: True) as
+if they were one sequence of images, in steps of world * batch_size images (several steps per
+file, or one step over several files for a large global batch). Replica r reads its rows of each step
 and uses its slice of the step's random draws, which are made for the whole global batch from
 a generator seeded by (seed, epoch, step). After each epoch: validation over every validation
 image, val_record.npy and metrics.csv, the learning-rate policy, and a snapshot.
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import alex_net
-from alex_net import AlexNet, N_WEIGHTS
+from alex_net import AlexNet, FC_WEIGHTS, FIRST_FC, NOT_FC_WEIGHTS, N_WEIGHTS
 from batch_files import batch_rows, list_batch_files, replica_rows
 from config import ConfigError
 from data import (SerialLoader, centre_draws, crop_mirror, dropout_masks, load_npy,
@@ -82,12 +83,19 @@ def load_labels(label_folder, name, need, what):
     return torch.from_numpy(labels.astype(np.int64))
 
 
-def batch_loss(layer_params, images, labels, mean_hwc, offsets, mirror, masks, amp_dtype):
-    """Augmentation, forward, loss and the number of top-1 errors of one minibatch."""
+def augmented_features(conv_params, images, mean_hwc, offsets, mirror, amp_dtype):
+    """Augmentation and the convolutional layers of one minibatch: the fc6 input."""
     x = crop_mirror(images, mean_hwc, offsets, mirror)
     with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32,
                         enabled=amp_dtype is not None):
-        logits = alex_net.forward(layer_params, x, masks)
+        return alex_net.features(conv_params, x)
+
+
+def classifier_loss(fc_params, feats, labels, masks, amp_dtype):
+    """The fully connected layers, the loss and the number of top-1 errors of one minibatch."""
+    with torch.autocast(feats.device.type, dtype=amp_dtype or torch.float32,
+                        enabled=amp_dtype is not None):
+        logits = alex_net.classifier(fc_params, feats, masks)
     loss = F.cross_entropy(logits.float(), labels)
     errors = (logits.argmax(1) != labels).sum()
     return loss, errors
@@ -136,9 +144,10 @@ class Replica:
         self._setup_data(for_training)
         # a resumed run and validation load every parameter from a snapshot: no initial draw
         self.net = AlexNet(self.device, init=for_training and not cfg['resume_train'])
-        self.step_fn = batch_loss
+        self.features_fn, self.classifier_fn = augmented_features, classifier_loss
         if cfg['compile']:
-            self.step_fn = torch.compile(batch_loss)
+            self.features_fn = torch.compile(augmented_features)
+            self.classifier_fn = torch.compile(classifier_loss)
 
     # -- data -------------------------------------------------------------------------------
     def _setup_data(self, for_training):
@@ -154,12 +163,19 @@ class Replica:
             return
         self.train_files = list_batch_files(cfg['train_folder'])
         self.file_rows = batch_rows(self.train_files[0])
-        if self.file_rows % self.global_batch:
+        if self.file_rows % self.batch:
             raise ConfigError(
-                f"batch_size {self.batch} x {self.world} replica(s) = {self.global_batch} must "
-                f"divide the {self.file_rows} images of each training batch file "
-                f"({self.train_files[0]})")
-        self.steps_per_file = self.file_rows // self.global_batch
+                f"batch_size {self.batch} must divide the {self.file_rows} images of each "
+                f"training batch file ({self.train_files[0]}): each replica reads its rows of a "
+                f"step from one file")
+        # steps run over the epoch's files as if concatenated: a global batch larger than a
+        # file spans several files; a remainder of less than a step is left out
+        self.steps_per_epoch = len(self.train_files) * self.file_rows // self.global_batch
+        if not self.steps_per_epoch:
+            raise ConfigError(
+                f"batch_size {self.batch} x {self.world} replica(s) = {self.global_batch} is more "
+                f"than the {len(self.train_files) * self.file_rows} training images in "
+                f"{cfg['train_folder']}")
         self.train_labels = load_labels(cfg['label_folder'], 'train_labels.npy',
                                         len(self.train_files) * self.file_rows, 'training')
 
@@ -180,12 +196,16 @@ class Replica:
         return np.random.default_rng([self.cfg['seed'], epoch, 1 << 20]).permutation(n)
 
     def train_requests(self, epoch):
-        """(file, lo, hi, label offset) of each step of an epoch, this replica's rows."""
+        """(file, lo, hi, label offset) of each step of an epoch, this replica's rows: step t
+        is images [t * G, (t + 1) * G) of the epoch's files concatenated (G the global batch),
+        and replica r reads the r-th batch_size of them, which lie in one file."""
+        order = self.file_order(epoch)
         out = []
-        for fi in self.file_order(epoch):
-            for sub in range(self.steps_per_file):
-                lo = sub * self.global_batch + self.rank * self.batch
-                out.append((self.train_files[fi], lo, lo + self.batch, fi * self.file_rows))
+        for t in range(self.steps_per_epoch):
+            first = t * self.global_batch + self.rank * self.batch
+            fi = order[first // self.file_rows]
+            lo = first % self.file_rows
+            out.append((self.train_files[fi], lo, lo + self.batch, fi * self.file_rows))
         return out
 
     def val_requests(self):
@@ -230,18 +250,7 @@ class Replica:
                 offs = torch.from_numpy(offsets[lo:hi]).to(dev, non_blocking=True)
                 mirr = torch.from_numpy(mirror[lo:hi]).to(dev, non_blocking=True)
                 masks = dropout_masks(mask_seed, self.global_batch, lo, hi, dev)
-                loss, errors = self.step_fn(self.net.layer_params, images, labels, self.mean, offs,
-                                            mirr, masks, self.amp_dtype)
-                loss.backward()   # into the flat buffer net.grad
-                grad = self.net.grad
-                if self.exchanger and cfg['average'] == 'gradients':
-                    self.exchanger.average_(grad)
-                sgd_update_(self.net.params, grad, self.net.momentum, lr, N_WEIGHTS, cfg['momentum'],
-                            cfg['weight_decay'], cfg['use_momentum'], cfg['use_nesterov_momentum'])
-                grad.zero_()
-                if (self.exchanger and cfg['average'] == 'weights'
-                        and (step + 1) % cfg['exchange_freq'] == 0):
-                    self.exchanger.average_(self.net.state)
+                loss, errors = self.train_step(images, labels, offs, mirr, masks, lr, step)
                 loss_sum += loss.detach()
                 err_sum += errors
                 since_print += 1
@@ -276,6 +285,33 @@ class Replica:
         train_loss = totals[0] / totals[2]
         self._check_finite(train_loss, epoch, n_prev + len(requests))
         return train_loss, totals[1] / totals[2], len(requests) * self.global_batch / elapsed
+
+    def train_step(self, images, labels, offsets, mirror, masks, lr, step):
+        """Forward, backward, update and exchange of one minibatch; returns (loss, errors).
+        The backward pass is cut in two at the fc6 input: the fully connected layers' gradients
+        (96% of them) are complete first, and with average: gradients they travel to the other
+        replicas while the convolutional layers' backward runs."""
+        cfg, net, ex = self.cfg, self.net, self.exchanger
+        feats = self.features_fn(net.layer_params[:FIRST_FC], images, self.mean, offsets, mirror,
+                                 self.amp_dtype)
+        cut = feats.detach().requires_grad_()
+        loss, errors = self.classifier_fn(net.layer_params[FIRST_FC:], cut, labels, masks,
+                                          self.amp_dtype)
+        loss.backward()               # into the flat buffer net.grad, and cut.grad
+        average_gradients = ex is not None and cfg['average'] == 'gradients'
+        if average_gradients:
+            pending = ex.start_average_(net.grad[FC_WEIGHTS])
+        feats.backward(cut.grad)
+        if average_gradients:
+            for part in NOT_FC_WEIGHTS:
+                ex.average_(net.grad[part])
+            pending.wait()
+        sgd_update_(net.params, net.grad, net.momentum, lr, N_WEIGHTS, cfg['momentum'],
+                    cfg['weight_decay'], cfg['use_momentum'], cfg['use_nesterov_momentum'])
+        net.grad.zero_()
+        if ex and cfg['average'] == 'weights' and (step + 1) % cfg['exchange_freq'] == 0:
+            ex.average_(net.state)
+        return loss, errors
 
     def _agreed_stop(self, stop, step=None):
         """Whether to stop after this step: at once for one replica; for several, at the next
@@ -405,7 +441,7 @@ def train(cfg, rank=0, world=1, device=None, exchanger=None, progress=True):
     if exchanger:
         exchanger.check_identical(rep.net.state, 'parameters and momentum')
     rep.log(f"training on {rep.device} x{world}: {len(rep.train_files)} batch files, "
-            f"{len(rep.train_files) * rep.steps_per_file} steps of {rep.global_batch} images per "
+            f"{rep.steps_per_epoch} steps of {rep.global_batch} images per "
             f"epoch, precision {rep.precision}")
     with rep.make_loader() as loader:
         for epoch in range(first, cfg['n_epochs'] + 1):

@@ -294,8 +294,7 @@ CASES = [
          ("0000.hkl' has no 'data' array",)),
     Case('batch-size', 'batch files', 'a batch_size that does not divide the batch files: '
          '`batch_size=3` for files of 8', lambda w, c: (T, w.train_args(c, 'batch_size=3')),
-         ("batch_size 3 x 1 replica(s) = 3 must divide the 8 images of each training batch "
-          "file",), rc=2),
+         ("batch_size 3 must divide the 8 images of each training batch file",), rc=2),
     Case('short-second-file', 'batch files', 'a later batch file with fewer images than the '
          'first (found when it is read)',
          lambda w, c: (T, w.train_args(

@@ -162,8 +162,36 @@ def test_missing_batch_folder_and_label_file(small_dataset, tmp_path):
 
 
 def test_batch_size_must_divide_the_batch_files(small_dataset, tmp_path):
-    with pytest.raises(ConfigError, match='must divide the 16 images'):
+    with pytest.raises(ConfigError, match='batch_size 6 must divide the 16 images'):
         train_loop.train(cfg_for(small_dataset, tmp_path, 'batch_size=6'), progress=False)
+    with pytest.raises(ConfigError, match='is more than the 32 training images'):
+        train_loop.Replica(cfg_for(small_dataset, tmp_path, 'batch_size=16', 'resume_train=True'),
+                           0, 3, 'cpu')
+
+
+@pytest.mark.parametrize('world,batch,shuffle', [(1, 16, False), (2, 4, True), (2, 16, True),
+                                                 (4, 8, False), (3, 8, True)])
+def test_every_training_image_once_per_epoch_in_order(small_dataset, tmp_path, world, batch,
+                                                      shuffle):
+    """The steps run over the epoch's files as one sequence, also when a global batch spans
+    files (2 x 16 over files of 16): every image at most once, in the file order, all but a
+    remainder of less than a step; replica r reads the r-th slice of each step."""
+    cfg = cfg_for(small_dataset, tmp_path, f'batch_size={batch}', f'shuffle={shuffle}',
+                  'resume_train=True')    # resume_train: no initial draw, nothing else loaded
+    reps = [train_loop.Replica(cfg, r, world, 'cpu') for r in range(world)]
+    rows = reps[0].file_rows
+    for epoch in (1, 2):
+        order = reps[0].file_order(epoch)
+        per_rank = [rep.train_requests(epoch) for rep in reps]
+        seen = []
+        for step in zip(*per_rank):
+            for path, lo, hi, label_off in step:
+                fi = reps[0].train_files.index(path)
+                assert label_off == fi * rows and hi - lo == batch and hi <= rows
+                seen += [fi * rows + i for i in range(lo, hi)]
+        want = [fi * rows + i for fi in order for i in range(rows)]
+        n = len(want) // (world * batch) * world * batch
+        assert seen == want[:n]
 
 
 def test_parallel_loading_trains_bit_identically(small_dataset, two_epochs, tmp_path):
