@@ -4,6 +4,8 @@
     python bench.py precision=fp32 compile=False     # any config key=value, as train.py
     python bench.py --cpu                            # a small CPU run (labelled CPU), e.g. for CI
     python bench.py --out bench_out/bench.json --iters 100
+    python bench.py --gpu-counts 2,4 --per-gpu-batch 128 batch_size=128 exchange=nccl \
+        average=gradients --parallel-only           # scaling: 1, 2 and 4 GPUs at 128 per GPU
 
 For {1 GPU, 2 GPUs (when present)} x {parallel loading, serial loading} it trains from the
 configured batch files (train_folder; the files are visited cyclically) with the real training
@@ -142,7 +144,9 @@ def main(argv):
     ap.add_argument('--cpu', action='store_true', help='a small run on the CPU (2 processes)')
     ap.add_argument('--iters', type=int, help='timed iterations (default 100 GPU, 3 CPU)')
     ap.add_argument('--warmup', type=int, help='untimed iterations first (default 15 GPU, 1 CPU)')
-    ap.add_argument('--max-gpus', type=int, default=2)
+    ap.add_argument('--max-gpus', type=int, default=2, help='GPUs of the multi-GPU rows')
+    ap.add_argument('--gpu-counts', help='several multi-GPU rows, e.g. 2,4,8 (default: --max-gpus)')
+    ap.add_argument('--parallel-only', action='store_true', help='no serial-loading rows')
     ap.add_argument('--per-gpu-batch', type=int,
                     help='batch per GPU of the multi-GPU rows (default: batch_size / GPUs)')
     ap.add_argument('--no-peers', action='store_true')
@@ -160,16 +164,18 @@ def main(argv):
         base += ['batch_size=8']
     try:
         cfg1 = load_config('spec_1gpu.yaml', base + (['gpu=cpu'] if a.cpu else []) + overrides)
-        n_multi = min(a.max_gpus, gpus) if gpus >= 2 else (2 if a.cpu else 0)
-        devices = ['cpu'] * 2 if a.cpu else [f'cuda:{i}' for i in range(n_multi)]
-        cfgm = None
-        if n_multi >= 2:
+        counts = ([int(c) for c in a.gpu_counts.split(',')] if a.gpu_counts else [a.max_gpus])
+        counts = [2] if a.cpu else [min(c, gpus) for c in counts if c >= 2 and gpus >= 2]
+        multi = []   # (devices, config) of each multi-GPU row
+        for n_multi in dict.fromkeys(counts):
+            devices = ['cpu'] * 2 if a.cpu else [f'cuda:{i}' for i in range(n_multi)]
             # Table 1: the GPUs share the global batch (2 x 128 = 256); --per-gpu-batch to scale
             per_gpu = a.per_gpu_batch or cfg1['batch_size'] // n_multi
             m = [o for o in overrides if not o.startswith('gpu=')]
             extra = ['exchange=host'] if a.cpu else []
-            cfgm = load_config('spec_2gpu.yaml', base + [f'batch_size={per_gpu}'] + extra + m
-                               + [f'gpus=[{",".join(devices)}]'])
+            multi.append((devices, load_config(
+                'spec_2gpu.yaml', base + [f'batch_size={per_gpu}'] + extra + m
+                + [f'gpus=[{",".join(devices)}]'])))
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2)
@@ -177,22 +183,29 @@ def main(argv):
         torch.cuda.get_device_name(0)
     results = {'machine': label, 'date': time.strftime('%Y-%m-%d'), 'argv': argv,
                'batch_size': cfg1['batch_size'], 'precision': cfg1['precision'],
-               'compile': cfg1['compile'], 'rows': {}}
+               'compile': cfg1['compile'],
+               'exchange': multi[0][1]['exchange'] if multi else None,
+               'average': multi[0][1]['average'] if multi else None, 'rows': {}}
     rows = results['rows']
     dev1 = cfg1['gpu']
     resident = None if a.multi_only else time_model_step(cfg1, dev1, iters, warmup)
-    for para in () if a.multi_only else (True, False):
+    loadings = (True,) if a.parallel_only else (True, False)
+    for para in () if a.multi_only else loadings:
         cfg = dict(cfg1, para_load=para)
         name = f"1 {'GPU' if not a.cpu else 'CPU process'}, {'parallel' if para else 'serial'} loading"
         rows[name] = r = time_training(cfg, 0, 1, dev1, None, iters, warmup)
         # the share of a step the device waits for data: the step's time over the model's own
-        r['data_wait_share'] = max(0.0, 1 - resident['s_per_20_iter'] / r['s_per_20_iter'])
+        if resident:
+            r['data_wait_share'] = max(0.0, 1 - resident['s_per_20_iter'] / r['s_per_20_iter'])
         print(name, r, flush=True)
-    if cfgm:
-        for para in (True, False):
+    for devices, cfgm in multi:
+        for para in loadings:
             name = (f"{len(devices)} {'GPUs' if not a.cpu else 'CPU processes'}, "
                     f"{'parallel' if para else 'serial'} loading")
-            rows[name] = time_multi(dict(cfgm, para_load=para), devices, iters, warmup)
+            rows[name] = r = time_multi(dict(cfgm, para_load=para), devices, iters, warmup)
+            one = rows.get(name.replace(f"{len(devices)} GPUs", "1 GPU"))
+            if one and cfgm['batch_size'] == cfg1['batch_size']:   # same per-GPU batch
+                r['speedup_vs_1_gpu'] = r['images_per_s'] / one['images_per_s']
             print(name, rows[name], flush=True)
     if resident:
         rows['model step alone (data on the device)'] = resident
@@ -212,8 +225,10 @@ def main(argv):
     with open(a.out, 'w') as f:
         json.dump(results, f, indent=1)
     print(f"\n{label}; batch {cfg1['batch_size']}/GPU, precision {cfg1['precision']}, "
-          f"compile {cfg1['compile']}")
-    print(f"{'':44s} {'s/20 iter':>9s} {'img/s':>9s} {'peak GB':>8s} {'wait':>6s} {'report':>7s}")
+          f"compile {cfg1['compile']}"
+          + (f", exchange {results['exchange']}, average {results['average']}" if multi else ''))
+    print(f"{'':44s} {'s/20 iter':>9s} {'img/s':>9s} {'peak GB':>8s} {'wait':>6s} {'report':>7s} "
+          f"{'vs 1':>5s}")
     for name, r in rows.items():
         if r is None:
             print(f"{name:44s} {'(not installed)':>9s}")
@@ -224,7 +239,8 @@ def main(argv):
         print(f"{name:44s} {r['s_per_20_iter']:9.3f} {r['images_per_s']:9.0f} "
               f"{mem if mem is not None else float('nan'):8.2f} "
               f"{wait if wait is not None else float('nan'):6.1%} "
-              f"{rep if rep else float('nan'):7.2f}")
+              f"{rep if rep else float('nan'):7.2f} "
+              f"{r.get('speedup_vs_1_gpu', float('nan')):5.2f}")
     print(f"wrote {a.out}")
     return results
 

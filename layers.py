@@ -19,8 +19,14 @@ DROPOUT_KEEP = 0.5
 
 def conv_relu(x, W, b, stride, pad, groups):
     """relu(conv(x, W) + b). W is PyTorch's (out, in/groups, kh, kw) cross-correlation layout;
-    for groups=2 the first half of the input channels feeds the first half of the outputs."""
-    return F.relu(F.conv2d(x, W, b, stride=stride, padding=pad, groups=groups))
+    for groups=2 the first half of the input channels feeds the first half of the outputs.
+    Each group runs as its own convolution (as the original's two columns did): cuDNN's grouped
+    channels-last path slices and pads channels in extra kernels (a compiled bf16 step on an
+    H100: 22.8k -> 25.3k images/s)."""
+    if groups == 1:
+        return F.relu(F.conv2d(x, W, b, stride=stride, padding=pad))
+    return torch.cat([F.relu(F.conv2d(xg, Wg, bg, stride=stride, padding=pad)) for xg, Wg, bg
+                      in zip(x.chunk(groups, 1), W.chunk(groups, 0), b.chunk(groups, 0))], 1)
 
 
 def max_pool(x):
