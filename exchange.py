@@ -18,7 +18,7 @@ launch.init_distributed, or torchrun's when one exists. Data planes:
   the buffer. The send buffer has two halves used alternately (double buffering), so a half is
   rewritten only after every peer has finished reading it: one barrier per exchange. Without
   peer access between the GPUs it falls back to ``host`` with a one-line warning.
-- ``nccl``: torch.distributed all_reduce (SUM, then divide) with NCCL.
+- ``nccl``: torch.distributed all_reduce with NCCL, averaging in the reduction (ncclAvg).
 - ``gloo``: torch.distributed all_reduce with gloo; CUDA buffers go through pinned host memory.
 - ``host``: the same double-buffered scheme through shared-memory segments, one per rank;
   CUDA buffers are staged through pinned memory. For CPU runs.
@@ -388,8 +388,8 @@ def _sha256(flat):
 class Pending:
     """An average in flight (Exchanger.start_average_); wait() finishes it."""
 
-    def __init__(self, work=None, flat=None, world=1, guard=None):
-        self._work, self._flat, self._world, self._guard = work, flat, world, guard
+    def __init__(self, work=None, flat=None, divide_by=1, guard=None):
+        self._work, self._flat, self._divide_by, self._guard = work, flat, divide_by, guard
 
     def wait(self):
         if self._work is None:
@@ -397,13 +397,16 @@ class Pending:
         work, self._work = self._work, None
         with self._guard:
             work.wait()       # nccl: the current stream waits for the all-reduce
-            self._flat.div_(self._world)
+            if self._divide_by != 1:
+                self._flat.div_(self._divide_by)
 
 
-def _start_all_reduce(ctl, flat, group, what):
+def _start_all_reduce(ctl, flat, group, what, average_op=False):
+    """average_op: the backend averages itself (NCCL's ncclAvg: no extra pass over `flat`)."""
+    op = dist.ReduceOp.AVG if average_op else dist.ReduceOp.SUM
     with ctl.guard(what):
-        work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=True)
-    return Pending(work, flat, ctl.world, ctl.guard(what))
+        work = dist.all_reduce(flat, op=op, group=group, async_op=True)
+    return Pending(work, flat, 1 if average_op else ctl.world, ctl.guard(what))
 
 
 class _Gloo:
@@ -447,7 +450,8 @@ class _Nccl:
     def start_average_(self, flat):
         # on NCCL's own stream, after the work already queued on the current one; a dead peer
         # is caught by the NCCL watchdog (timeout)
-        return _start_all_reduce(self.ctl, flat, self.ctl.nccl_group, 'average_ (nccl all_reduce)')
+        return _start_all_reduce(self.ctl, flat, self.ctl.nccl_group, 'average_ (nccl all_reduce)',
+                                 average_op=True)
 
     def close(self):
         pass

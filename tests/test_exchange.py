@@ -119,7 +119,11 @@ def _w_average(rank, world, kinds, device_type, expect_kinds, port):
                 for buf, gaussian in ((state, False), (grads, gaussian_exact)):
                     parts = [_data(r, step, buf.numel(), gaussian, device) for r in range(world)]
                     buf.copy_(parts[rank])
-                    ex.average_(buf)
+                    if step % 2:    # started, then finished: the overlapped form
+                        pending = ex.start_average_(buf)
+                        pending.wait()
+                    else:
+                        ex.average_(buf)
                     ref = _reference(parts, world)
                     assert torch.equal(buf, ref), (
                         '%s rank %d step %d: max |error| %g' % (
