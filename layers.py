@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 LRN_N, LRN_K, LRN_ALPHA, LRN_BETA = 5, 2.0, 1e-4, 0.75  # pylearn2 defaults; alpha not divided by n
 POOL_SIZE, POOL_STRIDE = 3, 2
+FEW_CHANNELS = 4   # a convolution of at most this many input channels runs as a matrix product
 DROPOUT_KEEP = 0.5
 
 
@@ -23,10 +24,27 @@ def conv_relu(x, W, b, stride, pad, groups):
     Each group runs as its own convolution (as the original's two columns did): cuDNN's grouped
     channels-last path slices and pads channels in extra kernels (a compiled bf16 step on an
     H100: 22.8k -> 25.3k images/s)."""
+    if x.shape[1] <= FEW_CHANNELS and groups == 1 and pad == 0:
+        return conv_relu_by_patches(x, W, b, stride)
     if groups == 1:
         return F.relu(F.conv2d(x, W, b, stride=stride, padding=pad))
     return torch.cat([F.relu(F.conv2d(xg, Wg, bg, stride=stride, padding=pad)) for xg, Wg, bg
                       in zip(x.chunk(groups, 1), W.chunk(groups, 0), b.chunk(groups, 0))], 1)
+
+
+def conv_relu_by_patches(x, W, b, stride):
+    """The same convolution as one matrix product of the image's patches, for conv1's 3 input
+    channels: cuDNN pads them to 8 and runs a slow kernel (1.6 ms of a 9 ms step on an H100;
+    as a product 0.3 ms, and compiled the patches are gathered straight from the uint8 batch).
+    A patch's elements are in (row, column, channel) order, runs that lie side by side in a
+    channels-last image. Returns (B, out, Ho, Wo) with channels-last memory."""
+    O, C, kh, kw = W.shape
+    B = x.shape[0]
+    p = x.unfold(2, kh, stride).unfold(3, kw, stride)        # (B, C, Ho, Wo, kh, kw): a view
+    Ho, Wo = p.shape[2], p.shape[3]
+    patches = p.permute(0, 2, 3, 4, 5, 1).reshape(B * Ho * Wo, kh * kw * C)
+    y = torch.addmm(b, patches, W.permute(0, 2, 3, 1).reshape(O, kh * kw * C).t())
+    return F.relu(y).view(B, Ho, Wo, O).permute(0, 3, 1, 2)
 
 
 def max_pool(x):
@@ -36,8 +54,15 @@ def max_pool(x):
 
 def lrn(x):
     """y = x / (k + alpha * sum_{5 adjacent channels} x^2) ^ beta, the window zero-padded at the
-    ends. torch's local_response_norm divides alpha by n, so it gets alpha * n."""
-    return F.local_response_norm(x, LRN_N, alpha=LRN_ALPHA * LRN_N, beta=LRN_BETA, k=LRN_K)
+    ends. The window sums are one product with a band matrix of ones: compiled, the pooled
+    input is then computed once rather than once per channel of the window (and faster than
+    torch's local_response_norm, which pads and average-pools)."""
+    C = x.shape[1]
+    i = torch.arange(C, device=x.device)
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))     # bf16 in, float32 inside
+    band = ((i[:, None] - i[None, :]).abs() <= LRN_N // 2).to(xf.dtype)
+    window_sums = torch.matmul((xf * xf).permute(0, 2, 3, 1), band).permute(0, 3, 1, 2)
+    return (xf / (LRN_K + LRN_ALPHA * window_sums) ** LRN_BETA).to(x.dtype)
 
 
 def dropout(x, mask=None):

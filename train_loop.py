@@ -30,7 +30,7 @@ from batch_files import batch_rows, list_batch_files, replica_rows
 from config import ConfigError
 from data import (SerialLoader, centre_draws, crop_mirror, dropout_masks, load_npy,
                   mean_image_hwc, step_draws)
-from sgd import adjust_learning_rate, sgd_update_
+from sgd import adjust_learning_rate, sgd_step_
 from snapshot import SnapshotError, latest_complete_snapshot, load_array, load_snapshot, \
     lr_file, save_array, save_snapshot, steps_done_in
 
@@ -145,9 +145,11 @@ class Replica:
         # a resumed run and validation load every parameter from a snapshot: no initial draw
         self.net = AlexNet(self.device, init=for_training and not cfg['resume_train'])
         self.features_fn, self.classifier_fn = augmented_features, classifier_loss
+        self.update_fn = sgd_step_
         if cfg['compile']:
             self.features_fn = torch.compile(augmented_features)
             self.classifier_fn = torch.compile(classifier_loss)
+            self.update_fn = torch.compile(sgd_step_)
 
     # -- data -------------------------------------------------------------------------------
     def _setup_data(self, for_training):
@@ -306,9 +308,8 @@ class Replica:
             for part in NOT_FC_WEIGHTS:
                 ex.average_(net.grad[part])
             pending.wait()
-        sgd_update_(net.params, net.grad, net.momentum, lr, N_WEIGHTS, cfg['momentum'],
-                    cfg['weight_decay'], cfg['use_momentum'], cfg['use_nesterov_momentum'])
-        net.grad.zero_()
+        self.update_fn(net.params, net.grad, net.momentum, lr, N_WEIGHTS, cfg['momentum'],
+                       cfg['weight_decay'], cfg['use_momentum'], cfg['use_nesterov_momentum'])
         if ex and cfg['average'] == 'weights' and (step + 1) % cfg['exchange_freq'] == 0:
             ex.average_(net.state)
         return loss, errors
