@@ -106,17 +106,12 @@ class Exchanger:
         self.kind, self.rank, self.world, self.device = kind, rank, world, device
         self._ctl, self._plane = ctl, plane
 
-    def average_(self, flat, side=False):
+    def average_(self, flat):
         """Replace `flat` (1-D contiguous float32 on this exchanger's device) by its mean over
-        the replicas. Every replica must call it, with corresponding buffers in the same order.
-        side: through a second channel (nccl: a second communicator), so that it does not queue
-        behind an average started on the main one and still in flight."""
+        the replicas. Every replica must call it, with corresponding buffers in the same order."""
         self._check(flat)
         if self._plane is not None:
-            if side and hasattr(self._plane, 'side_average_'):
-                self._plane.side_average_(flat)
-            else:
-                self._plane.average_(flat)
+            self._plane.average_(flat)
 
     def start_average_(self, flat):
         """average_, started: returns a Pending whose wait() finishes it. With nccl (and gloo on
@@ -448,18 +443,9 @@ class _Gloo:
 class _Nccl:
     def __init__(self, ctl, device, secret=None):
         self.ctl, self.device = ctl, device
-        # a second communicator, with its own stream: small averages need not wait behind a
-        # large one in flight (every rank makes it here, in the same order)
-        with ctl.guard('setup (a second nccl communicator)'):
-            self.side_group = dist.new_group(backend='nccl',
-                                             timeout=datetime.timedelta(seconds=ctl.timeout))
 
     def average_(self, flat):
         self.start_average_(flat).wait()
-
-    def side_average_(self, flat):
-        _start_all_reduce(self.ctl, flat, self.side_group, 'average_ (nccl all_reduce, side)',
-                          average_op=True).wait()
 
     def start_average_(self, flat):
         # on NCCL's own stream, after the work already queued on the current one; a dead peer
@@ -468,12 +454,7 @@ class _Nccl:
                                  average_op=True)
 
     def close(self):
-        group, self.side_group = self.side_group, None
-        if group is not None and dist.is_initialized():
-            try:
-                dist.destroy_process_group(group)
-            except Exception:       # the default group may already be gone
-                pass
+        pass
 
 
 class _Host:

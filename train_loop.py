@@ -146,7 +146,6 @@ class Replica:
         self.net = AlexNet(self.device, init=for_training and not cfg['resume_train'])
         self.features_fn, self.classifier_fn = augmented_features, classifier_loss
         self.update_fn = sgd_step_
-        self._deferred = None       # (pending average, lr) of the fc weights' update
         if cfg['compile']:
             self.features_fn = torch.compile(augmented_features)
             self.classifier_fn = torch.compile(classifier_loss)
@@ -280,7 +279,6 @@ class Replica:
         finally:   # an error leaves no half-drawn progress bar before its message
             if bar is not None:
                 bar.close()
-        self.finish_update()
         elapsed = time.time() - t0
         n = len(requests) * self.batch
         totals = [float(loss_sum) * self.batch, float(err_sum), float(n)]
@@ -294,52 +292,27 @@ class Replica:
         """Forward, backward, update and exchange of one minibatch; returns (loss, errors).
         The backward pass is cut in two at the fc6 input: the fully connected layers' gradients
         (96% of them) are complete first, and with average: gradients they travel to the other
-        replicas while the convolutional layers' backward runs, and on while the next step's
-        convolutions run: the fully connected weights' update waits until the next step's
-        classifier needs them (finish_update)."""
+        replicas while the convolutional layers' backward runs."""
         cfg, net, ex = self.cfg, self.net, self.exchanger
         feats = self.features_fn(net.layer_params[:FIRST_FC], images, self.mean, offsets, mirror,
                                  self.amp_dtype)
-        self.finish_update()
         cut = feats.detach().requires_grad_()
         loss, errors = self.classifier_fn(net.layer_params[FIRST_FC:], cut, labels, masks,
                                           self.amp_dtype)
         loss.backward()               # into the flat buffer net.grad, and cut.grad
-        if ex is not None and cfg['average'] == 'gradients':
+        average_gradients = ex is not None and cfg['average'] == 'gradients'
+        if average_gradients:
             pending = ex.start_average_(net.grad[FC_WEIGHTS])
-            feats.backward(cut.grad)
-            for part in NOT_FC_WEIGHTS:
-                ex.average_(net.grad[part], side=True)   # not queued behind the fc average
-                self._update(lr, part)
-            self._deferred = (pending, lr)
-            return loss, errors
         feats.backward(cut.grad)
-        self._update(lr)
+        if average_gradients:
+            for part in NOT_FC_WEIGHTS:
+                ex.average_(net.grad[part])
+            pending.wait()
+        self.update_fn(net.params, net.grad, net.momentum, lr, N_WEIGHTS, cfg['momentum'],
+                       cfg['weight_decay'], cfg['use_momentum'], cfg['use_nesterov_momentum'])
         if ex and cfg['average'] == 'weights' and (step + 1) % cfg['exchange_freq'] == 0:
             ex.average_(net.state)
         return loss, errors
-
-    def _update(self, lr, part=slice(None), untracked=False):
-        """untracked: write through .data aliases, which autograd does not version (see
-        finish_update)."""
-        cfg, net = self.cfg, self.net
-        params, momentum = ((net.params.data, net.momentum.data) if untracked
-                            else (net.params, net.momentum))
-        self.update_fn(params, net.grad, momentum, lr, N_WEIGHTS, cfg['momentum'],
-                       cfg['weight_decay'], cfg['use_momentum'], cfg['use_nesterov_momentum'],
-                       part)
-
-    def finish_update(self):
-        """Apply an update still waiting for its averaged gradients (see train_step): before
-        anything reads the fully connected weights."""
-        if self._deferred is not None:
-            pending, lr = self._deferred
-            self._deferred = None
-            pending.wait()
-            # the convolutional weights, saved for the backward pass in flight, view the same
-            # buffer as the fully connected ones and their momentum; writing those must not mark
-            # the convolutional weights as modified
-            self._update(lr, FC_WEIGHTS, untracked=True)
 
     def _agreed_stop(self, stop, step=None):
         """Whether to stop after this step: at once for one replica; for several, at the next
@@ -364,7 +337,6 @@ class Replica:
 
     def _preempt(self, epoch, steps_done, lr):
         wd = self.cfg['weights_dir']
-        self.finish_update()
         if self.lead:
             save_snapshot(wd, epoch, self.net, lr, steps_done=steps_done)
         if self.exchanger:
@@ -391,7 +363,6 @@ class Replica:
 
     def validate(self, loader):
         """(top-1 error, top-5 error, mean loss, images) over every validation image."""
-        self.finish_update()
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)
         requests = self.val_requests()
         for images, (_, a, b, off) in zip(loader.iterate([r[:3] for r in requests]), requests):
