@@ -1,9 +1,11 @@
 """Device experiment (issue 8): where the compiled bf16 training step spends its time, and
-variants of it. The variants patch the functions that train_loop compiles; after the second
-session several of them are the code itself (see BENCHMARKS.md, notes), so they now measure
-the same thing twice. Run from the repository root on a GPU:
+variants of it. The variants patch the functions that train_loop compiles; those that became
+the code in the second session (BENCHMARKS.md, notes) were taken out of this script. Each variant times Replica.train_step, the training loop's own step,
+on one batch already on the device (the configured data give the mean and labels). Run from the
+repository root on a GPU:
 
-    python3 bench_results/profile_step.py base! lrnmm patchesB      # "!" adds a kernel table
+    python3 bench_results/profile_step.py base! pad4 ro      # "!" adds a kernel table
+    B=2 DEV=cpu python3 bench_results/profile_step.py eager   # a CPU check of the script
 """
 import os
 import sys
@@ -16,16 +18,11 @@ import torch.nn.functional as F
 import alex_net
 import layers
 import train_loop
-from alex_net import AlexNet, N_WEIGHTS
+from config import load_config
 from data import dropout_masks
-from sgd import sgd_step_
 
-import os
 B = int(os.environ.get('B', 256))
 dev = torch.device(os.environ.get('DEV', 'cuda:0'))
-torch.backends.cudnn.benchmark = True
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
 
 
 def lrn_fp32_slices(x):
@@ -49,6 +46,7 @@ orig = dict(conv_relu=alex_net.conv_relu, lrn=alex_net.lrn)
 
 
 def setup(variant):
+    """Apply the variant's patches; returns the training step of a Replica built on them."""
     torch._dynamo.reset()
     alex_net.conv_relu = orig['conv_relu']
     alex_net.lrn = orig['lrn']
@@ -62,40 +60,30 @@ def setup(variant):
             mode = 'reduce-overhead'
         elif v == 'mat':
             mode = 'max-autotune-no-cudagraphs'
-        elif v in ('base', 'eager'):
-            pass
-        else:
+        elif v not in ('base', 'eager'):
             raise SystemExit(f"unknown variant {v}")
-    f, c, u = train_loop.augmented_features, train_loop.classifier_loss, sgd_step_
-    if 'eager' in variant:
-        return f, c, u
-    return torch.compile(f, mode=mode), torch.compile(c, mode=mode), torch.compile(u)
+    # the real step (train_loop.Replica.train_step), on the configured data's mean and labels
+    cfg = load_config('spec_1gpu.yaml', [f'gpu={dev}', f'batch_size={B}',
+                                         f"compile={'eager' not in variant}"])
+    rep = train_loop.Replica(cfg)
+    if mode:
+        rep.features_fn = torch.compile(train_loop.augmented_features, mode=mode)
+        rep.classifier_fn = torch.compile(train_loop.classifier_loss, mode=mode)
+    return rep
 
 
-def run(variant, iters=40, warmup=12, profile=False, update=True):
+def run(variant, iters=40, warmup=12, profile=False):
     t_c = time.time()
-    feat_fn, cls_fn, update_fn = setup(variant)
-    net = AlexNet(dev)
+    rep = setup(variant)
     g = torch.Generator(device=dev).manual_seed(0)
     images = torch.randint(0, 256, (B, 256, 256, 3), dtype=torch.uint8, device=dev, generator=g)
-    mean = torch.rand(256, 256, 3, device=dev) * 255
     labels = torch.randint(0, 1000, (B,), device=dev)
 
     def one(step):
         offs = torch.randint(0, 30, (B, 2), device=dev)
         mirr = torch.rand(B, device=dev) < 0.5
         masks = dropout_masks(step, B, 0, B, dev)
-        amp = torch.bfloat16 if dev.type == 'cuda' else None
-        feats = feat_fn(net.layer_params[:5], images, mean, offs, mirr, amp)
-        cut = feats.detach().requires_grad_()
-        loss, err = cls_fn(net.layer_params[5:], cut, labels, masks, amp)
-        loss.backward()
-        feats.backward(cut.grad)
-        if update:
-            update_fn(net.params, net.grad, net.momentum, 1e-3, N_WEIGHTS, 0.9, 5e-4)
-        else:
-            net.grad.zero_()
-        return loss
+        return rep.train_step(images, labels, offs, mirr, masks, 1e-3, step)[0]
 
     for s in range(warmup):
         one(s)
@@ -107,7 +95,7 @@ def run(variant, iters=40, warmup=12, profile=False, update=True):
     float(loss)
     el = time.time() - t0
     ips = iters * B / el
-    print(f"{variant:32s} update={update!s:5s} {ips:9.0f} img/s  {1000 * el / iters:7.2f} ms/step"
+    print(f"{variant:32s} {ips:9.0f} img/s  {1000 * el / iters:7.2f} ms/step"
           f"  (setup+warmup {t_compile:.0f} s, loss {float(loss):.3f})", flush=True)
     if profile:
         from torch.profiler import profile as prof, ProfilerActivity
