@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from layers import (conv_relu, conv_weight_from_original, conv_weight_to_original, dropout,
-                    fc, lrn, max_pool)
+from layers import (conv_pool_relu, conv_weight_from_original, conv_weight_to_original,
+                    dropout, fc, lrn)
 
 INIT_SEED = 23455
 N_CLASSES = 1000
@@ -144,9 +144,7 @@ def features(conv_params, x):
     """The convolutional part: (B, 3, 227, 227) -> (B, 9216) in (channel, row, col) order, the
     original's fc6 input. conv_params: (W, b) of the convolutional layers."""
     for l, (W, b) in zip(LAYERS[:FIRST_FC], conv_params):
-        x = conv_relu(x, W, b, l.stride, l.pad, l.groups)
-        if l.pool:
-            x = max_pool(x)
+        x = conv_pool_relu(x, W, b, l.stride, l.pad, l.groups, l.pool)
         if l.lrn:
             x = lrn(x)
     return x.flatten(1)

@@ -5,8 +5,7 @@ convolution + bias (+ ReLU), 3x3/2 max pooling, the pylearn2 cross-channel LRN, 
 dropout convention, the fully connected layer. The original's parameter layouts differ from
 PyTorch's; ``conv_weight_from_original`` / ``conv_weight_to_original`` convert between them.
 
-    x = conv_relu(x, W, b, stride=4, pad=0, groups=1)
-    x = lrn(max_pool(x))
+    x = lrn(conv_pool_relu(x, W, b, stride=4, pad=0, groups=1, pool=True))
 """
 import numpy as np
 import torch
@@ -14,42 +13,115 @@ import torch.nn.functional as F
 
 LRN_N, LRN_K, LRN_ALPHA, LRN_BETA = 5, 2.0, 1e-4, 0.75  # pylearn2 defaults; alpha not divided by n
 POOL_SIZE, POOL_STRIDE = 3, 2
-FEW_CHANNELS = 4   # a convolution of at most this many input channels runs as a matrix product
+FEW_CHANNELS = 4   # a convolution of at most this many input channels runs over pixel blocks
 DROPOUT_KEEP = 0.5
 
 
-def conv_relu(x, W, b, stride, pad, groups):
-    """relu(conv(x, W) + b). W is PyTorch's (out, in/groups, kh, kw) cross-correlation layout;
-    for groups=2 the first half of the input channels feeds the first half of the outputs.
-    Each group runs as its own convolution (as the original's two columns did): cuDNN's grouped
-    channels-last path slices and pads channels in extra kernels (a compiled bf16 step on an
-    H100: 22.8k -> 25.3k images/s)."""
+def conv_pool_relu(x, W, b, stride, pad, groups, pool):
+    """max_pool(relu(conv(x, W) + b)) -- the original layer's order -- computed as
+    relu(max_pool(conv(x, W)) + b): adding a per-channel bias and ReLU are monotonic, so they
+    commute with a max, bit for bit (rounding is monotonic too); after pooling they touch a
+    quarter of the elements, and the pool's backward no longer passes through ReLU's mask on
+    the full-size tensor. Without pool it is relu(conv(x, W) + b). W is PyTorch's (out,
+    in/groups, kh, kw) cross-correlation layout; for groups=2 the first half of the input
+    channels feeds the first half of the outputs. Each group runs (and is pooled) on its own,
+    as the original's two columns did: cuDNN's grouped channels-last path slices and pads
+    channels in extra kernels (a compiled bf16 step on an H100: 22.8k -> 25.3k images/s)."""
     if x.shape[1] <= FEW_CHANNELS and groups == 1 and pad == 0:
-        return conv_relu_by_patches(x, W, b, stride)
-    if groups == 1:
-        return F.relu(F.conv2d(x, W, b, stride=stride, padding=pad))
-    return torch.cat([F.relu(F.conv2d(xg, Wg, bg, stride=stride, padding=pad)) for xg, Wg, bg
-                      in zip(x.chunk(groups, 1), W.chunk(groups, 0), b.chunk(groups, 0))], 1)
+        ys = [conv_by_blocks(x, W, stride)]
+    else:
+        ys = [F.conv2d(xg, Wg, stride=stride, padding=pad)
+              for xg, Wg in zip(x.chunk(groups, 1), W.chunk(groups, 0))]
+    if pool:
+        ys = [max_pool(y) for y in ys]
+    y = ys[0] if len(ys) == 1 else torch.cat(ys, 1)
+    return F.relu(y + b.to(y.dtype)[:, None, None])
 
 
-def conv_relu_by_patches(x, W, b, stride):
-    """The same convolution as one matrix product of the image's patches, for conv1's 3 input
-    channels: cuDNN pads them to 8 and runs a slow kernel (1.6 ms of a 9 ms step on an H100;
-    as a product 0.3 ms, and compiled the patches are gathered straight from the uint8 batch).
-    A patch's elements are in (row, column, channel) order, runs that lie side by side in a
-    channels-last image. Returns (B, out, Ho, Wo) with channels-last memory."""
-    O, C, kh, kw = W.shape
-    B = x.shape[0]
-    p = x.unfold(2, kh, stride).unfold(3, kw, stride)        # (B, C, Ho, Wo, kh, kw): a view
-    Ho, Wo = p.shape[2], p.shape[3]
-    patches = p.permute(0, 2, 3, 4, 5, 1).reshape(B * Ho * Wo, kh * kw * C)
-    y = torch.addmm(b, patches, W.permute(0, 2, 3, 1).reshape(O, kh * kw * C).t())
-    return F.relu(y).view(B, Ho, Wo, O).permute(0, 3, 1, 2)
+def conv_by_blocks(x, W, stride):
+    """conv(x, W) at stride s, for conv1's few input channels, as a stride-1 convolution over
+    s x s blocks of pixels ("space to depth"): the image (B, C, H, W) becomes (B, s*s*C, H/s,
+    W/s), each block's pixels in (row, column, channel) order as channels, and the k x k kernel
+    a ceil(k/s)-square kernel over blocks, zero where the original kernel ends (conv1: 11x11/4
+    over 3 channels -> 3x3/1 over 48). The same sums of products: cuDNN pads 3 channels to 8 and
+    runs a slow kernel, and a product of the 11x11 patches writes each pixel 7.6 times; compiled,
+    the blocks are gathered straight from the uint8 batch. Returns (B, out, Ho, Wo)."""
+    O, C, k, _ = W.shape
+    B, _, H, Wd = x.shape
+    kb = -(-k // stride)                                   # kernel size in blocks
+    Ho, Wo = (H - k) // stride + 1, (Wd - k) // stride + 1
+    Hb, Wb = Ho + kb - 1, Wo + kb - 1                      # blocks the outputs read
+    xh = x.permute(0, 2, 3, 1)[:, :Hb * stride, :Wb * stride]            # (B, H, W, C)
+    xh = F.pad(xh, (0, 0, 0, Wb * stride - xh.shape[2], 0, Hb * stride - xh.shape[1]))
+    blocks = (xh.reshape(B, Hb, stride, Wb, stride, C).permute(0, 1, 3, 2, 4, 5)
+              .reshape(B, Hb, Wb, stride * stride * C).permute(0, 3, 1, 2))
+    Wk = F.pad(W, (0, kb * stride - k, 0, kb * stride - k))
+    Wk = (Wk.reshape(O, C, kb, stride, kb, stride).permute(0, 3, 5, 1, 2, 4)
+          .reshape(O, stride * stride * C, kb, kb))
+    return F.conv2d(blocks, Wk)
 
 
 def max_pool(x):
-    """3x3 max pooling, stride 2, no padding (55 -> 27 -> 13 -> 6)."""
+    """3x3 max pooling, stride 2, no padding (55 -> 27 -> 13 -> 6); the gradient goes to the
+    first largest element of each window. Compiled, it is MaxPoolByCodes: the backward then
+    reads the byte that says where each window's max was (inductor's own pool recomputes every
+    window in the backward: 0.76 ms of a 7.5 ms H100 step for the first pool alone)."""
+    if torch.compiler.is_compiling():
+        return MaxPoolByCodes.apply(x)
     return F.max_pool2d(x, POOL_SIZE, POOL_STRIDE)
+
+
+class MaxPoolByCodes(torch.autograd.Function):
+    """F.max_pool2d(x, 3, 2), the forward also keeping, per output, the window position k =
+    3*dy + dx (a byte) of its max -- the first one in row-major order, as PyTorch's pool picks,
+    and NaN wins as there. Written in channels-last (B, H, W, C) terms, so that compiled both
+    directions are single kernels that keep the channels-last layout."""
+
+    @staticmethod
+    def forward(ctx, x):
+        xh = x.permute(0, 2, 3, 1)
+        H, Wd = xh.shape[1:3]
+        Ho, Wo = (H - POOL_SIZE) // POOL_STRIDE + 1, (Wd - POOL_SIZE) // POOL_STRIDE + 1
+        y = code = None
+        for k in range(POOL_SIZE * POOL_SIZE):
+            dy, dx = divmod(k, POOL_SIZE)
+            v = xh[:, dy:dy + POOL_STRIDE * (Ho - 1) + 1:POOL_STRIDE,
+                   dx:dx + POOL_STRIDE * (Wo - 1) + 1:POOL_STRIDE]
+            if y is None:
+                y, code = v, torch.zeros(v.shape, dtype=torch.uint8, device=v.device)
+                continue
+            take = (v > y) | torch.isnan(v)
+            y = torch.where(take, v, y)
+            code = torch.where(take, torch.full_like(code, k), code)
+        ctx.save_for_backward(code)
+        ctx.input_hw = (H, Wd)
+        return y.permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        """Input row 2r gets dy=0 of window row r and dy=2 of window row r-1; row 2r+1 gets
+        dy=1 of window row r (the same for columns). So each of the four (row, column) parity
+        classes of the input is a sum of shifted, masked copies of grad_y, and the four
+        interleave into the input's gradient."""
+        code, = ctx.saved_tensors
+        H, Wd = ctx.input_hw
+        g = grad_y.permute(0, 2, 3, 1)                        # (B, Ho, Wo, C)
+        Ho, Wo = g.shape[1:3]
+        zero = torch.zeros((), dtype=g.dtype, device=g.device)
+        part = [[torch.where(code == 3 * dy + dx, g, zero) for dx in range(3)] for dy in range(3)]
+
+        def by_parity(a0, a1, a2, dim):
+            """Along dim (Ho -> Ho+1): even positions get a0 here and a2 from one before, odd
+            positions a1."""
+            pad_end = [0, 0] * (3 - dim) + [0, 1]
+            pad_start = [0, 0] * (3 - dim) + [1, 0]
+            return F.pad(a0, pad_end) + F.pad(a2, pad_start), F.pad(a1, pad_end)
+
+        rows = [by_parity(part[0][dx], part[1][dx], part[2][dx], 1) for dx in range(3)]
+        quads = [by_parity(rows[0][py], rows[1][py], rows[2][py], 2) for py in range(2)]
+        gx = torch.stack([torch.stack(quads[py], 3) for py in range(2)], 2)  # (B,Ho+1,2,Wo+1,2,C)
+        gx = gx.reshape(g.shape[0], 2 * Ho + 2, 2 * Wo + 2, g.shape[3])[:, :H, :Wd]
+        return gx.permute(0, 3, 1, 2)
 
 
 def lrn(x):

@@ -5,7 +5,9 @@ import torch
 
 import alex_net
 from alex_net import AlexNet, N_PARAMS, N_WEIGHTS, PARAMS, original_init
-from layers import lrn
+import torch.nn.functional as F
+
+from layers import MaxPoolByCodes, conv_by_blocks, conv_pool_relu, lrn, max_pool
 from sgd import adjust_learning_rate, sgd_update_
 from snapshot import load_snapshot, save_snapshot
 
@@ -62,6 +64,75 @@ def test_lrn_matches_float64_formula():
     x = np.random.RandomState(1).randn(2, 7, 5, 4) * 30  # large values: the sum matters
     got = lrn(torch.tensor(x)).numpy()
     np.testing.assert_allclose(got, np_lrn(x), rtol=1e-12)
+
+
+@pytest.mark.parametrize('shape', [(2, 5, 55, 55), (2, 4, 27, 27), (1, 3, 13, 13), (2, 3, 14, 16)])
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_pool_by_codes_is_torch_max_pool(shape, channels_last):
+    """Values and gradients equal F.max_pool2d's, ties included (small integers tie often; the
+    gradient must go to the same, first, element of a window)."""
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randint(-3, 4, shape, generator=g).double()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = F.max_pool2d(x1, 3, 2), MaxPoolByCodes.apply(x2)
+    assert torch.equal(y1, y2)
+    gy = torch.randint(-5, 6, y1.shape, generator=g).double()   # integers: sums are exact
+    y1.backward(gy)
+    y2.backward(gy)
+    assert torch.equal(x1.grad, x2.grad)
+
+
+def test_compiled_max_pool_is_torch_max_pool():
+    """Compiled, max_pool is MaxPoolByCodes; the same values and gradients as eager."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-3, 4, (2, 6, 27, 27), generator=g).float()
+    x = x.contiguous(memory_format=torch.channels_last)
+    gy = torch.randint(-5, 6, (2, 6, 13, 13), generator=g).float()
+    grads = []
+    for fn in (max_pool, torch.compile(max_pool)):
+        xi = x.clone().requires_grad_()
+        y = fn(xi)
+        y.backward(gy)
+        grads.append((y.detach(), xi.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+@pytest.mark.parametrize('C, k, stride, H, Wd', [(3, 11, 4, 227, 227), (3, 7, 3, 30, 31),
+                                                 (2, 4, 4, 17, 16)])
+def test_conv_by_blocks_is_conv2d(C, k, stride, H, Wd):
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(2, C, H, Wd, generator=g, dtype=torch.float64)
+    W = torch.randn(5, C, k, k, generator=g, dtype=torch.float64, requires_grad=True)
+    want = F.conv2d(x, W, stride=stride)
+    got = conv_by_blocks(x.contiguous(memory_format=torch.channels_last), W, stride)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    gy = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    gW_want, = torch.autograd.grad(want, W, gy)
+    gW_got, = torch.autograd.grad(got, W, gy)
+    torch.testing.assert_close(gW_got, gW_want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('C, groups, stride, pad, pool', [(3, 1, 4, 0, True), (8, 2, 1, 2, True),
+                                                          (8, 2, 1, 1, False)])
+def test_conv_pool_relu_is_the_original_order(C, groups, stride, pad, pool):
+    """relu(pool(conv + b)) against the original's pool(relu(conv + b)): the same values, and
+    the same gradients of W, b and x."""
+    g = torch.Generator().manual_seed(C + groups)
+    x = torch.randn(2, C, 31, 31, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(6, C // groups, 5, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    b = (torch.randn(6, generator=g, dtype=torch.float64) * 8).requires_grad_()   # some all-0
+    want = F.relu(F.conv2d(x, W, b, stride=stride, padding=pad, groups=groups))
+    if pool:
+        want = F.max_pool2d(want, 3, 2)
+    got = conv_pool_relu(x, W, b, stride, pad, groups, pool)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert (want == 0).any() and (want > 0).any()
+    gy = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    for a, e in zip(torch.autograd.grad(got, (x, W, b), gy), torch.autograd.grad(want, (x, W, b), gy)):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
 
 
 # -- a float64 NumPy forward of the original layer math, from original-layout parameters --------
