@@ -28,7 +28,7 @@ import alex_net
 from alex_net import AlexNet, FC_WEIGHTS, FIRST_FC, NOT_FC_WEIGHTS, N_WEIGHTS
 from batch_files import batch_rows, list_batch_files, replica_rows
 from config import ConfigError
-from data import (SerialLoader, StepInputs, centre_draws, crop_mirror, dropout_masks, load_npy,
+from data import (SerialLoader, centre_draws, crop_mirror, dropout_masks, load_npy,
                   mean_image_hwc, step_draws)
 from sgd import adjust_learning_rate, sgd_step_
 from snapshot import SnapshotError, latest_complete_snapshot, load_array, load_snapshot, \
@@ -242,15 +242,15 @@ class Replica:
         t0 = t_print = time.time()
         since_print = 0
         feed = loader.iterate([r[:3] for r in requests])
-        to_device = StepInputs(dev, self.batch)
         # the loader comes first in zip: after the last step it is advanced once more, so it
         # learns that the last buffer is free again
         try:
             for step, (images, (_, a, b, label_off)) in enumerate(zip(feed, requests), start_step):
                 offsets, mirror, mask_seed = step_draws(cfg['seed'], epoch, step, self.global_batch,
                                                         cfg['rand_crop'], cfg['batch_crop_mirror'])
-                labels, offs, mirr = to_device(self.train_labels[label_off + a:label_off + b],
-                                               offsets[lo:hi], mirror[lo:hi])
+                labels = self.train_labels[label_off + a:label_off + b].to(dev, non_blocking=True)
+                offs = torch.from_numpy(offsets[lo:hi]).to(dev, non_blocking=True)
+                mirr = torch.from_numpy(mirror[lo:hi]).to(dev, non_blocking=True)
                 masks = dropout_masks(mask_seed, self.global_batch, lo, hi, dev)
                 loss, errors = self.train_step(images, labels, offs, mirr, masks, lr, step)
                 loss_sum += loss.detach()

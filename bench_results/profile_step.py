@@ -106,7 +106,8 @@ def run(variant, iters=40, warmup=12, profile=False):
           f"  (setup+warmup {t_compile:.0f} s, loss {float(loss):.3f})", flush=True)
     if profile:
         from torch.profiler import profile as prof, ProfilerActivity
-        with prof(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as p:
+        with prof(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU],
+                  record_shapes=True) as p:
             for s in range(5):
                 one(s)
             torch.cuda.synchronize()
@@ -117,6 +118,14 @@ def run(variant, iters=40, warmup=12, profile=False):
         print(f"{variant}: GPU kernel time per step {tot:.2f} ms vs wall {1000 * el / iters:.2f} ms")
         for e in kernels[:40]:
             print(f"  {e.self_device_time_total / 5000:7.3f} ms x{e.count // 5:3d}  {e.key[:160]}")
+        # which operators launched the copies and additions outside the compiled graphs
+        ops = [e for e in p.key_averages(group_by_input_shape=True)
+               if e.key in ('aten::copy_', 'aten::add_', 'aten::to', 'aten::_to_copy',
+                            'aten::clone', 'aten::contiguous') and e.device_time_total > 0]
+        ops.sort(key=lambda e: -e.device_time_total)
+        for e in ops[:12]:
+            print(f"  op {e.device_time_total / 5000:7.3f} ms x{e.count // 5:3d}  {e.key} "
+                  f"{str(e.input_shapes)[:120]}")
     return ips
 
 

@@ -85,22 +85,6 @@ def test_each_replica_slice_of_the_draws_is_the_global_draw():
     assert (centre[0] == 14).all() and not centre[1].any()
 
 
-@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=pytest.mark.gpu)])
-def test_step_inputs_reach_the_device_unchanged(device):
-    """The packed copy of labels, offsets and mirror flags, also once the ring wraps around
-    (on a GPU: pinned buffers reused while earlier copies may still be queued)."""
-    from data import StepInputs, step_draws
-    to_device = StepInputs(device, 8)
-    for step in range(2 * StepInputs.SLOTS + 1):
-        offsets, mirror, _ = step_draws(1, 1, step, 16)
-        labels = torch.arange(step, step + 6)
-        got = to_device(labels, offsets[2:8], mirror[2:8])
-        assert [t.device.type for t in got] == [device] * 3
-        assert torch.equal(got[0].cpu(), labels)
-        assert np.array_equal(got[1].cpu().numpy(), offsets[2:8])
-        assert np.array_equal(got[2].cpu().numpy(), mirror[2:8]) and got[2].dtype == torch.bool
-
-
 def test_crop_mirror_is_the_original_crop_of_image_minus_mean():
     from data import crop_mirror
     rng = np.random.RandomState(0)
