@@ -39,6 +39,22 @@ def make_dataset(root, n_train_files=2, file_rows=16, val_sizes=(16, 5), seed=0)
             f'mean_file={os.path.join(misc, "img_mean.npy")}']
 
 
+def assert_same_change(a, b, starts, tol):
+    """Arrays a and b (the parameters in PARAMS order, then their momentum) made the same change
+    from starts up to float noise: |change a - change b| <= tol x the largest change in each
+    array + 4 float32 ulps of its values. Batches of 4 and of 8 sum in other orders, compiled
+    and eager code too, and a parameter that moved little (a bias of 1e-6) has a large relative
+    noise element by element; a replica that missed an exchange, or a wrong gradient, is off by
+    tens of percent."""
+    from alex_net import PARAMS
+    for k, (x, y, x0) in enumerate(zip(a, b, starts)):
+        dx, dy = x - x0, y - x0
+        ulps = 4 * np.spacing(np.float32(np.abs(y).max()))    # float32 rounding of the values
+        np.testing.assert_allclose(dx, dy, rtol=0, atol=tol * np.abs(dy).max() + ulps,
+                                   err_msg=f'array {k} ({PARAMS[k % len(PARAMS)].name}'
+                                           f'{" momentum" if k >= len(PARAMS) else ""})')
+
+
 @pytest.fixture(scope='session')
 def small_dataset(tmp_path_factory):
     return make_dataset(str(tmp_path_factory.mktemp('small_data')))

@@ -11,7 +11,7 @@ import pytest
 
 import alex_net
 from alex_net import PARAMS
-from conftest import make_dataset
+from conftest import assert_same_change, make_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ['n_epochs=1', 'print_freq=1', 'para_load=False', 'lr_step=[5]']
@@ -36,19 +36,10 @@ def snapshot(d, epoch=1):
 
 
 def assert_close(a, b, tol=1e-3):
-    """Snapshots a and b (parameters, then momentum) made the same change from the start (the
-    original initialisation; zero momentum) up to float noise: |change a - change b| <= tol x
-    the largest change in each array + 4 float32 ulps of its values. Batches of 4 and of 8 sum in other orders, and a
-    parameter that moved little (a bias of 1e-6) has a large relative noise element by
-    element; a replica that missed an exchange is off by tens of percent."""
+    """Snapshots a and b made the same change from the original initialisation (and zero
+    momentum) up to float noise (conftest.assert_same_change)."""
     init = alex_net.original_init()
-    starts = [init[p.name] for p in PARAMS] + [0.0] * len(PARAMS)
-    for k, (x, y, x0) in enumerate(zip(a, b, starts)):
-        dx, dy = x - x0, y - x0
-        ulps = 4 * np.spacing(np.float32(np.abs(y).max()))    # float32 rounding of the values
-        np.testing.assert_allclose(dx, dy, rtol=0, atol=tol * np.abs(dy).max() + ulps,
-                                   err_msg=f'array {k} ({PARAMS[k % len(PARAMS)].name}'
-                                           f'{" momentum" if k >= len(PARAMS) else ""})')
+    assert_same_change(a, b, [init[p.name] for p in PARAMS] + [0.0] * len(PARAMS), tol)
 
 
 @pytest.fixture(scope='module')

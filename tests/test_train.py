@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from config import ConfigError, load_config, parse_device
+from conftest import assert_same_change
 import train_loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -201,6 +202,40 @@ def test_parallel_loading_trains_bit_identically(small_dataset, two_epochs, tmp_
     rep = train_loop.train(cfg_for(small_dataset, tmp_path, 'n_epochs=2', 'shuffle=True',
                                    'para_load=True', 'prefetch=3'), progress=False)
     assert torch.equal(rep.net.state, straight)
+
+
+def first_step(cfg):
+    """Each parameter and its momentum (PARAMS order), before and after the epoch's first step
+    of the real training loop."""
+    from alex_net import N_PARAMS, PARAMS
+    rep = train_loop.Replica(cfg, 0, 1)
+
+    def arrays():
+        state = rep.net.state.cpu().numpy().copy()
+        return [state[off + p.offset:off + p.offset + p.size] for off in (0, N_PARAMS)
+                for p in PARAMS]
+    start = arrays()
+    with rep.make_loader() as loader:
+        rep.train_epoch(1, cfg['learning_rate'], loader, progress=False,
+                        requests=rep.train_requests(1)[:1])
+    return start, arrays()
+
+
+@pytest.mark.parametrize('device, precision, tol', [
+    ('cpu', 'fp32', 1e-4),
+    pytest.param('cuda:0', 'fp32', 1e-3, marks=pytest.mark.gpu),
+    pytest.param('cuda:0', 'bf16', 0.1, marks=pytest.mark.gpu)])
+def test_compiled_step_is_the_eager_step(small_dataset, tmp_path, device, precision, tol):
+    """compile: True (augmentation, forward and backward, the max pool by window codes, the
+    update) makes the same training step as eager, within rounding (float32 on the CPU: ~1e-6
+    of each change; on the GPU cuDNN may choose other algorithms; bf16 rounds at other places).
+    One step: over several, rounding grows (flipped ReLU and pooling choices of near-equal
+    values move the small conv gradients by a few percent)."""
+    cfg = {c: cfg_for(small_dataset, tmp_path, f'gpu={device}', f'precision={precision}',
+                      f'compile={c}', 'batch_size=4') for c in (False, True)}
+    start, eager = first_step(cfg[False])
+    _, compiled = first_step(cfg[True])
+    assert_same_change(compiled, eager, start, tol)
 
 
 def test_sigterm_finishes_the_step_snapshots_and_resume_matches(small_dataset, two_epochs,
