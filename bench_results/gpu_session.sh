@@ -7,8 +7,8 @@
 #                                                     # peers), then tf32 compiled
 #   bash bench_results/gpu_session.sh precision OUT   # bf16 vs fp32 on the toy data, 4 seeds each
 #   bash bench_results/gpu_session.sh scale128  OUT   # 1..N GPUs at 128 per GPU, nccl, gradients
-#   bash bench_results/gpu_session.sh scale256  OUT   # the same at 256 per GPU (N <= 4: the toy
-#                                                     # set's 1,280 images hold one step of 4 x 256)
+#   bash bench_results/gpu_session.sh scale256  OUT   # the same at 256 per GPU, over the toy
+#                                                     # files twice (a step of 8 x 256 is 2,048)
 #
 # On the device tool's machine: OUT is $OUT; carry .whl with the pyzmq and hickle wheels
 # (the device README says how to download them); the toy data is built there when missing.
@@ -39,9 +39,23 @@ if [ ! -e data/toy/train_hkl_b256_b_256/0004.hkl ]; then
     python3 preprocessing/make_toy_imagenet.py data/toy_imagenet >"$out/toy_data.log"
     bash preprocessing/generate_toy_data.sh >>"$out/toy_data.log"
 fi
-counts() {   # 2,4,8 up to the GPUs here (and up to $1)
-    local max=$(( gpus < $1 ? gpus : $1 )) c list=""
-    for c in 2 4 8; do [ "$c" -le "$max" ] && list="$list${list:+,}$c"; done
+doubled() {   # the toy training files twice over (links) with their labels: 2,560 images
+    local d=data/toy_x2
+    if [ ! -e "$d/train/0009.hkl" ]; then
+        mkdir -p "$d/train" "$d/labels"
+        for i in 0 1 2 3 4; do
+            ln -sf "../../toy/train_hkl_b256_b_256/000$i.hkl" "$d/train/000$i.hkl"
+            ln -sf "../../toy/train_hkl_b256_b_256/000$i.hkl" "$d/train/000$((i + 5)).hkl"
+        done
+        ln -sf ../../toy/labels/val_labels.npy "$d/labels/val_labels.npy"
+        python3 -c "import numpy as np; l = np.load('data/toy/labels/train_labels.npy')[:1280]
+np.save('$d/labels/train_labels.npy', np.concatenate([l, l]))"
+    fi
+    echo "train_folder=$d/train label_folder=$d/labels"
+}
+counts() {   # 2,4,8 up to the GPUs here
+    local c list=""
+    for c in 2 4 8; do [ "$c" -le "$gpus" ] && list="$list${list:+,}$c"; done
     echo "$list"
 }
 case "$stage" in
@@ -58,9 +72,11 @@ precision)
     cp /tmp/precision/precision.json "$out/precision_toy.json" ;;
 scale128 | scale256)
     per=${stage#scale}
-    c=$(counts $(( per == 256 ? 4 : 8 )))
+    c=$(counts)
     [ -n "$c" ] || { echo "scaling needs two or more GPUs; this machine has $gpus"; exit 1; }
+    data=$([ "$per" = 256 ] && doubled || true)
+    # shellcheck disable=SC2086  # $data: two key=value words
     python3 bench.py --no-peers --iters 60 --gpu-counts "$c" --per-gpu-batch "$per" \
-        --parallel-only --out "$out/scale${per}_compiled.json" batch_size="$per" \
+        --parallel-only --out "$out/scale${per}_compiled.json" batch_size="$per" $data \
         exchange=nccl average=gradients compile=True 2>&1 | tee "$out/scale${per}.log" ;;
 esac
