@@ -6,6 +6,8 @@
 #   bash bench_results/gpu_session.sh table1    OUT   # one GPU: Table 1, bf16 compiled (with the
 #                                                     # peers), then tf32 compiled
 #   bash bench_results/gpu_session.sh precision OUT   # bf16 vs fp32 on the toy data, 4 seeds each
+#   bash bench_results/gpu_session.sh modes     OUT   # 1 GPU, and 2 GPUs in every exchange x
+#                                                     # average, at 128 per GPU, eager
 #   bash bench_results/gpu_session.sh scale128  OUT   # 1..N GPUs at 128 per GPU, nccl, gradients
 #   bash bench_results/gpu_session.sh scale256  OUT   # the same at 256 per GPU, over the toy
 #                                                     # files twice (a step of 8 x 256 is 2,048)
@@ -16,11 +18,12 @@
 # the figures, with the machine, date and command, into BENCHMARKS.md.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-stage=${1:?usage: gpu_session.sh tests|table1|precision|scale128|scale256 OUT}
+stage=${1:?usage: gpu_session.sh tests|table1|precision|modes|scale128|scale256 OUT}
 out=${2:?usage: gpu_session.sh STAGE OUT}
 case "$stage" in
-    tests | table1 | precision | scale128 | scale256) ;;
-    *) echo "unknown stage '$stage': tests, table1, precision, scale128 or scale256"; exit 2 ;;
+    tests | table1 | precision | modes | scale128 | scale256) ;;
+    *) echo "unknown stage '$stage': tests, table1, precision, modes, scale128 or scale256"
+       exit 2 ;;
 esac
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -70,6 +73,29 @@ precision)
     # the runs' snapshots stay out of OUT (what comes back is a few small files)
     python3 bench_precision.py --out /tmp/precision 2>&1 | tee "$out/precision.log"
     cp /tmp/precision/precision.json "$out/precision_toy.json" ;;
+modes)
+    [ "$gpus" -ge 2 ] || { echo "modes needs two GPUs; this machine has $gpus"; exit 1; }
+    rm -rf /tmp/modes && mkdir -p /tmp/modes
+    first=""   # the 1-GPU row once, with the first mode
+    for ex in p2p nccl gloo host; do
+        for avg in weights gradients; do
+            python3 bench.py --no-peers --iters 60 --parallel-only --per-gpu-batch 128 $first \
+                --out "/tmp/modes/${ex}_${avg}.json" batch_size=128 exchange=$ex average=$avg
+            first=--multi-only
+        done
+    done 2>&1 | tee "$out/modes.log"
+    python3 - "$out/modes_2gpu.json" <<'PY'
+import glob, json, os, sys
+runs = {os.path.basename(f)[:-5]: json.load(open(f)) for f in sorted(glob.glob('/tmp/modes/*.json'))}
+json.dump(runs, open(sys.argv[1], 'w'), indent=1)
+one = next(r['rows']['1 GPU, parallel loading'] for r in runs.values()
+           if '1 GPU, parallel loading' in r['rows'])['images_per_s']
+print(f"1 GPU at 128: {one:.0f} img/s")
+for mode, r in runs.items():
+    two = r['rows']['2 GPUs, parallel loading']['images_per_s']
+    print(f"2 GPUs x 128, {mode:18s} {two:8.0f} img/s  {two / one:5.2f}x")
+PY
+    ;;
 scale128 | scale256)
     per=${stage#scale}
     c=$(counts)
