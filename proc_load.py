@@ -330,14 +330,12 @@ class ParallelLoader:
             # message (naming the file) may still be on its way: wait for it or for its exit.
             end = time.monotonic() + 2.0
             while self._error is None and self._proc.poll() is None and time.monotonic() < end:
-                got = self._receive()
-                if got is not None and got['type'] == 'error':
-                    self._error = got['message']
-                if got is None:
+                if not self._take({}):
                     self._sock.poll(20, zmq.POLLIN)
             if self._error is not None:
                 raise self._fail(self._error)
             if self._proc.poll() is not None:
+                self._drain({})
                 raise self._died(f"sending it a '{msg['type']}' message")
             raise self._fail(f"cannot send to the loader process (pid {self.pid}) on "
                              f"{self.endpoint}: {e}")
@@ -371,11 +369,25 @@ class ParallelLoader:
         or has been silent past ``deadline``."""
         if self._error is not None:
             raise self._fail(self._error)
+        if self._take(ready):
+            return
+        if self._proc.poll() is not None:
+            if self._drain(ready):   # what it finished before it went is still delivered
+                return
+            raise self._died(what)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise self._fail(f"loader process (pid {self.pid}) sent nothing for "
+                             f"{self.timeout:g} s while {what}")
+        self._sock.poll(max(1, min(slice_ms, int(left * 1000) + 1)), zmq.POLLIN)
+
+    def _take(self, ready):
+        """Handles the messages that are waiting; whether there were any."""
         got = False
         while True:
             msg = self._receive()
             if msg is None:
-                break
+                return got
             got = True
             t = msg['type']
             if t == 'error':
@@ -394,15 +406,18 @@ class ParallelLoader:
                     ready[msg['seq']] = msg['buf']
             elif t == 'setup_ok':
                 ready['setup_ok'] = True
-        if got:
-            return
-        if self._proc.poll() is not None:
-            raise self._died(what)
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise self._fail(f"loader process (pid {self.pid}) sent nothing for "
-                             f"{self.timeout:g} s while {what}")
-        self._sock.poll(max(1, min(slice_ms, int(left * 1000) + 1)), zmq.POLLIN)
+
+    def _drain(self, ready):
+        """The loader has exited: takes what it sent before it went, which may still be on its
+        way (until its error message comes, or for DEATH_GRACE_S); whether anything came."""
+        got = False
+        end = time.monotonic() + DEATH_GRACE_S
+        while self._error is None and time.monotonic() < end:
+            if self._take(ready):
+                got = True
+            else:
+                self._sock.poll(20, zmq.POLLIN)
+        return got
 
     def _stderr_tail(self):
         if self._stderr is None:
@@ -415,15 +430,8 @@ class ParallelLoader:
             return ''
 
     def _died(self, what):
-        """LoaderError for a loader that is gone: its own last error message if it sent one."""
-        end = time.monotonic() + DEATH_GRACE_S
-        while self._error is None and time.monotonic() < end:   # it may still be on its way
-            msg = self._receive()
-            if msg is not None:
-                if msg['type'] == 'error':
-                    return self._fail(msg['message'])
-                continue
-            self._sock.poll(20, zmq.POLLIN)
+        """LoaderError for a loader that is gone (after _drain): its own error message if it
+        sent one, else how it ended."""
         if self._error is not None:
             return self._fail(self._error)
         text = (f"loader process (pid {self.pid}) {_signal_text(self._proc.returncode)} "
