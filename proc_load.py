@@ -83,7 +83,7 @@ MAX_MESSAGE_BYTES = 1 << 16
 POLL_MS = 100               # liveness checks at least this often in every wait
 READY_POLL_S = 1e-4         # how often the loader looks whether a copy to the GPU is done
 STOP_WAIT_S = 5.0           # how long close() waits for the loader before terminating it
-DEATH_GRACE_S = 0.5         # after the loader died: how long to wait for its last (error) message
+DEATH_GRACE_S = 0.5         # after the loader died: how long to wait for its last messages
 STDERR_TAIL = 4000
 
 _NONE = type(None)
