@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from config import load_config, ConfigError
+from alexnet_lib.config import load_config, ConfigError
 
 REPORT = {'1 GPU, parallel loading': 39.72, '1 GPU, serial loading': 49.11,
           '2 GPUs, parallel loading': 23.39, '2 GPUs, serial loading': 28.92}
@@ -37,7 +37,7 @@ def cyclic_requests(rep, n):
 
 def time_training(cfg, rank, world, device, exchanger, iters, warmup):
     """Train warmup + iters steps with the real loop; figures of the timed part."""
-    from train_loop import Replica
+    from alexnet_lib.loop import Replica
     rep = Replica(cfg, rank, world, device, exchanger)
     reqs = cyclic_requests(rep, warmup + iters)
     cuda = rep.device.type == 'cuda'
@@ -56,7 +56,7 @@ def time_training(cfg, rank, world, device, exchanger, iters, warmup):
 
 
 def _bench_worker(rank, world, cfg, devices, iters, warmup, out_dir):
-    from exchange import make_exchanger
+    from alexnet_lib.exchange import make_exchanger
     if devices[rank] == 'cpu':
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     with make_exchanger(cfg['exchange'], rank, world, devices[rank], port=cfg['sock_gpu']) as ex:
@@ -67,7 +67,7 @@ def _bench_worker(rank, world, cfg, devices, iters, warmup, out_dir):
 
 
 def time_multi(cfg, devices, iters, warmup):
-    import launch
+    from alexnet_lib import launch
     with tempfile.TemporaryDirectory() as d:
         launch.spawn(_bench_worker, len(devices), (cfg, devices, iters, warmup, d))
         with open(os.path.join(d, 'rank0.json')) as f:
@@ -77,10 +77,10 @@ def time_multi(cfg, devices, iters, warmup):
 def time_model_step(cfg, device, iters, warmup):
     """Our training step (augmentation, forward, backward, update) on one batch already on the
     device: the model's own speed, no loading."""
-    from train_loop import Replica
+    from alexnet_lib.loop import Replica
     rep = Replica(cfg, 0, 1, device)
     path, lo, hi, _ = rep.train_requests(1)[0]
-    from batch_files import read_rows
+    from alexnet_lib.batch_files import read_rows
     images = torch.from_numpy(read_rows(path, lo, hi)).to(rep.device)
 
     class Resident:   # a loader whose every batch is the one already on the device

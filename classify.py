@@ -10,9 +10,9 @@ The configuration is the usual one (config.yaml + spec_1gpu.yaml + yaml files + 
 weights_dir and load_epoch choose the snapshot, mean_file the mean image, gpu the device,
 precision the arithmetic, batch_size how many images go through the network at once.
 
-Each image is read with preprocessing.image_io.load_image_256 (any format preprocessing reads:
+Each image is read with alexnet_lib.images.load_image_256 (any format preprocessing reads:
 JPEG, PNG, greyscale, CMYK, alpha, ...; decided by content, not name), exactly as the batch
-files hold it (RGB, 256x256), then goes through what validation does (train_loop.test_logits):
+files hold it (RGB, 256x256), then goes through what validation does (loop.test_logits):
 minus the mean image, the centre 227x227 crop without mirror, the test-time network, then a
 softmax.
 
@@ -41,12 +41,13 @@ import numpy as np
 import torch
 
 from alex_net import AlexNet, N_CLASSES
-from config import main_config
-from data import mean_image_hwc
-from preprocessing.image_io import ImageDecodeError, load_image_256
-from run_errors import run_main
-from snapshot import load_snapshot
-from train_loop import precision_of, resolve_device, test_logits
+from alexnet_lib.config import load_config, resolve_device
+from alexnet_lib.data import mean_image_hwc
+from alexnet_lib.errors import run_main
+from alexnet_lib.loop import precision_of, test_logits
+from alexnet_lib.snapshot import load_snapshot
+from alexnet_lib.files import DataError
+from alexnet_lib.images import load_image_256
 
 OWN_KEYS = ('meta_clsloc_mat', 'synset_words')
 TOP = 5
@@ -73,14 +74,11 @@ def split_args(argv):
 
 def names_from_devkit(meta_file):
     """Label i -> 'WNID words', from the devkit's synsets (ids 1..1000 are the classes)."""
-    from preprocessing.common import PrepError, read_devkit_synsets
-    try:
-        synsets = read_devkit_synsets(meta_file)
-    except PrepError as e:
-        raise ValueError(str(e)) from None
+    from preprocessing.common import read_devkit_synsets
+    synsets = read_devkit_synsets(meta_file)
     classes = sorted(w for w, (cid, _) in synsets.items() if 1 <= cid <= N_CLASSES)
     if not classes:
-        raise ValueError(f"devkit file {meta_file} has no classes with ILSVRC2012_ID "
+        raise DataError(f"devkit file {meta_file} has no classes with ILSVRC2012_ID "
                          f"1..{N_CLASSES}")
     return [f"{w} {synsets[w][1]}".strip() for w in classes]
 
@@ -91,13 +89,13 @@ def names_from_words_file(path):
         with open(path, encoding='utf-8') as f:
             lines = f.read().splitlines()
     except FileNotFoundError:
-        raise FileNotFoundError(f"synset words file {path} not found") from None
+        raise DataError(f"synset words file {path} not found") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read synset words file {path}: {e}") from None
+        raise DataError(f"cannot read synset words file {path}: {e}") from None
     while lines and not lines[-1].strip():
         lines.pop()
     if len(lines) > N_CLASSES:
-        raise ValueError(f"synset words file {path} has {len(lines)} lines; the network has "
+        raise DataError(f"synset words file {path} has {len(lines)} lines; the network has "
                          f"{N_CLASSES} classes (line i names label i)")
     return [line.strip() for line in lines]
 
@@ -114,24 +112,17 @@ def class_names(own, mean_file):
     return None, None
 
 
-def read_image(path):
-    try:
-        return load_image_256(path)
-    except ImageDecodeError as e:
-        raise ValueError(str(e)) from None
-
-
 @torch.no_grad()
 def probabilities(net, images, mean_hwc, amp_dtype):
     """Softmax of the test-time network on the centre crops of uint8 (B, 256, 256, 3) images:
-    the same forward as validation (train_loop.test_logits)."""
+    the same forward as validation (loop.test_logits)."""
     return torch.softmax(test_logits(net.layer_params, images, mean_hwc, amp_dtype), dim=1)
 
 
 def classify(cfg, images, own):
     for path in images:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"image {path} not found")
+            raise DataError(f"image {path} not found")
     names, source = class_names(own, cfg['mean_file'])
     device = resolve_device(cfg['gpu'])
     amp_dtype = torch.bfloat16 if precision_of(cfg, device) == 'bf16' else None
@@ -143,7 +134,7 @@ def classify(cfg, images, own):
     results = []
     for start in range(0, len(images), cfg['batch_size']):
         chunk = images[start:start + cfg['batch_size']]
-        batch = torch.from_numpy(np.stack([read_image(p) for p in chunk])).to(device)
+        batch = torch.from_numpy(np.stack([load_image_256(p) for p in chunk])).to(device)
         probs = probabilities(net, batch, mean, amp_dtype).cpu()
         top_p, top_i = probs.topk(TOP, dim=1)
         for path, ps, ls in zip(chunk, top_p.tolist(), top_i.tolist()):
@@ -168,8 +159,7 @@ def main(argv):
     if not images:
         print(f"{USAGE}\nerror: no image given", file=sys.stderr)
         raise SystemExit(2)
-    cfg = main_config('spec_1gpu.yaml', config_words)
-    run_main(lambda: classify(cfg, images, own))
+    run_main(lambda: classify(load_config('spec_1gpu.yaml', config_words), images, own))
 
 
 if __name__ == '__main__':

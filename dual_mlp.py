@@ -31,6 +31,8 @@ import time
 
 import numpy as np
 
+from alexnet_lib.config import ConfigError, parse_device, resolve_device
+
 DEFAULTS = dict(epochs=10, batch_size=5000, lr=0.13, l1_reg=0.0, l2_reg=1e-4, n_hidden=500, seed=1234)
 EMBEDDED_BATCH = 100
 EMBEDDED_SPLIT = (1000, 397, 400)
@@ -208,29 +210,11 @@ def error_rate(flat, x, y, cfg):
 # ----------------------------------------------------------------------------------------------
 # training
 
-def device_name(text):
-    """'cpu' or 'cuda:N' for a command-line device: N, gpuN, cuda:N or cpu."""
-    t = str(text).strip().lower()
-    if t == 'cpu':
-        return 'cpu'
-    for prefix in ('cuda:', 'gpu'):
-        if t.startswith(prefix):
-            t = t[len(prefix):]
-    if not t.isdigit():
-        raise ValueError('device %r: expected a GPU index (0, 1, ...), gpuN, cuda:N or cpu' % text)
-    return 'cuda:%d' % int(t)
-
-
-def parse_device(text):
-    import torch
-    return torch.device(device_name(text))
-
-
 def train(cfg, rank=0, world=1, exchanger=None, log=print):
     """Train; with world == 2 this is process `rank` of the pair (exchanger given), with
     world == 1 the one-process reference. Returns (flat parameters on the CPU, result dict)."""
     import torch
-    device = parse_device(cfg['devices'][rank])
+    device = resolve_device(cfg['devices'][rank], 'device')
     if device.type == 'cuda':
         torch.cuda.set_device(device)
     else:    # a 'cpu' device is half the machine, in either mode: the comparison stays fair
@@ -296,13 +280,13 @@ def train(cfg, rank=0, world=1, exchanger=None, log=print):
 def _worker(rank, world, cfg_json):
     """One of the two processes (started by launch.spawn)."""
     import torch
-    import exchange
+    from alexnet_lib import exchange
     cfg = json.loads(cfg_json)
-    device = parse_device(cfg['devices'][rank])
+    device = resolve_device(cfg['devices'][rank], 'device')
     log = (lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None)
     kind = cfg['exchange']
     if kind == 'auto':
-        kind = 'p2p' if all(device_name(d) != 'cpu' for d in cfg['devices']) else 'host'
+        kind = 'p2p' if all(parse_device(d) != 'cpu' for d in cfg['devices']) else 'host'
     ex = exchange.make_exchanger(kind, rank, world, device, port=cfg['port'], timeout=cfg['timeout'])
     try:
         log('exchange: %s%s' % (ex.kind, {'p2p': ' (CUDA IPC, device-to-device peer copies)',
@@ -352,8 +336,8 @@ def main(argv=None):
         ap.error('give two devices (GPU indices or cpu), or one with --one-process')
     for d in devices:
         try:
-            device_name(d)
-        except ValueError as e:
+            parse_device(d, 'device')
+        except ConfigError as e:
             ap.error(str(e))
     if args.epochs < 1:
         ap.error('--epochs must be at least 1')
@@ -377,13 +361,13 @@ def main(argv=None):
                dataset=args.dataset, devices=devices, exchange=args.exchange,
                timeout=args.timeout, save_params=args.save_params)
     sys.stdout.flush()
-    import launch
+    from alexnet_lib import launch
     try:
         if args.dataset is not None and not args.one_process:
             load_mnist_pickle(args.dataset)        # a bad file is reported here, not by a worker
         if args.one_process:
             print('one process on %s, averaging the updates of each pair of minibatches'
-                  % device_name(devices[0]))
+                  % parse_device(devices[0]))
             flat, result = train(cfg, 0, 1, None, lambda s: print(s, flush=True))
             if args.save_params:
                 np.save(args.save_params, flat.numpy())

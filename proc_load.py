@@ -72,7 +72,8 @@ import traceback
 import numpy as np
 import zmq
 
-from batch_files import IMAGE_SHAPE, read_rows
+from alexnet_lib.batch_files import IMAGE_SHAPE, read_rows
+from alexnet_lib.errors import UserError
 
 LOADER_SCRIPT = os.path.abspath(__file__)
 ROW_BYTES = int(np.prod(IMAGE_SHAPE))
@@ -102,7 +103,7 @@ TO_TRAINER = {
 }
 
 
-class LoaderError(RuntimeError):
+class LoaderError(UserError):
     """The loader process failed (a missing or corrupt batch file, named in the message) or died."""
 
 

@@ -11,14 +11,13 @@ metrics.csv and a snapshot every snapshot_freq epochs (plot them with plot.py).
 """
 import sys
 
-from config import main_config
-from run_errors import run_main
-import train_loop
+from alexnet_lib.config import load_config
+from alexnet_lib.errors import run_main
+from alexnet_lib.loop import train
 
 
 def main(argv):
-    cfg = main_config('spec_1gpu.yaml', argv)
-    run_main(lambda: train_loop.train(cfg))
+    run_main(lambda: train(load_config('spec_1gpu.yaml', argv)))
 
 
 if __name__ == '__main__':

@@ -19,51 +19,47 @@ exchange_freq: average every this many steps.
 import os
 import sys
 
-from config import devices_of, main_config
-from run_errors import run_main
+from alexnet_lib import launch
+from alexnet_lib.config import ConfigError, devices_of, load_config
+from alexnet_lib.errors import run_main
 
 
 def trainer(rank, world, cfg, device):
     """One replica: its exchanger, then the shared training loop."""
     import torch
-    import train_loop
+    from alexnet_lib.exchange import make_exchanger
+    from alexnet_lib.loop import train
     if device == 'cpu':  # CPU replicas share the cores instead of each taking all of them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    from exchange import make_exchanger
     with make_exchanger(cfg['exchange'], rank, world, device, port=cfg['sock_gpu']) as ex:
-        train_loop.train(cfg, rank, world, device, ex)
+        train(cfg, rank, world, device, ex)
 
 
 def spawned_trainer(rank, world, cfg):
     trainer(rank, world, cfg, devices_of(cfg)[rank])
 
 
-def main(argv):
-    cfg = main_config('spec_2gpu.yaml', argv)
-    import launch
+def run(cfg):
+    devices = devices_of(cfg)
     if launch.under_torchrun():
         rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
         local = int(os.environ.get('LOCAL_RANK', rank))
-        devices = devices_of(cfg)
-        if cfg['exchange'] in ('p2p', 'host') and int(os.environ.get('LOCAL_WORLD_SIZE', world)) \
-                != world:
-            raise SystemExit(f"config error: exchange: {cfg['exchange']} works within one node; "
-                             f"use exchange: nccl (or gloo) across nodes")
+        if cfg['exchange'] in ('p2p', 'host') and \
+                int(os.environ.get('LOCAL_WORLD_SIZE', world)) != world:
+            raise ConfigError(f"exchange: {cfg['exchange']} works within one node; use "
+                              f"exchange: nccl (or gloo) across nodes")
         device = devices[local] if local < len(devices) else devices[0]
         if device != 'cpu' and local >= len(devices):
-            raise SystemExit(f"config error: local rank {local} has no GPU in {devices}")
-        run_main(lambda: trainer(rank, world, cfg, device))
-        return
-    world = len(devices_of(cfg))
-    print(f"train_2gpu: {world} trainers on {devices_of(cfg)}, exchange {cfg['exchange']}, "
+            raise ConfigError(f"local rank {local} has no GPU in {devices}")
+        return trainer(rank, world, cfg, device)
+    print(f"train_2gpu: {len(devices)} trainers on {devices}, exchange {cfg['exchange']}, "
           f"average {cfg['average']} every {cfg['exchange_freq']} step(s)", flush=True)
-    # grace: on SIGTERM the trainers finish a few steps and write a snapshot before they exit;
-    # expected errors and preemption end a trainer with its message (the launcher prints it),
-    # not a traceback
-    from run_errors import expected_errors
-    from train_loop import Preempted
-    run_main(lambda: launch.spawn(spawned_trainer, world, (cfg,), grace=300.0,
-                                  expected=expected_errors() + (Preempted,)))
+    # grace: on SIGTERM the trainers finish a few steps and write a snapshot before they exit
+    launch.spawn(spawned_trainer, len(devices), (cfg,), grace=300.0)
+
+
+def main(argv):
+    run_main(lambda: run(load_config('spec_2gpu.yaml', argv)))
 
 
 if __name__ == '__main__':

@@ -10,10 +10,10 @@ Prints the top-1 and top-5 error and the loss, and as its very last line one JSO
 import json
 import sys
 
-from config import main_config
-from run_errors import run_main
-from snapshot import load_snapshot
-from train_loop import Replica
+from alexnet_lib.config import load_config
+from alexnet_lib.errors import run_main
+from alexnet_lib.snapshot import load_snapshot
+from alexnet_lib.loop import Replica
 
 
 def evaluate(cfg):
@@ -28,8 +28,7 @@ def evaluate(cfg):
 
 
 def main(argv):
-    cfg = main_config('spec_1gpu.yaml', argv)
-    run_main(lambda: evaluate(cfg))
+    run_main(lambda: evaluate(load_config('spec_1gpu.yaml', argv)))
 
 
 if __name__ == '__main__':

@@ -27,7 +27,7 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from preprocessing.image_io import RESAMPLE, SIZE, load_image_256  # noqa: E402
+from alexnet_lib.images import RESAMPLE, SIZE, load_image_256  # noqa: E402
 from preprocessing.make_hkl import available_cores  # noqa: E402
 
 # (width, height) and their share: ImageNet's common shapes, plus some large photographs

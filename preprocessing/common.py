@@ -13,6 +13,9 @@ import sys
 import numpy as np
 import yaml
 
+from alexnet_lib import errors
+from alexnet_lib.errors import UserError
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 BATCH_SIZE = 256
 BATCH_SUFFIX = f'_b{BATCH_SIZE}_b_{BATCH_SIZE}'  # the original's name for one set of full batches
@@ -26,22 +29,15 @@ SHUFFLED_TRAIN_FILE = 'shuffled_train_filenames.npy'
 SHUFFLE_SEED = 1
 
 
-class PrepError(Exception):
+class PrepError(UserError):
     """An expected problem (bad paths.yaml, missing folder, devkit mismatch, unreadable image).
     The message is one line that names the thing at fault."""
 
 
 def run_main(main):
-    """Run ``main()``; a PrepError becomes ``error: ...`` and exit status 1, Ctrl-C exit 130."""
-    try:
-        main()
-    except PrepError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted: complete batch files are kept; run the same command again to "
-              "continue", file=sys.stderr)
-        sys.exit(130)
+    """Run ``main()``: a PrepError is one line ``error: ...`` and exit status 1, Ctrl-C 130."""
+    errors.run_main(main, interrupted="interrupted: complete batch files are kept; run the "
+                                      "same command again to continue")
 
 
 # ---------------------------------------------------------------- paths.yaml

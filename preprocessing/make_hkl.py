@@ -40,12 +40,12 @@ from tqdm import tqdm
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # batch_files.py and the preprocessing package live in the repository root
 
-from batch_files import BatchFileError, batch_rows, read_rows, write_batch  # noqa: E402
+from alexnet_lib.batch_files import BatchFileError, batch_rows, read_rows, write_batch  # noqa: E402
 from preprocessing.common import (BATCH_SIZE, TOY_IMAGES, PrepError,  # noqa: E402
                                   add_paths_argument, get_shuffled_train_list, list_val_images,
                                   load_paths, read_skipped, require_dir, run_main,
                                   save_npy_atomic, skipped_report_file, write_skipped)
-from preprocessing.image_io import ImageDecodeError, load_image_256  # noqa: E402
+from alexnet_lib.images import ImageDecodeError, load_image_256  # noqa: E402
 
 
 def available_cores():

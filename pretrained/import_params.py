@@ -48,12 +48,11 @@ import zlib
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
-from alex_net import PARAMS  # noqa: E402
-from config import ConfigError, load_config  # noqa: E402
-from sgd import adjust_learning_rate  # noqa: E402
-from snapshot import lr_file, mom_file, param_file, save_array  # noqa: E402
+from alex_net import PARAMS
+from alexnet_lib.config import ConfigError, load_config
+from alexnet_lib.sgd import adjust_learning_rate
+from alexnet_lib.snapshot import lr_file, mom_file, param_file, save_array
 
 RELEASE_SHA1 = '58950804f50f8d1a76705e1b28d3546e12ea8a81'
 EPOCH = 65

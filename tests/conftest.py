@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from batch_files import write_batch  # noqa: E402
+from alexnet_lib.batch_files import write_batch
 
 
 def make_dataset(root, n_train_files=2, file_rows=16, val_sizes=(16, 5), seed=0):

@@ -8,8 +8,8 @@ from alex_net import AlexNet, N_PARAMS, N_WEIGHTS, PARAMS, original_init
 import torch.nn.functional as F
 
 from layers import MaxPoolByCodes, conv_by_blocks, conv_pool_relu, lrn, max_pool
-from sgd import adjust_learning_rate, sgd_update_
-from snapshot import load_snapshot, save_snapshot
+from alexnet_lib.sgd import adjust_learning_rate, sgd_update_
+from alexnet_lib.snapshot import load_snapshot, save_snapshot
 
 torch.set_num_threads(2)
 

@@ -26,10 +26,8 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from conftest import make_dataset  # noqa: E402
+from conftest import make_dataset
 
 DOC = os.path.join(ROOT, 'docs', 'bad_inputs.md')
 SCRIPT_TIMEOUT = 120
@@ -62,7 +60,7 @@ class World:
         self.labels, self.mean = opts['label_folder'], opts['mean_file']
         self.snap = os.path.join(root, 'snap')
         from alex_net import AlexNet
-        from snapshot import save_array, save_snapshot
+        from alexnet_lib.snapshot import save_array, save_snapshot
         save_snapshot(self.snap, 1, AlexNet('cpu', init=False), 0.01)
         save_array(os.path.join(self.snap, 'val_record.npy'), np.zeros((1, 2), np.float32))
 
@@ -123,7 +121,7 @@ def _truncated_copy(d, w):
 
 
 def _two_files_second_short(d, w):
-    from batch_files import write_batch
+    from alexnet_lib.batch_files import write_batch
     shutil.copy(os.path.join(w.train, '0000.hkl'), d)
     write_batch(os.path.join(d, '0001.hkl'), np.zeros((4, 256, 256, 3), np.uint8))
 

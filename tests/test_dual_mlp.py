@@ -13,10 +13,8 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-import dual_mlp  # noqa: E402
+import dual_mlp
 
 SCRIPT = str(ROOT / 'dual_mlp.py')
 

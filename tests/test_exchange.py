@@ -22,10 +22,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-import launch  # noqa: E402
+from alexnet_lib import launch
 
 TIMEOUT = 30.0
 
@@ -100,7 +98,7 @@ def _reference(parts, world):
 
 def _w_average(rank, world, kinds, device_type, expect_kinds, port):
     import torch
-    import exchange
+    from alexnet_lib import exchange
     torch.set_num_threads(1)
     device = torch.device('cuda', rank) if device_type == 'cuda' else torch.device('cpu')
     for kind, expect in zip(kinds, expect_kinds):
@@ -174,7 +172,7 @@ def test_host_and_gloo_average_exactly(world):
 
 def test_world_of_one_is_a_no_op():
     import torch
-    import exchange
+    from alexnet_lib import exchange
     for kind in exchange.KINDS:
         ex = exchange.make_exchanger(kind, 0, 1, 'cpu', port=1)
         t = torch.arange(5.0)
@@ -200,7 +198,7 @@ def test_p2p_registration_messages_are_checked():
     import hashlib
     import hmac
     import types
-    import exchange
+    from alexnet_lib import exchange
     p = exchange._P2P.__new__(exchange._P2P)
     p.ctl = types.SimpleNamespace(rank=0, world=2)
     p._key, p._gen, p._cap = b'k' * 32, 3, 10
@@ -244,7 +242,7 @@ def _w_peer_fails(rank, world, rdv, out_dir, kind, mode, timeout):
     os.environ[launch.RENDEZVOUS_ENV] = rdv
     _write_pid(out_dir, rank)
     import torch
-    import exchange
+    from alexnet_lib import exchange
     torch.set_num_threads(1)
     ex = exchange.make_exchanger(kind, rank, world, 'cpu', port=4321, timeout=timeout)
     buf = torch.ones(1000)
@@ -397,7 +395,7 @@ def test_workers_end_with_their_launcher(tmp_path, how):
 
 def _w_gpu_timing(rank, world, kind, port, n):
     import torch
-    import exchange
+    from alexnet_lib import exchange
     device = torch.device('cuda', rank)
     ex = exchange.make_exchanger(kind, rank, world, device, port=port, timeout=TIMEOUT)
     try:

@@ -29,11 +29,10 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from alex_net import PARAMS  # noqa: E402
-from conftest import make_dataset  # noqa: E402
-from snapshot import latest_complete_snapshot  # noqa: E402
+from alex_net import PARAMS
+from conftest import make_dataset
+from alexnet_lib.snapshot import latest_complete_snapshot
 
 SEED = int(os.environ.get('FAULT_SEED') or random.SystemRandom().randrange(10 ** 6))
 RUN_TIMEOUT = 240      # no run here should take more than a fraction of this
@@ -545,7 +544,7 @@ def test_batch_file_truncated_during_the_run(tmp_path):
     assert 'truncated' in line or 'cannot read' in line, line
     assert re.search(r'^iter 3 ', run.text, re.M) and not re.search(r'^iter 4 ', run.text, re.M)
     assert latest_complete_snapshot(str(wd)) == 1
-    from snapshot import load_params
+    from alexnet_lib.snapshot import load_params
     assert all(np.isfinite(a).all() for a in load_params(str(wd), 1).values())
 
 

@@ -18,11 +18,10 @@ from preproc_tree import (DEVKIT_IDS, PALETTE, RGBA_COLOUR, WNIDS, build_tree, t
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREP = os.path.join(REPO, 'preprocessing')
-sys.path.insert(0, REPO)
 
-from batch_files import list_batch_files  # noqa: E402
-from preprocessing.common import load_paths  # noqa: E402
-from preprocessing.image_io import ImageDecodeError, load_image_256  # noqa: E402
+from alexnet_lib.batch_files import list_batch_files
+from preprocessing.common import load_paths
+from alexnet_lib.images import ImageDecodeError, load_image_256
 
 ENV = dict(os.environ, PYTHON=sys.executable)
 

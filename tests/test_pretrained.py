@@ -24,15 +24,15 @@ import torch
 from PIL import Image
 
 from alex_net import PARAMS, AlexNet
-from batch_files import write_batch
+from alexnet_lib.batch_files import write_batch
 from conftest import make_dataset
-from config import load_config
-from data import mean_image_hwc
-from preprocessing.image_io import load_image_256
+from alexnet_lib.config import load_config
+from alexnet_lib.data import mean_image_hwc
+from alexnet_lib.images import load_image_256
 from preproc_tree import write_meta
-from snapshot import load_snapshot, mom_file, param_file
+from alexnet_lib.snapshot import load_snapshot, mom_file, param_file
 import plot
-import train_loop
+from alexnet_lib import loop as train_loop
 import validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

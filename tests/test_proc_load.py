@@ -17,11 +17,10 @@ import zmq
 from conftest import default_sigint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from batch_files import replica_rows, write_batch  # noqa: E402
-from data import SerialLoader  # noqa: E402
-from proc_load import LoaderError, ParallelLoader  # noqa: E402
+from alexnet_lib.batch_files import replica_rows, write_batch
+from alexnet_lib.data import SerialLoader
+from proc_load import LoaderError, ParallelLoader
 
 B = 16          # rows per batch file (small: the image shape is fixed at 256x256x3)
 N_FILES = 5

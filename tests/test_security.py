@@ -95,7 +95,7 @@ def socket_inodes(pid):
 
 
 def test_a_live_run_uses_loopback_only_and_ignores_a_stranger(tmp_path):
-    from launch import free_port
+    from alexnet_lib.launch import free_port
     data = make_dataset(str(tmp_path / 'data'), n_train_files=1, file_rows=4, val_sizes=(2,))
     ports = [free_port(), free_port()]
     run = Proc('train_2gpu.py', [*data, 'gpu0=cpu', 'gpu1=cpu', 'exchange=host',

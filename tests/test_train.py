@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from config import ConfigError, load_config, parse_device
+from alexnet_lib.config import ConfigError, load_config, parse_device
 from conftest import assert_same_change
-import train_loop
+from alexnet_lib import loop as train_loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(2)
@@ -73,7 +73,7 @@ def test_validate_and_plot_scripts(small_dataset, two_epochs):
 
 
 def test_each_replica_slice_of_the_draws_is_the_global_draw():
-    from data import step_draws
+    from alexnet_lib.data import step_draws
     full = step_draws(5, 2, 7, 16)
     again = step_draws(5, 2, 7, 16)
     assert np.array_equal(full[0], again[0]) and np.array_equal(full[1], again[1])
@@ -87,7 +87,7 @@ def test_each_replica_slice_of_the_draws_is_the_global_draw():
 
 
 def test_crop_mirror_is_the_original_crop_of_image_minus_mean():
-    from data import crop_mirror
+    from alexnet_lib.data import crop_mirror
     rng = np.random.RandomState(0)
     img = rng.randint(0, 256, (2, 256, 256, 3)).astype(np.uint8)
     mean = rng.rand(256, 256, 3).astype(np.float32) * 255

@@ -1,12 +1,12 @@
 """One image as the batches hold it: 256x256 RGB, uint8, HWC.
 
-    from preprocessing.image_io import load_image_256
+    from alexnet_lib.images import load_image_256
     x = load_image_256('ILSVRC2012_img_val/ILSVRC2012_val_00000001.JPEG')  # uint8 (256, 256, 3)
 
 make_hkl.py builds every batch row with this function and classify.py uses it for a single
 image, so a picture gives the network the same pixels either way.
 
-What it does (SPEC section 5): the file's content decides its format, not its name (ImageNet
+What it does, as the original preprocessing: the file's content decides its format, not its name (ImageNet
 holds a PNG named .JPEG); greyscale is replicated to three channels; an alpha channel is dropped
 (not composited); CMYK and palette images are converted to RGB; 16-bit greyscale is scaled to
 8 bits. The image is resized to exactly 256x256 (aspect ratio not kept) with PIL's antialiased
@@ -23,13 +23,15 @@ ImageDecodeError naming the file; it never gives a partial or black image.
 import numpy as np
 from PIL import Image
 
+from alexnet_lib.errors import UserError
+
 SIZE = 256
 RESAMPLE = Image.Resampling.BILINEAR
 
 _GREY_16BIT = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
 
 
-class ImageDecodeError(Exception):
+class ImageDecodeError(UserError):
     """An image file could not be read completely; the message names the file."""
 
 

@@ -4,7 +4,7 @@ A batch file is a hickle (HDF5) file whose dataset ``data`` holds one uint8 arra
 (B, 256, 256, 3), NHWC (SPEC §1). A trainer of an N-replica run reads only its rows of each
 file, as an HDF5 hyperslab, straight into the memory it is given (pinned or shared).
 
-    from batch_files import list_batch_files, read_rows, replica_rows
+    from alexnet_lib.batch_files import list_batch_files, read_rows, replica_rows
     files = list_batch_files('data/toy/train_hkl_b256_b_256')
     lo, hi = replica_rows(n_rows=256, rank=0, world=2)      # (0, 128)
     x = read_rows(files[0], lo, hi)                          # uint8 (128, 256, 256, 3)
@@ -14,11 +14,14 @@ import os
 import h5py
 import numpy as np
 
+from alexnet_lib.errors import UserError
+from alexnet_lib.files import atomic_write
+
 IMAGE_SHAPE = (256, 256, 3)
 DATASET = 'data'  # where hickle.dump puts a single array
 
 
-class BatchFileError(RuntimeError):
+class BatchFileError(UserError):
     """A batch file is missing, unreadable or of the wrong shape/dtype; the message names it."""
 
 
@@ -154,10 +157,4 @@ def write_batch(path, images):
     images = np.ascontiguousarray(images, dtype=np.uint8)
     if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
         raise ValueError(f"write_batch: expected (B, 256, 256, 3) uint8, got {images.shape}")
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        hickle.dump(images, tmp, mode='w')
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: hickle.dump(images, tmp, mode='w'))

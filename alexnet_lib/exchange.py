@@ -47,12 +47,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import launch
+from alexnet_lib import launch
+from alexnet_lib.config import ConfigError
+from alexnet_lib.errors import UserError
 
 KINDS = ('p2p', 'nccl', 'gloo', 'host')
 
 
-class ExchangeError(RuntimeError):
+class ExchangeError(UserError):
     """An exchange between replicas failed: a peer died or stopped answering, replicas differ,
     or a peer sent something invalid."""
 
@@ -73,7 +75,7 @@ def make_exchanger(kind, rank, world, device, *, port, timeout=120.0, secret=Non
         return Exchanger(kind, rank, world, device)
     if kind in ('p2p', 'nccl') and device.type != 'cuda':
         if kind == 'nccl':
-            raise ValueError('the nccl exchange needs CUDA buffers; device is %s (use gloo or host)'
+            raise ConfigError('the nccl exchange needs CUDA buffers; device is %s (use gloo or host)'
                              % device)
         if rank == 0:
             print('exchange: p2p needs GPUs, device is %s: using host memory instead' % device,
@@ -183,7 +185,7 @@ def _normalise_device(device):
 def _check_one_node(kind):
     local, world = os.environ.get('LOCAL_WORLD_SIZE'), os.environ.get('WORLD_SIZE')
     if launch.under_torchrun() and local is not None and local != world:
-        raise ValueError('the %s exchange works within one node (LOCAL_WORLD_SIZE=%s, WORLD_SIZE=%s):'
+        raise ConfigError('the %s exchange works within one node (LOCAL_WORLD_SIZE=%s, WORLD_SIZE=%s):'
                          ' use nccl or gloo across nodes' % (kind, local, world))
 
 

@@ -30,12 +30,14 @@ import traceback
 import multiprocessing as mp
 from multiprocessing.connection import wait as _wait_any
 
+from alexnet_lib.errors import UserError
+
 RENDEZVOUS_ENV = 'ALEXNET_RENDEZVOUS_DIR'
 SECRET_ENV = 'ALEXNET_EXCHANGE_SECRET'
 _PR_SET_PDEATHSIG = 1
 
 
-class WorkerFailed(RuntimeError):
+class WorkerFailed(UserError):
     """A worker process exited with an error, was killed, or the run timed out."""
 
     def __init__(self, message, rank=None, exitcode=None):
@@ -87,7 +89,7 @@ def parent_watchdog(parent_pid=None, interval=0.5):
     threading.Thread(target=watch, name='parent-watchdog', daemon=True).start()
 
 
-def _worker_main(worker_fn, rank, world, args, parent_pid, err_conn, expected=()):
+def _worker_main(worker_fn, rank, world, args, parent_pid, err_conn):
     parent_watchdog(parent_pid)
     try:
         worker_fn(rank, world, *args)
@@ -98,11 +100,11 @@ def _worker_main(worker_fn, rank, world, args, parent_pid, err_conn, expected=()
     except KeyboardInterrupt:
         _report(err_conn, 'KeyboardInterrupt')
         sys.exit(130)
-    except expected as e:
+    except UserError as e:
         # an error its message explains (bad input, a dead peer, preemption): the launcher
-        # prints it; no traceback. exit_status: the exception's own exit code (default 1)
+        # prints it; no traceback
         _report(err_conn, '%s: %s' % (type(e).__name__, e))
-        sys.exit(getattr(e, 'exit_status', 1))
+        sys.exit(e.exit_status)
     except BaseException as e:
         _report(err_conn, '%s: %s' % (type(e).__name__, e))
         traceback.print_exc()
@@ -148,7 +150,7 @@ def _collect_errors(conns, received):
             pass
 
 
-def spawn(worker_fn, world, args=(), *, timeout=None, grace=5.0, expected=()):
+def spawn(worker_fn, world, args=(), *, timeout=None, grace=5.0):
     """Run worker_fn(rank, world, *args) in `world` processes and wait for all of them.
 
     Returns None when every worker exits with code 0. Raises WorkerFailed naming the first rank
@@ -156,8 +158,8 @@ def spawn(worker_fn, world, args=(), *, timeout=None, grace=5.0, expected=()):
     `timeout` seconds pass; the other workers are stopped first. On SIGINT/SIGTERM the signal is
     forwarded to the workers, which get `grace` seconds, and the launcher exits with 128+signal,
     printing what the workers reported. worker_fn must be importable by name (a module-level
-    function). A worker that raises one of the `expected` exception types reports its message
-    and exits (with the exception's exit_status attribute, default 1) without a traceback."""
+    function). A worker that raises a UserError reports its message and exits with the
+    error's exit_status, without a traceback."""
     if world < 1:
         raise ValueError('world must be at least 1, got %r' % (world,))
     ctx = mp.get_context('spawn')
@@ -180,8 +182,7 @@ def spawn(worker_fn, world, args=(), *, timeout=None, grace=5.0, expected=()):
         for rank in range(world):
             r_conn, w_conn = ctx.Pipe(duplex=False)
             p = ctx.Process(target=_worker_main, name='worker-%d' % rank,
-                            args=(worker_fn, rank, world, tuple(args), os.getpid(), w_conn,
-                                  tuple(expected)))
+                            args=(worker_fn, rank, world, tuple(args), os.getpid(), w_conn))
             p.start()
             w_conn.close()
             procs.append(p)

@@ -19,7 +19,9 @@ import sys
 
 import yaml
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from alexnet_lib.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the yaml files
 
 CONFIG_KEYS = {
     'resume_train': 'bool', 'load_epoch': 'int', 'n_epochs': 'int', 'learning_rate': 'float',
@@ -42,8 +44,10 @@ SPECS = {'spec_1gpu.yaml': SPEC_1GPU_KEYS, 'spec_2gpu.yaml': SPEC_2GPU_KEYS}
 POSITIVE = ('n_epochs', 'batch_size', 'snapshot_freq', 'print_freq', 'exchange_freq')
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration problem; the message names the key or file and says what to do."""
+    prefix = 'config error'
+    exit_status = 2
 
 
 def _read_yaml(path):
@@ -69,11 +73,12 @@ def _find(name):
     """A config file in the current directory, else beside this module."""
     if os.path.isabs(name) or os.path.exists(name):
         return os.path.abspath(name)
-    return os.path.join(HERE, name)
+    return os.path.join(ROOT, name)
 
 
 def parse_device(value, key='gpu'):
-    """'gpu0', 0, 'cuda:0', 'cpu' -> 'cuda:0' / 'cpu' (a string: torch is not imported here)."""
+    """'gpu0', 0, 'cuda:0', 'cpu' -> 'cuda:0' / 'cpu' (a string: torch is not imported here).
+    The one device parser: the config, dual_mlp.py and the exchange all name devices so."""
     s = str(value).strip().lower()
     if s == 'cpu':
         return 'cpu'
@@ -81,6 +86,23 @@ def parse_device(value, key='gpu'):
     if m is None:
         raise ConfigError(f"{key}: {value!r} is not a device; use gpu0, 0, cuda:0 or cpu")
     return f'cuda:{int(m.group(1))}'
+
+
+def resolve_device(value, key='gpu'):
+    """The torch.device for a device name (or a torch.device; 'cuda' alone: the current GPU),
+    checked against the GPUs this process can see."""
+    import torch
+    if str(value) == 'cuda':
+        value = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    device = torch.device(parse_device(value, key))
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device} asked for, but no CUDA GPU is visible; use "
+                              f"{key}=cpu")
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device} asked for, but only "
+                              f"{torch.cuda.device_count()} GPU(s) are visible")
+    return device
 
 
 _NUMBER = re.compile(r'[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?')
@@ -214,12 +236,3 @@ def devices_of(cfg):
     if 'gpu' in cfg:
         return [cfg['gpu']]
     return cfg['gpus'] if cfg.get('gpus') else [cfg['gpu0'], cfg['gpu1']]
-
-
-def main_config(spec, argv):
-    """load_config for a script's main: a ConfigError is one line on stderr and exit status 2."""
-    try:
-        return load_config(spec, argv)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        raise SystemExit(2)

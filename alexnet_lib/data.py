@@ -13,7 +13,8 @@ have the same interface:
 import numpy as np
 import torch
 
-from batch_files import IMAGE_SHAPE, read_rows
+from alexnet_lib.batch_files import IMAGE_SHAPE, read_rows
+from alexnet_lib.files import DataError, load_npy
 
 
 class SerialLoader:
@@ -88,23 +89,13 @@ def centre_draws(n):
     return np.full((n, 2), CENTRE, np.int64), np.zeros(n, bool)
 
 
-def load_npy(path, what, fix):
-    """np.load without pickles; a missing or unreadable file is one clear error naming it."""
-    try:
-        return np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} {path!r} not found: {fix}") from None
-    except (ValueError, OSError) as e:
-        raise ValueError(f"{what} {path!r} is not a .npy array: {e}") from None
-
-
 def mean_image_hwc(mean_file, device):
     """The mean image file (3, 256, 256) float32, as (256, 256, 3) on device."""
     m = load_npy(mean_file, 'mean file', 'run preprocessing or fix mean_file in config.yaml')
     if m.shape != (3, 256, 256):
-        raise ValueError(f"mean file {mean_file!r} has shape {m.shape}; expected (3, 256, 256)")
+        raise DataError(f"mean file {mean_file!r} has shape {m.shape}; expected (3, 256, 256)")
     if not np.isfinite(m).all():
-        raise ValueError(f"mean file {mean_file!r} holds NaN or infinite values")
+        raise DataError(f"mean file {mean_file!r} holds NaN or infinite values")
     return torch.from_numpy(np.ascontiguousarray(m.transpose(1, 2, 0), np.float32)).to(device)
 
 

@@ -16,9 +16,11 @@ import re
 import numpy as np
 
 from alex_net import PARAMS
+from alexnet_lib.errors import UserError
+from alexnet_lib.files import save_npy
 
 
-class SnapshotError(RuntimeError):
+class SnapshotError(UserError):
     """A snapshot is missing or malformed; the message names the file."""
 
 
@@ -26,19 +28,11 @@ def save_array(path, array):
     """np.save that leaves either the old file or the complete new one, never a partial file.
     A failed write (disk full, a file-size limit, no permission) is a SnapshotError naming the
     file."""
-    tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, 'wb') as f:
-            np.save(f, np.asarray(array), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        save_npy(path, array, fsync=True)
     except OSError as e:
         raise SnapshotError(f"cannot write {path} (disk full or over a file-size limit?): "
                             f"{e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load_array(path, shape=None, what='array'):

@@ -12,14 +12,13 @@ import sys
 import time
 
 import torch
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch.nn.functional as F
 
 import alex_net
 import layers
-import train_loop
-from config import load_config
-from data import dropout_masks
+from alexnet_lib import loop as train_loop
+from alexnet_lib.config import load_config
+from alexnet_lib.data import dropout_masks
 
 B = int(os.environ.get('B', 256))
 dev = torch.device(os.environ.get('DEV', 'cuda:0'))

@@ -31,13 +31,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import proc_load  # noqa: E402
-from batch_files import (IMAGE_SHAPE, BatchFileError, batch_rows, read_rows,  # noqa: E402
+import proc_load
+from alexnet_lib.batch_files import (IMAGE_SHAPE, BatchFileError, batch_rows, read_rows,
                          write_batch)
-from data import SerialLoader  # noqa: E402
-from proc_load import ParallelLoader  # noqa: E402
+from alexnet_lib.data import SerialLoader
+from proc_load import ParallelLoader
 
 ROW_BYTES = int(np.prod(IMAGE_SHAPE))
 TARGET = 40000

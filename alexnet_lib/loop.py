@@ -1,7 +1,7 @@
 """The training loop: one replica's training, shared by train.py (one replica) and
 train_2gpu.py (one trainer process per GPU, exchanging weights after every minibatch).
 
-    from train_loop import train
+    from alexnet_lib.loop import train
     train(cfg)                                      # one replica on cfg['gpu']
     train(cfg, rank, world, device, exchanger)      # replica `rank` of `world`
 
@@ -26,41 +26,32 @@ import torch.nn.functional as F
 
 import alex_net
 from alex_net import AlexNet, FC_WEIGHTS, FIRST_FC, NOT_FC_WEIGHTS, N_WEIGHTS
-from batch_files import batch_rows, list_batch_files, replica_rows
-from config import ConfigError
-from data import (SerialLoader, centre_draws, crop_mirror, dropout_masks, load_npy,
-                  mean_image_hwc, step_draws)
-from sgd import adjust_learning_rate, sgd_step_
-from snapshot import SnapshotError, latest_complete_snapshot, load_array, load_snapshot, \
+from alexnet_lib.batch_files import batch_rows, list_batch_files, replica_rows
+from alexnet_lib.config import ConfigError, resolve_device
+from alexnet_lib.data import (SerialLoader, centre_draws, crop_mirror, dropout_masks,
+                              mean_image_hwc, step_draws)
+from alexnet_lib.errors import UserError
+from alexnet_lib.files import DataError, atomic_write, load_npy
+from alexnet_lib.sgd import adjust_learning_rate, sgd_step_
+from alexnet_lib.snapshot import SnapshotError, latest_complete_snapshot, load_array, load_snapshot, \
     lr_file, save_array, save_snapshot, steps_done_in
 
 METRICS_FIELDS = ['epoch', 'lr', 'train_loss', 'val_top1_error', 'val_top5_error', 'val_loss',
                   'images_per_s', 'wall_time_s']
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(UserError):
     """Training cannot go on (a NaN loss, say); the message says where and what is left."""
 
 
-class Preempted(RuntimeError):
+class Preempted(UserError):
     """SIGTERM arrived: the current step was finished and a resumable snapshot written."""
+    prefix = 'preempted'
     exit_status = 143    # 128 + SIGTERM, as a process ended by the signal
 
 
 STOP_CHECK_EVERY = 10   # replicas agree on a SIGTERM at steps that are multiples of this,
                         # and at the end of every epoch
-
-
-def resolve_device(name):
-    device = torch.device(name)
-    if device.type == 'cuda':
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {name} asked for, but no CUDA GPU is visible; use gpu=cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {name} asked for, but only {torch.cuda.device_count()} "
-                              f"GPU(s) are visible")
-        torch.cuda.set_device(device)
-    return device
 
 
 def precision_of(cfg, device):
@@ -73,13 +64,13 @@ def load_labels(label_folder, name, need, what):
     path = os.path.join(label_folder, name)
     labels = load_npy(path, 'label file', 'run preprocessing (make_labels.py) or fix label_folder')
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"label file {path!r} holds {labels.dtype} {labels.shape}; expected "
+        raise DataError(f"label file {path!r} holds {labels.dtype} {labels.shape}; expected "
                          f"1-D integer labels")
     if len(labels) < need:
-        raise ValueError(f"label file {path!r} has {len(labels)} labels, but the {what} batch "
+        raise DataError(f"label file {path!r} has {len(labels)} labels, but the {what} batch "
                          f"files hold {need} images")
     if len(labels) and (labels.min() < 0 or labels.max() >= alex_net.N_CLASSES):
-        raise ValueError(f"label file {path!r} holds labels outside 0..{alex_net.N_CLASSES - 1}")
+        raise DataError(f"label file {path!r} holds labels outside 0..{alex_net.N_CLASSES - 1}")
     return torch.from_numpy(labels.astype(np.int64))
 
 
@@ -130,6 +121,8 @@ class Replica:
                  for_training=True):
         self.cfg, self.rank, self.world = cfg, rank, world
         self.device = resolve_device(device or cfg['gpu'])
+        if self.device.type == 'cuda':
+            torch.cuda.set_device(self.device)
         self.exchanger = exchanger
         self.lead = rank == 0
         self.log = log or (lambda *a: print(*a, flush=True) if self.lead else None)
@@ -418,18 +411,16 @@ def write_metrics(path, epoch, row):
             rows = [r for r in csv.DictReader(f) if r.get('epoch', '').isdigit()
                     and int(r['epoch']) < epoch]
     rows.append(dict(zip(METRICS_FIELDS, [epoch] + list(row))))
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
+
+    def write(tmp):
         with open(tmp, 'w', newline='') as f:
             w = csv.DictWriter(f, METRICS_FIELDS)
             w.writeheader()
             w.writerows(rows)
-        os.replace(tmp, path)
+    try:
+        atomic_write(path, write)
     except OSError as e:
         raise SnapshotError(f"cannot write {path} (disk full?): {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def train(cfg, rank=0, world=1, device=None, exchanger=None, progress=True):
