@@ -1,4 +1,4 @@
-"""A small ImageNet look-alike from scikit-learn's handwritten digits, in the ILSVRC2012 layout.
+"""A small ImageNet look-alike from scikit-learn's handwritten digits, laid out as ILSVRC2012.
 
     python preprocessing/make_toy_imagenet.py data/toy_imagenet        # the quickstart's tree
     preprocessing/generate_toy_data.sh                                 # default paths.yaml uses it
@@ -13,9 +13,13 @@ Deterministic: the same files every time. Writes into OUT_DIR:
 
   train/<wnid>/<wnid>_<n>.JPEG       1,400 images in 10 class folders (5 full batches of 256)
   val/ILSVRC2012_val_00000001.JPEG   397 images (one full batch and a short one of 141)
-  devkit/data/meta_clsloc.mat        `synsets` struct (ILSVRC2012_ID, WNID, words, gloss, ...);
-                                     the ids are not in WNID order, as in the real devkit
-  devkit/data/ILSVRC2014_clsloc_validation_ground_truth.txt   one ILSVRC2012_ID per val image
+  devkit/data/meta_clsloc.mat        as the ILSVRC2014 devkit's: a `synsets` struct (ILSVRC2014_ID,
+                                     WNID, words, gloss, num_children, children, wordnet_height,
+                                     num_train_images) of the 10 classes (num_children 0, ids
+                                     1..10, not in WNID order, as in the real devkit) and 3
+                                     internal nodes above them (ids 11..13: digit, even digit,
+                                     odd digit), which are not classes
+  devkit/data/ILSVRC2014_clsloc_validation_ground_truth.txt   one class id per val image
   paths.yaml                         for generate_toy_data.sh / generate_data.sh; outputs go to
                                      OUT_DIR/preprocessed unless --tar-root DIR says otherwise
 """
@@ -37,6 +41,11 @@ DIGIT_NAMES = ['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'e
 WNIDS = [f'n0{(7 * d + 3) % 10}{d:06d}' for d in range(10)]
 # devkit ids 1..10, in neither digit nor WNID order (the real ids are not in WNID order either)
 ILSVRC_IDS = [(3 * d + 5) % 10 + 1 for d in range(10)]
+# the internal nodes of the toy's WordNet tree: (id, WNID, words, child ids). As in the real
+# devkit (ids 1001..1860 above the 1000 classes) their ids follow the classes' ids.
+NODES = [(11, 'n00020000', 'digit, figure', [12, 13]),
+         (12, 'n00020002', 'even digit', [ILSVRC_IDS[d] for d in range(0, 10, 2)]),
+         (13, 'n00020001', 'odd digit', [ILSVRC_IDS[d] for d in range(1, 10, 2)])]
 OWN_ENTRIES = {'train', 'val', 'devkit', 'paths.yaml', 'preprocessed'}
 
 
@@ -67,19 +76,32 @@ def save_jpeg(img, path, kind):
     img.save(path, 'JPEG', quality=90)
 
 
-def write_meta(path):
+def write_meta(path, n_train):
+    """The ILSVRC2014 devkit's meta_clsloc.mat for the toy classes; n_train[d]: the number of
+    training images of digit d."""
     import scipy.io
-    fields = ['ILSVRC2012_ID', 'WNID', 'words', 'gloss', 'num_children', 'children',
+    fields = ['ILSVRC2014_ID', 'WNID', 'words', 'gloss', 'num_children', 'children',
               'wordnet_height', 'num_train_images']
-    synsets = np.zeros((1, 10), dtype=[(f, 'O') for f in fields])
+    rows = {}  # id -> the synset's values: MATLAB-shaped 1x1 / 1xK integer arrays, strings
     for d in range(10):
-        synsets[0, d] = (np.array([[ILSVRC_IDS[d]]], np.uint16), WNIDS[d],
-                         f'digit {d}, {DIGIT_NAMES[d]}',
-                         f'the handwritten digit {DIGIT_NAMES[d]} (scikit-learn digits)',
-                         np.array([[0]], np.uint8), np.zeros((1, 0), np.uint16),
-                         np.array([[0]], np.uint8), np.array([[0]], np.uint16))
-    # sorted by id, as in the real file: then neither the digit nor the WNID order
-    synsets = synsets[:, np.argsort(ILSVRC_IDS)]
+        rows[ILSVRC_IDS[d]] = (np.array([[ILSVRC_IDS[d]]], np.uint16), WNIDS[d],
+                               f'digit {d}, {DIGIT_NAMES[d]}',
+                               f'the handwritten digit {DIGIT_NAMES[d]} (scikit-learn digits)',
+                               np.array([[0]], np.uint8), np.zeros((1, 0), np.uint16),
+                               np.array([[0]], np.uint8), np.array([[n_train[d]]], np.uint16))
+    height, images = {}, {ILSVRC_IDS[d]: n_train[d] for d in range(10)}
+    for node_id, wnid, words, children in reversed(NODES):  # children before their parents
+        height[node_id] = 1 + max(height.get(c, 0) for c in children)
+        images[node_id] = sum(images[c] for c in children)
+        rows[node_id] = (np.array([[node_id]], np.uint16), wnid, words,
+                         f'a node above the toy classes: {words}',
+                         np.array([[len(children)]], np.uint8), np.array([children], np.uint16),
+                         np.array([[height[node_id]]], np.uint8),
+                         np.array([[images[node_id]]], np.uint16))
+    # rows in id order, as in the real file: then the classes are in neither digit nor WNID order
+    synsets = np.zeros((1, len(rows)), dtype=[(f, 'O') for f in fields])
+    for j, synset_id in enumerate(sorted(rows)):
+        synsets[0, j] = rows[synset_id]
     scipy.io.savemat(path, {'synsets': synsets})
 
 
@@ -125,7 +147,8 @@ def main():
     gt_file = os.path.join(devkit, 'ILSVRC2014_clsloc_validation_ground_truth.txt')
     with open(gt_file, 'w') as f:
         f.writelines(gt_lines)
-    write_meta(os.path.join(devkit, 'meta_clsloc.mat'))
+    write_meta(os.path.join(devkit, 'meta_clsloc.mat'), np.bincount(targets[train_idx],
+                                                                    minlength=10))
 
     tar_root = os.path.abspath(args.tar_root) if args.tar_root else 'preprocessed'
     with open(os.path.join(out, 'paths.yaml'), 'w') as f:

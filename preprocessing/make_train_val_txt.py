@@ -3,17 +3,27 @@
     python preprocessing/make_train_val_txt.py             # paths from preprocessing/paths.yaml
     python preprocessing/make_train_val_txt.py --paths other.yaml
 
-Works from any folder. Reads the devkit's meta_clsloc.mat (its `synsets` struct gives each class
-its ILSVRC2012_ID and WNID) and the validation ground truth (one ILSVRC2012_ID per line, for the
-validation images in sorted order). A class's label is the index of its WNID among the sorted
-training folder names (0-999), which is not the devkit's id order. Writes:
+Works from any folder. Reads the devkit's synsets file (paths.yaml's meta_clsloc_mat) and its
+validation ground truth (val_label_file), both from one devkit:
+
+  ILSVRC2014 devkit        ILSVRC2014_devkit/data/meta_clsloc.mat
+                           ILSVRC2014_devkit/data/ILSVRC2014_clsloc_validation_ground_truth.txt
+  ILSVRC2012 devkit        ILSVRC2012_devkit_t12/data/meta.mat
+                           ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt
+
+The `synsets` struct gives each class its id (ILSVRC2014_ID or ILSVRC2012_ID: the same ids
+1..1000) and WNID; its internal WordNet nodes (synsets with children) are not classes and are
+left out. The ground truth holds one class id per line, for the validation images in sorted
+order. A class's label is the index of its WNID among the sorted training folder names (0-999),
+which is not the devkit's id order. Writes:
 
   traintxt_filename  (misc/train.txt)   lines 'n01440764/n01440764_10026.JPEG 0', sorted
   valtxt_filename    (misc/val.txt)     lines 'ILSVRC2012_val_00000001.JPEG 65', sorted
   {misc_dir}/synset_words.txt           line i: 'WNID words' of label i
 
-Stops with a one-line error when a training folder is not a WNID of the devkit, when the ground
-truth does not have one line per validation image, or when a line is not such a class's id.
+Stops with a one-line error when the synsets file is not a devkit's, when a training folder is
+not the WNID of a devkit class, when the ground truth does not have one line per validation
+image, or when a line is not such a class's id.
 Use a meta file and a ground-truth file from the same devkit: their ids must agree.
 """
 import argparse
@@ -63,8 +73,8 @@ def main():
     wnids = list_class_folders(train_dir)
     for wnid in wnids:
         if wnid not in synsets:
-            raise PrepError(f"training class folder '{wnid}' ({train_dir}) is not a WNID of the "
-                            f"devkit's synsets in {meta_file}")
+            raise PrepError(f"training class folder '{wnid}' ({train_dir}) is not the WNID of a "
+                            f"class (a synset without children) in the devkit file {meta_file}")
     label_of_wnid = {wnid: label for label, wnid in enumerate(wnids)}
     label_of_id = {synsets[wnid][0]: label for label, wnid in enumerate(wnids)}
 

@@ -2,11 +2,17 @@
 
     tree = build_tree(tmp_path / 'imagenet', per_class=(200, 150, 250), n_val=300)
     tree.write_paths_yaml(tmp_path / 'cfg' / 'paths.yaml', tmp_path / 'out')
+    tree = build_tree(tmp_path / 'imagenet12', devkit='2012')   # the ILSVRC2012 devkit's files
 
-Written independently of preprocessing/ (its own meta_clsloc.mat, its own images), so that the
+Written independently of preprocessing/ (its own devkit files, its own images), so that the
 tests check the scripts against data they did not make. Quirks, as in ILSVRC2012: greyscale and
 CMYK JPEGs (one pure red), a PNG named .JPEG, an RGBA PNG, a palette PNG, a grey+alpha PNG and a
 16-bit greyscale PNG (all named .JPEG), and large JPEGs that libjpeg decodes at reduced scale.
+
+The devkit has either real layout: devkit='2014' (ILSVRC2014_devkit/data/meta_clsloc.mat, field
+ILSVRC2014_ID) or '2012' (ILSVRC2012_devkit_t12/data/meta.mat, field ILSVRC2012_ID), each with
+its ground-truth file. Both hold internal nodes (synsets with children, not classes) with ids
+after the classes', as the real ones do.
 """
 import os
 
@@ -14,9 +20,18 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
-# sorted: labels 0, 1, 2. The devkit ids are in another order, with two extra synsets.
+# sorted: labels 0, 1, 2. The devkit ids are in another order, with two extra classes.
 WNIDS = ['n01440764', 'n01443537', 'n02102040']
 DEVKIT_IDS = {'n01440764': 3, 'n01443537': 1, 'n02102040': 5, 'n09999999': 2, 'n00000042': 4}
+# internal nodes: wnid -> (id, child ids); ids after the classes', as in the real devkits
+NODES = {'n01439121': (6, [3, 1]), 'n00001740': (7, [6, 5, 2, 4])}
+# devkit layout -> (devkit folder, synsets file, id field, validation ground-truth file)
+DEVKITS = {
+    '2014': ('ILSVRC2014_devkit', 'meta_clsloc.mat', 'ILSVRC2014_ID',
+             'ILSVRC2014_clsloc_validation_ground_truth.txt'),
+    '2012': ('ILSVRC2012_devkit_t12', 'meta.mat', 'ILSVRC2012_ID',
+             'ILSVRC2012_validation_ground_truth.txt'),
+}
 
 # the quirky training files: name -> kind; every other file is a plain RGB JPEG
 TRAIN_QUIRKS = {
@@ -85,29 +100,37 @@ def write_image(path, kind, rng):
         raise ValueError(kind)
 
 
-def write_meta(path, devkit_ids):
-    """A meta_clsloc.mat like the devkit's: a 1xN `synsets` struct, rows in id order."""
-    fields = ['ILSVRC2012_ID', 'WNID', 'words', 'gloss', 'num_children', 'children',
+def write_meta(path, devkit_ids, devkit='2014', nodes=None):
+    """A devkit synsets file (meta_clsloc.mat or meta.mat): a 1xN `synsets` struct, rows in id
+    order; the classes ``devkit_ids`` {wnid: id} and the internal ``nodes`` {wnid: (id, child
+    ids)}."""
+    fields = [DEVKITS[devkit][2], 'WNID', 'words', 'gloss', 'num_children', 'children',
               'wordnet_height', 'num_train_images']
-    items = sorted(devkit_ids.items(), key=lambda kv: kv[1])
-    synsets = np.zeros((1, len(items)), dtype=[(f, 'O') for f in fields])
-    for j, (wnid, class_id) in enumerate(items):
-        synsets[0, j] = (np.array([[class_id]], np.uint16), wnid, f'words of {wnid}',
-                         f'gloss of {wnid}', np.array([[0]], np.uint8),
-                         np.zeros((1, 0), np.uint16), np.array([[0]], np.uint8),
-                         np.array([[1300]], np.uint16))
+    rows = {class_id: (np.array([[class_id]], np.uint16), wnid, f'words of {wnid}',
+                       f'gloss of {wnid}', np.array([[0]], np.uint8), np.zeros((1, 0), np.uint8),
+                       np.array([[0]], np.uint8), np.array([[1300]], np.uint16))
+            for wnid, class_id in devkit_ids.items()}
+    for wnid, (node_id, children) in (nodes or {}).items():
+        rows[node_id] = (np.array([[node_id]], np.uint16), wnid, f'node {wnid}',
+                         f'gloss of node {wnid}', np.array([[len(children)]], np.uint8),
+                         np.array([children], np.uint16), np.array([[1]], np.uint8),
+                         np.array([[1300 * len(children)]], np.uint16))
+    synsets = np.zeros((1, len(rows)), dtype=[(f, 'O') for f in fields])
+    for j, class_id in enumerate(sorted(rows)):
+        synsets[0, j] = rows[class_id]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     scipy.io.savemat(path, {'synsets': synsets})
 
 
 class Tree:
-    def __init__(self, root):
+    def __init__(self, root, devkit='2014'):
         self.root = str(root)
+        self.devkit = devkit
         self.train_dir = os.path.join(self.root, 'ILSVRC2012_img_train')
         self.val_dir = os.path.join(self.root, 'ILSVRC2012_img_val')
-        self.meta = os.path.join(self.root, 'devkit', 'data', 'meta_clsloc.mat')
-        self.gt = os.path.join(self.root, 'devkit', 'data',
-                               'ILSVRC2014_clsloc_validation_ground_truth.txt')
+        folder, meta, _, gt = DEVKITS[devkit]
+        self.meta = os.path.join(self.root, folder, 'data', meta)
+        self.gt = os.path.join(self.root, folder, 'data', gt)
         self.train_label = {}  # 'wnid/name' -> label
         self.kind = {}         # 'wnid/name' or val name -> kind
         self.val_names = []
@@ -137,9 +160,9 @@ class Tree:
         return yaml_path
 
 
-def build_tree(root, per_class=(200, 150, 250), n_val=300, quirks=True, seed=0):
+def build_tree(root, per_class=(200, 150, 250), n_val=300, quirks=True, seed=0, devkit='2014'):
     rng = np.random.RandomState(seed)
-    tree = Tree(root)
+    tree = Tree(root, devkit)
     for label, (wnid, n) in enumerate(zip(WNIDS, per_class)):
         os.makedirs(os.path.join(tree.train_dir, wnid))
         for i in range(1, n + 1):
@@ -159,7 +182,7 @@ def build_tree(root, per_class=(200, 150, 250), n_val=300, quirks=True, seed=0):
         tree.val_label.append(label)
         tree.kind[name] = kind
         gt_lines.append(f'{DEVKIT_IDS[WNIDS[label]]}\n')
-    write_meta(tree.meta, DEVKIT_IDS)
+    write_meta(tree.meta, DEVKIT_IDS, devkit, NODES)
     with open(tree.gt, 'w') as f:
         f.writelines(gt_lines)
     return tree

@@ -13,15 +13,15 @@ from PIL import Image
 
 from conftest import default_sigint
 
-from preproc_tree import (DEVKIT_IDS, PALETTE, RGBA_COLOUR, WNIDS, build_tree, truncate,
-                          write_meta)
+from preproc_tree import (DEVKIT_IDS, DEVKITS, NODES, PALETTE, RGBA_COLOUR, WNIDS, build_tree,
+                          truncate, write_meta)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREP = os.path.join(REPO, 'preprocessing')
 
 from alexnet_lib.batch_files import list_batch_files
-from preprocessing.common import load_paths
 from alexnet_lib.images import ImageDecodeError, load_image_256
+from preprocessing.common import PrepError, load_paths, read_devkit_synsets
 
 ENV = dict(os.environ, PYTHON=sys.executable)
 
@@ -364,7 +364,8 @@ def test_missing_folder_is_named(small_tree):
 
 def test_wnid_absent_from_the_devkit_is_named(small_tree):
     tree, tmp = small_tree
-    write_meta(tree.meta, {w: i for w, i in DEVKIT_IDS.items() if w != 'n01443537'})
+    write_meta(tree.meta, {w: i for w, i in DEVKIT_IDS.items() if w != 'n01443537'},
+               tree.devkit, NODES)
     yaml_path = tree.write_paths_yaml(tmp / 'paths.yaml', tmp / 'out')
     line = error_line(run(['make_train_val_txt.py', '--paths', yaml_path], tmp))
     assert 'n01443537' in line and 'meta_clsloc.mat' in line
@@ -387,6 +388,140 @@ def test_make_labels_before_make_hkl_says_what_to_run(small_tree):
     ok(run(['make_train_val_txt.py', '--paths', yaml_path], tmp))
     line = error_line(run(['make_labels.py', '--paths', yaml_path], tmp))
     assert 'shuffled_train_filenames.npy' in line and 'make_hkl.py' in line
+
+
+# ---------------------------------------------------------------- the two devkits
+
+@pytest.mark.parametrize('devkit', sorted(DEVKITS))
+def test_each_devkit_layout_end_to_end(tmp_path, devkit):
+    """Either devkit's files give the same labels: the index of the WNID among the sorted
+    training folders, for validation images through the ground truth's ids."""
+    tree = build_tree(tmp_path / 'imagenet', per_class=(100, 90, 80), n_val=30, quirks=False,
+                      devkit=devkit)
+    folder, meta_name, _, gt_name = DEVKITS[devkit]
+    assert tree.meta.endswith(os.path.join(folder, 'data', meta_name))
+    assert tree.gt.endswith(os.path.join(folder, 'data', gt_name))
+    import scipy.io  # the file has its devkit's id field and internal nodes besides the classes
+    synsets = scipy.io.loadmat(tree.meta, squeeze_me=True)['synsets']
+    assert synsets.dtype.names[0] == DEVKITS[devkit][2]
+    assert sorted(synsets['WNID'][synsets['num_children'] > 0]) == sorted(NODES)
+    yaml_path = tree.write_paths_yaml(tmp_path / 'cfg' / 'paths.yaml', tmp_path / 'out')
+    ok(run(['generate_data.sh', yaml_path, '--workers', '2'], tmp_path))
+    paths = load_paths(yaml_path)
+
+    label_of_wnid = {wnid: label for label, wnid in enumerate(sorted(os.listdir(tree.train_dir)))}
+    wnid_of_id = {class_id: wnid for wnid, class_id in DEVKIT_IDS.items()}
+    with open(tree.gt) as f:
+        gt_ids = [int(line) for line in f]
+    val_expected = [label_of_wnid[wnid_of_id[class_id]] for class_id in gt_ids]
+    assert val_expected == tree.val_label and len(set(val_expected)) == 3
+    assert val_expected != [class_id - 1 for class_id in gt_ids]  # not the devkit's id order
+
+    order = np.load(os.path.join(paths['misc_dir'], 'shuffled_train_filenames.npy'),
+                    allow_pickle=False).tolist()
+    train_labels = np.load(os.path.join(paths['labels_dir'], 'train_labels.npy'))
+    val_labels = np.load(os.path.join(paths['labels_dir'], 'val_labels.npy'))
+    assert train_labels.tolist() == [label_of_wnid[name.split('/')[0]] for name in order]
+    assert val_labels.tolist() == val_expected
+    with open(paths['traintxt_filename']) as f:
+        assert f.read().splitlines() == [f"{n} {label_of_wnid[n.split('/')[0]]}"
+                                         for n in sorted(order)]
+    with open(paths['valtxt_filename']) as f:
+        assert f.read().splitlines() == [f'{n} {label}'
+                                         for n, label in zip(tree.val_names, val_expected)]
+    with open(os.path.join(paths['misc_dir'], 'synset_words.txt')) as f:
+        assert f.read().splitlines() == [f'{w} words of {w}' for w in label_of_wnid]
+
+
+@pytest.mark.parametrize('devkit', sorted(DEVKITS))
+def test_an_internal_node_is_never_a_class(small_tree, devkit):
+    tree, tmp = small_tree
+    meta = os.path.join(tmp, devkit, DEVKITS[devkit][1])
+    write_meta(meta, DEVKIT_IDS, devkit, NODES)
+    synsets = read_devkit_synsets(meta)
+    assert {w: class_id for w, (class_id, _) in synsets.items()} == DEVKIT_IDS
+
+    # a validation image labelled with a node's id
+    node_wnid, (node_id, _) = next(iter(NODES.items()))
+    yaml_path = tree.write_paths_yaml(tmp / 'paths.yaml', tmp / 'out', meta_clsloc_mat=meta)
+    with open(tree.gt) as f:
+        lines = f.readlines()
+    with open(tree.gt, 'w') as f:
+        f.writelines([f'{node_id}\n'] + lines[1:])
+    line = error_line(run(['make_train_val_txt.py', '--paths', yaml_path], tmp))
+    assert f'line 1: class id {node_id} ' in line and os.path.basename(meta) in line
+
+    # a training folder named after a node
+    os.rename(os.path.join(tree.train_dir, WNIDS[2]), os.path.join(tree.train_dir, node_wnid))
+    line = error_line(run(['make_train_val_txt.py', '--paths', yaml_path], tmp))
+    assert f"'{node_wnid}'" in line and 'without children' in line
+
+
+def save_synsets(path, fields, rows):
+    """A .mat file with a 1xN struct `synsets` of the given fields and rows."""
+    import scipy.io
+    synsets = np.zeros((1, len(rows)), dtype=[(f, 'O') for f in fields])
+    for j, row in enumerate(rows):
+        synsets[0, j] = row
+    scipy.io.savemat(path, {'synsets': synsets})
+
+
+def test_devkit_struct_quirks_are_read(tmp_path):
+    """What loadmat(squeeze_me=True) makes of real-looking files: a 1-synset struct (0-d),
+    uint8 and double ids, empty strings, no num_children; a struct whose id and WNID fields
+    have other names is read by position (id first, WNID second), as the original read it."""
+    path = str(tmp_path / 'meta.mat')
+    save_synsets(path, ['ILSVRC2012_ID', 'WNID', 'words', 'num_children', 'children'],
+                 [(np.array([[7]], np.uint8), 'n01440764', 'tench', np.array([[0]], np.uint8),
+                   np.zeros((1, 0), np.uint16))])
+    assert read_devkit_synsets(path) == {'n01440764': (7, 'tench')}
+    save_synsets(path, ['ILSVRC2014_ID', 'WNID', 'words'],
+                 [(np.array([[2.0]]), 'n01443537', ''), (1.0, 'n01440764', 'tench')])
+    assert read_devkit_synsets(path) == {'n01443537': (2, ''), 'n01440764': (1, 'tench')}
+    save_synsets(path, ['id', 'synset', 'num_children', 'children'],
+                 [(np.array([[1]], np.uint16), 'n01440764', np.array([[0]], np.uint8),
+                   np.zeros((1, 0), np.uint16)),
+                  (np.array([[1001]], np.uint16), 'n01439121', np.array([[1]], np.uint8),
+                   np.array([[1]], np.uint16))])
+    assert read_devkit_synsets(path) == {'n01440764': (1, '')}
+
+
+def _bad_devkit(path, case):
+    import scipy.io
+    if case == 'no synsets':
+        scipy.io.savemat(path, {'classes': np.arange(3)})
+    elif case == 'not a struct':
+        scipy.io.savemat(path, {'synsets': np.arange(3)})
+    elif case == 'names and sizes':
+        save_synsets(path, ['name', 'size'], [('kit fox', 1.5), ('tench', 2.5)])
+    elif case == 'no wnids':
+        save_synsets(path, ['ILSVRC2014_ID', 'words', 'gloss'],
+                     [(np.array([[1]], np.uint16), 'kit fox', 'a fox')])
+    return {'no synsets': ("no 'synsets' struct", 'classes'),
+            'not a struct': ("'synsets' is not a struct (no fields)",),
+            'names and sizes': ('fields name, size', "'name' of synset 1 is not an integer id"),
+            'no wnids': ('fields ILSVRC2014_ID, words, gloss',
+                         "'words' of synset 1 is not a WNID")}[case]
+
+
+@pytest.mark.parametrize('case', ['no synsets', 'not a struct', 'names and sizes', 'no wnids'])
+def test_a_file_that_is_no_devkit_is_named_with_the_fields_expected(small_tree, case):
+    tree, tmp = small_tree
+    meta = str(tmp / 'other.mat')
+    found = _bad_devkit(meta, case)
+    yaml_path = tree.write_paths_yaml(tmp / 'paths.yaml', tmp / 'out', meta_clsloc_mat=meta)
+    line = error_line(run(['make_train_val_txt.py', '--paths', yaml_path], tmp))
+    assert line.startswith(f'error: devkit file {meta}')
+    for text in found + ('expected ILSVRC2014_ID, WNID', 'ILSVRC2014_devkit/data/meta_clsloc.mat',
+                         'ILSVRC2012_ID, WNID', 'ILSVRC2012_devkit_t12/data/meta.mat',
+                         'point meta_clsloc_mat at'):
+        assert text in line, (text, line)
+    with pytest.raises(PrepError):
+        read_devkit_synsets(meta)
+    if case == 'no wnids':  # and the whole run stops before any batch
+        result = run(['generate_data.sh', yaml_path], tmp)
+        assert result.returncode != 0 and 'not a WNID' in result.stderr
+        assert not os.path.exists(tmp / 'out' / 'train_hkl_b256_b_256')
 
 
 # ---------------------------------------------------------------- load_image_256 on its own
@@ -429,16 +564,25 @@ def test_toy_imagenet_tree_and_generate_toy_data(tmp_path):
     with Image.open(out / 'train' / wnids[0] / os.listdir(out / 'train' / wnids[0])[0]) as img:
         assert img.format == 'JPEG' and img.size[0] >= 256 and img.size[1] >= 200
 
-    import scipy.io
+    import scipy.io  # the ILSVRC2014 devkit's layout: its fields, classes and internal nodes
     synsets = scipy.io.loadmat(out / 'devkit' / 'data' / 'meta_clsloc.mat')['synsets'][0]
-    ids = [int(s['ILSVRC2012_ID'][0][0]) for s in synsets]
+    assert synsets.dtype.names == ('ILSVRC2014_ID', 'WNID', 'words', 'gloss', 'num_children',
+                                   'children', 'wordnet_height', 'num_train_images')
+    ids = [int(s['ILSVRC2014_ID'][0][0]) for s in synsets]
     meta_wnids = [str(s['WNID'][0]) for s in synsets]
-    assert sorted(meta_wnids) == wnids and sorted(ids) == list(range(1, 11))
-    id_of = dict(zip(meta_wnids, ids))
+    n_children = [int(s['num_children'][0][0]) for s in synsets]
+    assert ids == list(range(1, 14)) and n_children[:10] == [0] * 10
+    assert all(n > 0 for n in n_children[10:])
+    for s, n in zip(synsets[10:], n_children[10:]):  # a node's children are classes or nodes
+        assert s['children'].size == n and set(s['children'].ravel()) <= set(ids)
+    assert sorted(meta_wnids[:10]) == wnids and not set(meta_wnids[10:]) & set(wnids)
+    assert [int(s['num_train_images'][0][0]) for s in synsets[:10]] == \
+        [len(os.listdir(out / 'train' / w)) for w in meta_wnids[:10]]
+    id_of = dict(zip(meta_wnids[:10], ids[:10]))
     assert [id_of[w] for w in wnids] != sorted(id_of[w] for w in wnids)  # ids not in WNID order
     with open(out / 'devkit' / 'data' / 'ILSVRC2014_clsloc_validation_ground_truth.txt') as f:
         gt = [int(line) for line in f]
-    assert len(gt) == 397
+    assert len(gt) == 397 and set(gt) == set(range(1, 11))
 
     elsewhere = tmp_path / 'elsewhere'
     elsewhere.mkdir()
