@@ -279,7 +279,6 @@ def train(cfg, rank=0, world=1, exchanger=None, log=print):
 
 def _worker(rank, world, cfg_json):
     """One of the two processes (started by launch.spawn)."""
-    import torch
     from alexnet_lib import exchange
     cfg = json.loads(cfg_json)
     device = resolve_device(cfg['devices'][rank], 'device')

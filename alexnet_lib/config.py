@@ -41,6 +41,11 @@ SPEC_2GPU_KEYS = {'gpu0': 'device', 'gpu1': 'device', 'gpus': 'device_list', 'so
                   'sock_data0': 'int', 'sock_data1': 'int', 'batch_size': 'int',
                   'train_folder': 'path', 'val_folder': 'path'}
 SPECS = {'spec_1gpu.yaml': SPEC_1GPU_KEYS, 'spec_2gpu.yaml': SPEC_2GPU_KEYS}
+# keys of the original that are accepted and do nothing here: (the original's default, why)
+_PRIVATE_SOCKET = 'each loader talks to its trainer over a private ipc:// socket, not a port'
+NO_EFFECT = {'lib_conv': ('cudnn', 'PyTorch chooses the convolution library'),
+             'sock_data': (5001, _PRIVATE_SOCKET), 'sock_data0': (5001, _PRIVATE_SOCKET),
+             'sock_data1': (5002, _PRIVATE_SOCKET)}
 POSITIVE = ('n_epochs', 'batch_size', 'snapshot_freq', 'print_freq', 'exchange_freq')
 
 
@@ -171,8 +176,49 @@ def parse_overrides(args):
     return files, overrides
 
 
+def command_line(spec, argv, usage):
+    """load_config for a script's command line; -h or --help prints the script's usage and
+    every setting (help_text), then exits with status 0."""
+    if '-h' in argv or '--help' in argv:
+        print(help_text(spec, usage))
+        raise SystemExit(0)
+    return load_config(spec, argv)
+
+
+def help_text(spec, usage, config='config.yaml'):
+    """usage, then every key of config.yaml and the spec file with its default and its comment
+    there, in their groups: the yaml files are the one list of settings."""
+    out = [usage.rstrip(), '', f"Settings: any key below as key=value on the command line, or "
+           f"in a yaml file given as an argument; the defaults are those of {config} and {spec}."]
+    for name in (config, spec):
+        path = _find(name)
+        out += ['', f"{name} ({path}):"]
+        try:
+            with open(path) as f:
+                lines = f.read().splitlines()
+        except OSError as e:
+            out.append(f"  (cannot read it: {e.strerror or e})")
+            continue
+        last = None
+        for line in lines:
+            heading = re.fullmatch(r'#\s*--\s*(.+)', line.strip())
+            entry = re.fullmatch(r'([A-Za-z_]\w*):\s*(.*?)\s*(?:#\s?(.*))?', line)
+            if heading:
+                out += ['', f"  {heading.group(1)}"]
+                last = None
+            elif entry:
+                key, default, comment = entry.groups()
+                last = f"    {key} = {default}"
+                out.append(f"{last:34s} {comment or ''}".rstrip())
+            elif last is not None and re.fullmatch(r'\s+#.*', line):
+                out.append(f"{'':35s}{line.strip()[1:].strip()}")
+            else:
+                last = None
+    return '\n'.join(out)
+
+
 def load_config(spec='spec_1gpu.yaml', argv=(), config='config.yaml'):
-    """The merged, checked configuration as a dict (plus 'device' or 'devices')."""
+    """The merged, checked configuration: a dict of every key of config and spec."""
     schema = dict(CONFIG_KEYS, **SPECS[spec])
     extra_files, overrides = parse_overrides(list(argv))
     cfg, origin = {}, {}
@@ -197,9 +243,9 @@ def load_config(spec='spec_1gpu.yaml', argv=(), config='config.yaml'):
         if kind == 'path':
             cfg[k] = os.path.normpath(os.path.join(origin[k], os.path.expanduser(cfg[k])))
     check_combination(cfg)
-    if cfg['lib_conv'] != 'cudnn':
-        print(f"notice: lib_conv={cfg['lib_conv']!r} has no effect (PyTorch chooses the "
-              f"convolution library)", file=sys.stderr)
+    for key, (default, why) in NO_EFFECT.items():
+        if key in cfg and cfg[key] != default:
+            print(f"notice: {key}={cfg[key]!r} has no effect ({why})", file=sys.stderr)
     return cfg
 
 

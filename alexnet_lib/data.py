@@ -1,14 +1,18 @@
 """Training data on the device: which rows each step reads, serial loading, GPU augmentation.
 
-The training loop asks a loader for a sequence of requests ``(batch_file, lo, hi)`` and gets back,
+The training loop gives a loader the requests ``(batch_file, lo, hi)`` of a pass and takes,
 for each, a uint8 tensor (hi-lo, 256, 256, 3) on the training device. ``SerialLoader`` (here,
-``para_load: False``) reads in the trainer's own process; ``proc_load.ParallelLoader``
-(``para_load: True``) has a separate loader process fill buffers on the GPU ahead of time. Both
-have the same interface:
+``para_load: False``) reads in the trainer's own process when a batch is taken;
+``proc_load.ParallelLoader`` (``para_load: True``) has a loader process fill buffers ahead of
+time. Both have the same interface:
 
     with SerialLoader(device) as loader:
-        for images in loader.iterate([(path, 0, 256), ...]):
-            ...   # images is valid until the next item is taken
+        with loader.feed([(path, 0, 256), ...]) as feed:
+            images = feed.take()      # valid until release()
+            ...
+            feed.release()
+        for images in loader.iterate(requests):   # the same, each batch released when the
+            ...                                   # next one is taken
 """
 import numpy as np
 import torch
@@ -17,11 +21,28 @@ from alexnet_lib.batch_files import IMAGE_SHAPE, read_rows
 from alexnet_lib.files import DataError, load_npy
 
 
-class SerialLoader:
-    """Reads each request in the trainer process when it is needed (the original's para_load:
+class BatchLoader:
+    """What SerialLoader and proc_load.ParallelLoader share."""
+
+    def iterate(self, requests):
+        """Each request's images in turn, each valid until the next one is taken."""
+        with self.feed(requests) as feed:
+            for _ in feed.requests:
+                yield feed.take()
+                feed.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class SerialLoader(BatchLoader):
+    """Reads each request in the trainer process when it is taken (the original's para_load:
     False). On a GPU the rows go through a pinned host buffer."""
 
-    def __init__(self, device, max_rows=None):
+    def __init__(self, device):
         self.device = torch.device(device)
         self._pinned = None
 
@@ -32,18 +53,36 @@ class SerialLoader:
             self._pinned = torch.empty((n,) + IMAGE_SHAPE, dtype=torch.uint8).pin_memory()
         return self._pinned[:n].numpy()
 
-    def iterate(self, requests):
-        for path, lo, hi in requests:
-            host = read_rows(path, lo, hi, self._host_buffer(hi - lo))
-            t = torch.from_numpy(host)
-            if self.device.type == 'cuda':
-                # the pinned buffer is reused next step: the copy must finish before we read again
-                t = t.to(self.device, non_blocking=True)
-                torch.cuda.current_stream(self.device).synchronize()
-            yield t
+    def feed(self, requests):
+        return SerialFeed(self, requests)
+
+    def read(self, path, lo, hi):
+        t = torch.from_numpy(read_rows(path, lo, hi, self._host_buffer(hi - lo)))
+        if self.device.type == 'cuda':
+            # the pinned buffer is reused next step: the copy must finish before we read again
+            t = t.to(self.device, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+        return t
 
     def close(self):
         self._pinned = None
+
+
+class SerialFeed:
+    """SerialLoader's pass over requests: take() reads the next one."""
+
+    def __init__(self, loader, requests):
+        self.loader, self.requests, self._next = loader, list(requests), 0
+
+    def take(self):
+        self._next += 1
+        return self.loader.read(*self.requests[self._next - 1])
+
+    def release(self):
+        pass
+
+    def close(self):
+        pass
 
     def __enter__(self):
         return self

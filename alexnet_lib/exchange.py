@@ -1,4 +1,4 @@
-"""Averaging a flat float32 buffer across replicas: the weight exchange of the report's section 2.2.
+"""Averaging a flat float32 buffer across replicas: the weight exchange of data-parallel training.
 
     ex = make_exchanger('p2p', rank, world, device, port=5000, timeout=120.0)
     ex.average_(state)        # in place: every replica ends with the elementwise mean
@@ -11,8 +11,8 @@ The control plane (barriers, metric sums, checksums) is a gloo process group, ma
 launch.init_distributed, or torchrun's when one exists. Data planes:
 
 - ``p2p``: the original scheme, one node with GPUs. Each trainer owns a send buffer on its GPU
-  and hands the others its CUDA IPC handle over ZeroMQ (ipc:// socket in a private directory,
-  HMAC-authenticated JSON, nothing unpickled). Per exchange: copy the buffer into the send
+  and hands the others its CUDA IPC handle over the control group (JSON, checked field by
+  field, nothing unpickled). Per exchange: copy the buffer into the send
   buffer, synchronise the stream, barrier A; then copy each peer's send buffer device-to-device
   into a receive buffer on this GPU, sum the replicas in rank order and write sum / world into
   the buffer. The send buffer has two halves used alternately (double buffering), so a half is
@@ -28,19 +28,16 @@ no-op exchanger. A peer that dies or stops answering makes the next call raise E
 naming it, within the timeout (for nccl, the NCCL watchdog ends the process at the timeout).
 Every rank must call average_ with buffers of the same size in the same order.
 """
-import base64
 import contextlib
 import datetime
 import hashlib
-import hmac
 import json
 import mmap
 import os
 import secrets
-import shutil
 import socket
-import sys
 import tempfile
+import sys
 import time
 
 import numpy as np
@@ -48,7 +45,7 @@ import torch
 import torch.distributed as dist
 
 from alexnet_lib import launch
-from alexnet_lib.config import ConfigError
+from alexnet_lib.config import resolve_device
 from alexnet_lib.errors import UserError
 
 KINDS = ('p2p', 'nccl', 'gloo', 'host')
@@ -59,23 +56,21 @@ class ExchangeError(UserError):
     or a peer sent something invalid."""
 
 
-def make_exchanger(kind, rank, world, device, *, port, timeout=120.0, secret=None):
+def make_exchanger(kind, rank, world, device, *, port, timeout=120.0):
     """An Exchanger for replica `rank` of `world`, averaging buffers that live on `device`.
 
     kind: 'p2p' | 'nccl' | 'gloo' | 'host'. port: names this group's rendezvous (see
-    launch.init_distributed). timeout: seconds any wait on a peer may take. secret:
-    authenticates p2p peers; by default the one launch.spawn gave the workers, else one that
-    rank 0 draws and sends over the process group."""
+    launch.init_distributed). timeout: seconds any wait on a peer may take."""
     if kind not in KINDS:
         raise ValueError('unknown exchange kind %r: expected one of %s' % (kind, ', '.join(KINDS)))
     if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
         raise ValueError('bad rank/world: rank %r of world %r' % (rank, world))
-    device = _normalise_device(device)
+    device = resolve_device(device)
     if world == 1:
         return Exchanger(kind, rank, world, device)
     if kind in ('p2p', 'nccl') and device.type != 'cuda':
         if kind == 'nccl':
-            raise ConfigError('the nccl exchange needs CUDA buffers; device is %s (use gloo or host)'
+            raise ValueError('the nccl exchange needs CUDA buffers; device is %s (use gloo or host)'
                              % device)
         if rank == 0:
             print('exchange: p2p needs GPUs, device is %s: using host memory instead' % device,
@@ -94,7 +89,7 @@ def make_exchanger(kind, rank, world, device, *, port, timeout=120.0, secret=Non
                     print('exchange: no peer-to-peer copies (%s): using host memory' % why_not,
                           file=sys.stderr, flush=True)
                 kind = 'host'
-        plane = {'p2p': _P2P, 'nccl': _Nccl, 'gloo': _Gloo, 'host': _Host}[kind](ctl, device, secret)
+        plane = {'p2p': _P2P, 'nccl': _Nccl, 'gloo': _Gloo, 'host': _Host}[kind](ctl, device)
     except BaseException:
         ctl.close()
         raise
@@ -133,7 +128,7 @@ class Exchanger:
             raise ValueError('average_ needs a 1-D contiguous float32 tensor, got %s of shape %s%s'
                              % (flat.dtype, tuple(flat.shape),
                                 '' if flat.is_contiguous() else ' (not contiguous)'))
-        if _normalise_device(flat.device) != self.device:
+        if resolve_device(flat.device) != self.device:
             raise ValueError('average_: the buffer is on %s but this exchanger was made for %s'
                              % (flat.device, self.device))
 
@@ -175,17 +170,10 @@ class Exchanger:
 # ----------------------------------------------------------------------------------------------
 # helpers
 
-def _normalise_device(device):
-    device = torch.device(device)
-    if device.type == 'cuda' and device.index is None:
-        device = torch.device('cuda', torch.cuda.current_device())
-    return device
-
-
 def _check_one_node(kind):
     local, world = os.environ.get('LOCAL_WORLD_SIZE'), os.environ.get('WORLD_SIZE')
     if launch.under_torchrun() and local is not None and local != world:
-        raise ConfigError('the %s exchange works within one node (LOCAL_WORLD_SIZE=%s, WORLD_SIZE=%s):'
+        raise ValueError('the %s exchange works within one node (LOCAL_WORLD_SIZE=%s, WORLD_SIZE=%s):'
                          ' use nccl or gloo across nodes' % (kind, local, world))
 
 
@@ -305,17 +293,15 @@ class _Control:
             dist.all_gather(out, t, group=self.group)
         return torch.stack(out).numpy()
 
-    def broadcast_bytes(self, data, what='setup'):
-        """Rank 0's `data` (bytes) on every rank."""
-        n = torch.tensor([len(data) if self.rank == 0 else 0], dtype=torch.int64)
+    def all_gather_bytes(self, data, what='setup'):
+        """Every rank's `data` (bytes), in rank order."""
+        sizes = self.gather_i64([len(data)], what)[:, 0]
+        buf = torch.zeros(int(sizes.max()), dtype=torch.uint8)
+        buf[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else 0
+        out = [torch.empty_like(buf) for _ in range(self.world)]
         with self.guard(what):
-            dist.broadcast(n, 0, group=self.group)
-            if self.rank == 0:
-                buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            else:
-                buf = torch.empty(int(n.item()), dtype=torch.uint8)
-            dist.broadcast(buf, 0, group=self.group)
-        return bytes(buf.numpy())
+            dist.all_gather(out, buf, group=self.group)
+        return [bytes(t[:n].numpy()) for t, n in zip(out, sizes)]
 
     def barrier(self, what='barrier'):
         with self.guard(what):
@@ -412,7 +398,7 @@ def _start_all_reduce(ctl, flat, group, what, average_op=False):
 
 
 class _Gloo:
-    def __init__(self, ctl, device, secret=None):
+    def __init__(self, ctl, device):
         self.ctl, self.device = ctl, device
         self._pinned = {}
 
@@ -443,7 +429,7 @@ class _Gloo:
 
 
 class _Nccl:
-    def __init__(self, ctl, device, secret=None):
+    def __init__(self, ctl, device):
         self.ctl, self.device = ctl, device
 
     def average_(self, flat):
@@ -468,11 +454,11 @@ class _Host:
     together) and are unlinked as soon as every peer has mapped them: nothing is left behind,
     even after a crash."""
 
-    def __init__(self, ctl, device, secret=None):
+    def __init__(self, ctl, device):
         self.ctl, self.device = ctl, device
         shm = '/dev/shm' if os.path.isdir('/dev/shm') else tempfile.gettempdir()
-        token = secrets.token_hex(8).encode() if ctl.rank == 0 else b''
-        self._prefix = os.path.join(shm, 'xchg-%s' % ctl.broadcast_bytes(token, 'setup').decode())
+        token = ctl.all_gather_bytes(secrets.token_hex(8).encode(), 'setup')[0].decode()
+        self._prefix = os.path.join(shm, f'xchg-{token}')
         self._cap = self._gen = self._calls = 0
         self._maps = {}              # rank -> mmap of that rank's segment (own included)
         self._halves = {}            # rank -> (half 0, half 1) float32 tensors over the mmap
@@ -590,8 +576,8 @@ def _check_table(table, rank):
 
 class _P2P:
     """CUDA IPC and device-to-device copies. Each rank owns a send buffer of two halves on its
-    GPU, used alternately (double buffering), and hands its CUDA IPC handle to the others over
-    ZeroMQ once (again only when a larger buffer is needed). One exchange:
+    GPU, used alternately (double buffering), and gives the others its CUDA IPC handle over the
+    control group once (again only when a larger buffer is needed). One exchange:
 
       1. copy the buffer into the current half of the send buffer; synchronise the stream (this
          also completes the reads of the previous exchange); barrier A
@@ -600,8 +586,6 @@ class _P2P:
 
     A half is written again two exchanges later, after the next barrier A, which no peer reaches
     before its reads of that half have completed (step 1 synchronises)."""
-
-    MAX_MSG = 1 << 16
 
     @staticmethod
     def impossible(ctl, device):
@@ -612,153 +596,47 @@ class _P2P:
         for r in range(ctl.world):
             j = local[r]
             if j is None:
-                why = 'the GPU of rank %d is not visible to rank %d' % (r, ctl.rank)
+                why = f'the GPU of rank {r} is not visible to rank {ctl.rank}'
                 break
             if j != device.index and not torch.cuda.can_device_access_peer(device.index, j):
-                why = 'GPU %d cannot access GPU %d directly' % (device.index, j)
+                why = f'GPU {device.index} cannot access GPU {j} directly'
                 break
         ok = ctl.all_min(0 if why else 1, 'setup (p2p)')
         if not ok and not why:
             why = 'another rank cannot reach its peers\' GPUs'
         return why
 
-    def __init__(self, ctl, device, secret=None):
-        import zmq
-        self.zmq = zmq
+    def __init__(self, ctl, device):
         self.ctl, self.device = ctl, device
-        rank, world = ctl.rank, ctl.world
-        secret = secret or os.environ.get(launch.SECRET_ENV)
-        if secret is None:
-            secret = ctl.broadcast_bytes(secrets.token_bytes(32) if rank == 0 else b'', 'setup')
-        self._key = secret.encode() if isinstance(secret, str) else bytes(secret)
         self._local = _local_gpu_indices(ctl.gather_i64(_pci_id(device.index), 'setup (p2p)'))
         self._cap = self._gen = self._calls = 0
         self._peer_gen = 0
         self._peers = {}             # rank -> that rank's send buffer (2 * cap), opened here
-        self._dir = tempfile.mkdtemp(prefix='xchg-') if rank == 0 else ''
-        self._dir = ctl.broadcast_bytes(self._dir.encode(), 'setup (p2p)').decode()
-        self._ctx = zmq.Context()
-        self._pull = self._ctx.socket(zmq.PULL)
-        self._pull.setsockopt(zmq.MAXMSGSIZE, self.MAX_MSG)
-        self._pull.setsockopt(zmq.LINGER, 0)
-        self._push = {}
-        try:
-            endpoint = self._endpoint(rank)
-            if len(endpoint) > 100:
-                raise ExchangeError('ipc endpoint %r is too long for ZeroMQ; set TMPDIR to a '
-                                    'shorter directory' % endpoint)
-            self._pull.bind(endpoint)
-            ctl.barrier('setup (p2p sockets)')
-            for r in range(world):
-                if r != rank:
-                    s = self._ctx.socket(zmq.PUSH)
-                    s.setsockopt(zmq.SNDTIMEO, int(ctl.timeout * 1000))
-                    s.setsockopt(zmq.LINGER, 0)
-                    s.connect(self._endpoint(r))
-                    self._push[r] = s
-        except BaseException:
-            self.close()
-            raise
-
-    def _endpoint(self, rank):
-        return 'ipc://' + os.path.join(self._dir, 'r%d' % rank)
 
     # registration -------------------------------------------------------------------------------
-    def _handle_message(self):
+    def _handle(self):
+        """This rank's send buffer as JSON: its CUDA IPC handle, bytes in hex."""
         t = self._send
         (dev, handle, size_bytes, offset_bytes, rc_handle, rc_offset, ev_handle,
          ev_sync) = t.untyped_storage()._share_cuda_()
-        b64 = lambda b: None if b is None else base64.b64encode(bytes(b)).decode('ascii')
-        body = {'type': 'cuda_ipc', 'gen': self._gen, 'from': self.ctl.rank,
-                'numel': t.numel(), 'tensor_offset': t.storage_offset(),
-                'device': int(dev), 'handle': b64(handle), 'size_bytes': int(size_bytes),
-                'offset_bytes': int(offset_bytes), 'ref_counter_handle': b64(rc_handle),
-                'ref_counter_offset': int(rc_offset), 'event_handle': b64(ev_handle),
-                'event_sync_required': bool(ev_sync)}
-        payload = json.dumps(body, sort_keys=True).encode()
-        return [payload, hmac.new(self._key, payload, hashlib.sha256).digest()]
+        hex_or_none = lambda b: None if b is None else bytes(b).hex()
+        return json.dumps({'gen': self._gen, 'from': self.ctl.rank, 'numel': t.numel(),
+                           'tensor_offset': t.storage_offset(), 'device': int(dev),
+                           'handle': hex_or_none(handle), 'size_bytes': int(size_bytes),
+                           'offset_bytes': int(offset_bytes),
+                           'ref_counter_handle': hex_or_none(rc_handle),
+                           'ref_counter_offset': int(rc_offset),
+                           'event_handle': hex_or_none(ev_handle),
+                           'event_sync_required': bool(ev_sync)}).encode()
 
     def _register(self):
-        """Everyone sends the handle of its send buffer to everyone and opens the others'."""
-        zmq, ctl = self.zmq, self.ctl
-        msg = self._handle_message()
-        for r, s in self._push.items():
-            try:
-                s.send_multipart(msg, copy=True)
-            except zmq.Again:
-                raise ExchangeError('rank %d stopped responding during p2p registration: could not '
-                                    'send to it within %.0f s [rank %d]'
-                                    % (r, ctl.timeout, ctl.rank)) from None
-        got = {}
-        deadline = time.monotonic() + ctl.timeout
-        poller = zmq.Poller()
-        poller.register(self._pull, zmq.POLLIN)
-        while len(got) < ctl.world - 1:
-            left = deadline - time.monotonic()
-            missing = [r for r in range(ctl.world) if r != ctl.rank and r not in got]
-            dead = [r for r in missing if ctl.local[r] and not _pid_alive(ctl.pids[r])]
-            if dead or left <= 0:
-                raise ExchangeError('rank %s stopped responding during p2p registration (%s) '
-                                    '[rank %d]' % (', '.join(map(str, dead or missing)),
-                                                   'process exited' if dead else
-                                                   'no message within %.0f s' % ctl.timeout,
-                                                   ctl.rank))
-            if not poller.poll(int(min(left, 0.5) * 1000) + 1):
-                continue
-            body = self._check_message(self._pull.recv_multipart())
-            if body['from'] in got:
-                raise ExchangeError('rank %d: two registration messages from rank %d'
-                                    % (ctl.rank, body['from']))
-            got[body['from']] = body
-        self._peers = {r: self._open(body) for r, body in sorted(got.items())}
-        self._peer_gen = self._gen
-
-    def _check_message(self, frames):
+        """Everyone's handle to everyone, over the control group; each opens the others'."""
         ctl = self.ctl
-        bad = lambda why: ExchangeError('rank %d: refused a p2p registration message: %s'
-                                        % (ctl.rank, why))
-        if len(frames) != 2:
-            raise bad('%d frames, expected 2' % len(frames))
-        payload, mac = frames
-        if not hmac.compare_digest(mac, hmac.new(self._key, payload, hashlib.sha256).digest()):
-            raise bad('authentication failed (wrong secret?)')
-        try:
-            body = json.loads(payload.decode('utf-8'))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise bad('not JSON (%s)' % e) from None
-        ints = ('gen', 'from', 'numel', 'tensor_offset', 'device', 'size_bytes', 'offset_bytes',
-                'ref_counter_offset')
-        fields = set(ints) | {'type', 'handle', 'ref_counter_handle', 'event_handle',
-                              'event_sync_required'}
-        if not isinstance(body, dict) or set(body) != fields:
-            raise bad('unexpected fields %s' % (sorted(body) if isinstance(body, dict) else body))
-        for k in ints:
-            if type(body[k]) is not int or body[k] < 0:
-                raise bad('field %s=%r is not a non-negative integer' % (k, body[k]))
-        if body['type'] != 'cuda_ipc' or body['gen'] != self._gen:
-            raise bad('type %r generation %r, expected cuda_ipc generation %d'
-                      % (body['type'], body['gen'], self._gen))
-        r = body['from']
-        if r == ctl.rank or r >= ctl.world:
-            raise bad('sender rank %d is not a peer' % r)
-        if body['numel'] != 2 * self._cap:
-            raise bad('rank %d announces %d elements, expected %d' % (r, body['numel'], 2 * self._cap))
-        if (body['tensor_offset'] + body['numel']) * 4 > body['size_bytes']:
-            raise bad('rank %d\'s buffer does not fit in its storage' % r)
-        if type(body['event_sync_required']) is not bool:
-            raise bad('event_sync_required is not a boolean')
-        for k in ('handle', 'ref_counter_handle', 'event_handle'):
-            v = body[k]
-            if v is None and k == 'event_handle':
-                continue
-            try:
-                raw = base64.b64decode(v.encode('ascii'), validate=True)
-            except (AttributeError, ValueError, UnicodeEncodeError):
-                raise bad('field %s is not base64' % k) from None
-            if not 0 < len(raw) <= 4096:
-                raise bad('field %s has %d bytes' % (k, len(raw)))
-            body[k] = raw
-        return body
+        handles = ctl.all_gather_bytes(self._handle(), 'average_ (p2p registration)')
+        self._peers = {r: self._open(_check_handle(h, r, ctl.rank, ctl.world, self._gen,
+                                                   2 * self._cap))
+                       for r, h in enumerate(handles) if r != ctl.rank}
+        self._peer_gen = self._gen
 
     def _open(self, body):
         """The peer's send buffer as a tensor of this process (CUDA IPC), on the peer's GPU."""
@@ -794,8 +672,7 @@ class _P2P:
                 _stream_sync(t.device)
         _check_table(ctl.gather_i64([n, self._gen], 'average_ (p2p, barrier A)'), rank)
         if self._peer_gen != self._gen:
-            with ctl.guard('average_ (p2p registration)'):
-                self._register()
+            self._register()
         with ctl.guard('average_ (p2p copies)'):
             recv = self._recv[:n]
             if world == 2:
@@ -829,17 +706,46 @@ class _P2P:
             pass      # a peer is gone or the exchange failed earlier: nothing left to protect
         self._peers = {}
         self._send = self._recv = self._acc = None
-        for s in self._push.values():
-            s.close(linger=0)
-        self._push.clear()
-        if getattr(self, '_pull', None) is not None:
-            self._pull.close(linger=0)
-            self._pull = None
-        if getattr(self, '_ctx', None) is not None:
-            self._ctx.term()
-            self._ctx = None
-        if self.ctl.rank == 0 and getattr(self, '_dir', ''):
-            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _check_handle(payload, sender, rank, world, gen, numel):
+    """The p2p registration of rank `sender`, checked field by field (JSON, never a pickle)."""
+    def bad(why):
+        return ExchangeError(f'rank {rank}: refused the p2p registration of rank {sender}: {why}')
+    try:
+        body = json.loads(payload.decode('utf-8'))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise bad(f'not JSON ({e})') from None
+    ints = ('gen', 'from', 'numel', 'tensor_offset', 'device', 'size_bytes', 'offset_bytes',
+            'ref_counter_offset')
+    fields = set(ints) | {'handle', 'ref_counter_handle', 'event_handle', 'event_sync_required'}
+    if not isinstance(body, dict) or set(body) != fields:
+        raise bad(f'unexpected fields {sorted(body) if isinstance(body, dict) else body}')
+    for k in ints:
+        if type(body[k]) is not int or body[k] < 0:
+            raise bad(f'field {k}={body[k]!r} is not a non-negative integer')
+    if body['gen'] != gen:
+        raise bad(f'generation {body["gen"]}, expected {gen}')
+    if body['from'] != sender or sender == rank or sender >= world:
+        raise bad(f'it says it is from rank {body["from"]}')
+    if body['numel'] != numel:
+        raise bad(f'it announces {body["numel"]} elements, expected {numel}')
+    if (body['tensor_offset'] + body['numel']) * 4 > body['size_bytes']:
+        raise bad('its buffer does not fit in its storage')
+    if type(body['event_sync_required']) is not bool:
+        raise bad('event_sync_required is not a boolean')
+    for k in ('handle', 'ref_counter_handle', 'event_handle'):
+        v = body[k]
+        if v is None and k == 'event_handle':
+            continue
+        try:
+            raw = bytes.fromhex(v)
+        except (TypeError, ValueError):
+            raise bad(f'field {k} is not hex') from None
+        if not 0 < len(raw) <= 4096:
+            raise bad(f'field {k} has {len(raw)} bytes')
+        body[k] = raw
+    return body
 
 
 def _pci_id(index):

@@ -9,16 +9,14 @@ killed by a signal) the others are stopped (SIGTERM, then SIGKILL after a grace 
 are passed on to the workers. Each worker calls ``parent_watchdog()`` first, so it exits when the
 launcher disappears, even after a SIGKILL (PR_SET_PDEATHSIG on Linux, plus a polling thread).
 
-spawn() also gives the workers a fresh private rendezvous directory and a random secret through
-the environment (``RENDEZVOUS_ENV`` and ``SECRET_ENV``): ``init_distributed`` then meets in a
-file store in that directory (no listening socket at all), and ``exchange`` authenticates peers
-with the secret. Under torchrun (RANK/WORLD_SIZE/MASTER_ADDR set) ``init_distributed`` uses
+spawn() also gives the workers a fresh private rendezvous directory through the environment
+(``RENDEZVOUS_ENV``): ``init_distributed`` then meets in a file store in that directory (no
+listening socket at all). Under torchrun (RANK/WORLD_SIZE/MASTER_ADDR set) ``init_distributed`` uses
 torchrun's ``env://`` rendezvous instead.
 """
 import ctypes
 import datetime
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -33,7 +31,6 @@ from multiprocessing.connection import wait as _wait_any
 from alexnet_lib.errors import UserError
 
 RENDEZVOUS_ENV = 'ALEXNET_RENDEZVOUS_DIR'
-SECRET_ENV = 'ALEXNET_EXCHANGE_SECRET'
 _PR_SET_PDEATHSIG = 1
 
 
@@ -164,9 +161,8 @@ def spawn(worker_fn, world, args=(), *, timeout=None, grace=5.0):
         raise ValueError('world must be at least 1, got %r' % (world,))
     ctx = mp.get_context('spawn')
     rdv_dir = tempfile.mkdtemp(prefix='rdv-')          # mode 0700: private to this user
-    saved_env = {k: os.environ.get(k) for k in (RENDEZVOUS_ENV, SECRET_ENV)}
+    saved_env = {RENDEZVOUS_ENV: os.environ.get(RENDEZVOUS_ENV)}
     os.environ[RENDEZVOUS_ENV] = rdv_dir
-    os.environ[SECRET_ENV] = secrets.token_hex(32)
     procs, conns = [], []
     received = {}
     stop_signal = []

@@ -178,11 +178,7 @@ class Replica:
         if not self.cfg['para_load']:
             return SerialLoader(self.device)
         from proc_load import ParallelLoader
-        port = self.cfg.get('sock_data') or self.cfg['sock_data0']
-        if self.rank >= 1 and 'sock_data1' in self.cfg:
-            port = self.cfg['sock_data1'] + self.rank - 1
-        return ParallelLoader(self.device, max_rows=self.batch, prefetch=self.cfg['prefetch'],
-                              port=port)
+        return ParallelLoader(self.device, max_rows=self.batch, prefetch=self.cfg['prefetch'])
 
     def file_order(self, epoch):
         n = len(self.train_files)
@@ -234,41 +230,43 @@ class Replica:
         n_prev = steps_in_epoch * (epoch - 1) + start_step
         t0 = t_print = time.time()
         since_print = 0
-        feed = loader.iterate([r[:3] for r in requests])
-        # the loader comes first in zip: after the last step it is advanced once more, so it
-        # learns that the last buffer is free again
         try:
-            for step, (images, (_, a, b, label_off)) in enumerate(zip(feed, requests), start_step):
-                offsets, mirror, mask_seed = step_draws(cfg['seed'], epoch, step, self.global_batch,
-                                                        cfg['rand_crop'], cfg['batch_crop_mirror'])
-                labels = self.train_labels[label_off + a:label_off + b].to(dev, non_blocking=True)
-                offs = torch.from_numpy(offsets[lo:hi]).to(dev, non_blocking=True)
-                mirr = torch.from_numpy(mirror[lo:hi]).to(dev, non_blocking=True)
-                masks = dropout_masks(mask_seed, self.global_batch, lo, hi, dev)
-                loss, errors = self.train_step(images, labels, offs, mirr, masks, lr, step)
-                loss_sum += loss.detach()
-                err_sum += errors
-                since_print += 1
-                # a stop at the epoch's last step waits for the epoch's end (train() checks there):
-                # the epoch is validated and its snapshot is an ordinary, complete one
-                if stop is not None and step + 1 < steps_in_epoch and self._agreed_stop(stop, step):
-                    self._preempt(epoch, step + 1, lr)
-                if bar is not None:
-                    bar.update(1)
-                if (n_prev + step + 1) % cfg['print_freq'] == 0:
-                    cost = float(loss.detach())
-                    self._check_finite(cost, epoch, n_prev + step + 1)
-                    now = time.time()
-                    msg = (f"iter {n_prev + step + 1} | cost {cost:.4f}"
-                           + (f" | train error {float(errors) / self.batch:.4f}"
-                              if cfg['print_train_error'] else '')
-                           + f" | {since_print * self.global_batch / (now - t_print):.0f} img/s"
-                           f" | time per 20 iter {20 * (now - t_print) / since_print:.3f} s")
+            with loader.feed([r[:3] for r in requests]) as feed:
+                for step, (_, a, b, label_off) in enumerate(requests, start_step):
+                    images = feed.take()
+                    offsets, mirror, mask_seed = step_draws(
+                        cfg['seed'], epoch, step, self.global_batch, cfg['rand_crop'],
+                        cfg['batch_crop_mirror'])
+                    labels = self.train_labels[label_off + a:label_off + b].to(dev, non_blocking=True)
+                    offs = torch.from_numpy(offsets[lo:hi]).to(dev, non_blocking=True)
+                    mirr = torch.from_numpy(mirror[lo:hi]).to(dev, non_blocking=True)
+                    masks = dropout_masks(mask_seed, self.global_batch, lo, hi, dev)
+                    loss, errors = self.train_step(images, labels, offs, mirr, masks, lr, step)
+                    feed.release()      # refilled once the step's GPU work, queued now, is done
+                    loss_sum += loss.detach()
+                    err_sum += errors
+                    since_print += 1
+                    # a stop at the epoch's last step waits for the epoch's end (train() checks
+                    # there): the epoch is validated and its snapshot is an ordinary one
+                    if stop is not None and step + 1 < steps_in_epoch and \
+                            self.agreed_stop(stop, step):
+                        self.preempt(epoch, step + 1, lr)
                     if bar is not None:
-                        bar.write(msg)
-                    else:
-                        self.log(msg)
-                    t_print, since_print = now, 0
+                        bar.update(1)
+                    if (n_prev + step + 1) % cfg['print_freq'] == 0:
+                        cost = float(loss.detach())
+                        self.check_finite(cost, epoch, n_prev + step + 1)
+                        now = time.time()
+                        msg = (f"iter {n_prev + step + 1} | cost {cost:.4f}"
+                               + (f" | train error {float(errors) / self.batch:.4f}"
+                                  if cfg['print_train_error'] else '')
+                               + f" | {since_print * self.global_batch / (now - t_print):.0f} img/s"
+                               f" | time per 20 iter {20 * (now - t_print) / since_print:.3f} s")
+                        if bar is not None:
+                            bar.write(msg)
+                        else:
+                            self.log(msg)
+                        t_print, since_print = now, 0
         finally:   # an error leaves no half-drawn progress bar before its message
             if bar is not None:
                 bar.close()
@@ -278,7 +276,7 @@ class Replica:
         if self.exchanger:
             totals = self.exchanger.all_sum(totals)
         train_loss = totals[0] / totals[2]
-        self._check_finite(train_loss, epoch, n_prev + len(requests))
+        self.check_finite(train_loss, epoch, n_prev + len(requests))
         return train_loss, totals[1] / totals[2], len(requests) * self.global_batch / elapsed
 
     def train_step(self, images, labels, offsets, mirror, masks, lr, step):
@@ -307,7 +305,7 @@ class Replica:
             ex.average_(net.state)
         return loss, errors
 
-    def _agreed_stop(self, stop, step=None):
+    def agreed_stop(self, stop, step=None):
         """Whether to stop after this step: at once for one replica; for several, at the next
         step that is a multiple of STOP_CHECK_EVERY, once any of them was asked to. step None:
         at the end of an epoch, where every replica checks."""
@@ -317,7 +315,7 @@ class Replica:
             return False
         return self.exchanger.all_sum([float(stop.is_set())])[0] > 0
 
-    def _preempt_after_epoch(self, epoch, lr_next):
+    def preempt_after_epoch(self, epoch, lr_next):
         """SIGTERM seen at the end of an epoch: its snapshot (written now if snapshot_freq
         skipped it) is complete; resuming starts the next epoch."""
         wd = self.cfg['weights_dir']
@@ -328,7 +326,7 @@ class Replica:
         raise Preempted(f"SIGTERM: stopped after epoch {epoch} and wrote a resumable snapshot "
                         f"to {wd}; resume with resume_train=True load_epoch={epoch}")
 
-    def _preempt(self, epoch, steps_done, lr):
+    def preempt(self, epoch, steps_done, lr):
         wd = self.cfg['weights_dir']
         if self.lead:
             save_snapshot(wd, epoch, self.net, lr, steps_done=steps_done)
@@ -338,7 +336,7 @@ class Replica:
                         f"resumable snapshot to {wd}; resume with resume_train=True "
                         f"load_epoch={epoch}")
 
-    def _check_finite(self, value, epoch, iteration, what='training loss'):
+    def check_finite(self, value, epoch, iteration, what='training loss'):
         """TrainingStopped unless value is finite; iteration None: after the epoch."""
         if math.isfinite(value):
             return
@@ -358,9 +356,13 @@ class Replica:
         """(top-1 error, top-5 error, mean loss, images) over every validation image."""
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)
         requests = self.val_requests()
-        for images, (_, a, b, off) in zip(loader.iterate([r[:3] for r in requests]), requests):
-            labels = self.val_labels[off + a:off + b].to(self.device)
-            totals += eval_batch(self.net.layer_params, images, labels, self.mean, self.amp_dtype)
+        with loader.feed([r[:3] for r in requests]) as feed:
+            for _, a, b, off in requests:
+                images = feed.take()
+                labels = self.val_labels[off + a:off + b].to(self.device)
+                totals += eval_batch(self.net.layer_params, images, labels, self.mean,
+                                     self.amp_dtype)
+                feed.release()
         n = sum(b - a for _, a, b, _ in requests)
         sums = totals.tolist() + [float(n)]
         if self.exchanger:
@@ -443,7 +445,7 @@ def train(cfg, rank=0, world=1, device=None, exchanger=None, progress=True):
             start_step = 0
             top1, top5, val_loss, n = rep.validate(loader)
             # weights spoilt by the epoch's last steps: no snapshot of them
-            rep._check_finite(val_loss, epoch, None, 'validation loss')
+            rep.check_finite(val_loss, epoch, None, 'validation loss')
             record.append([top1, val_loss])
             lr_next = float(np.float32(adjust_learning_rate(cfg, epoch, lr,
                                                             [r[0] for r in record])))
@@ -454,6 +456,6 @@ def train(cfg, rank=0, world=1, device=None, exchanger=None, progress=True):
                 rep.end_of_epoch(epoch, lr_next, record,
                                  [lr, train_loss, top1, top5, val_loss, ips, time.time() - t0])
             lr = lr_next
-            if epoch < cfg['n_epochs'] and rep._agreed_stop(stop):
-                rep._preempt_after_epoch(epoch, lr_next)
+            if epoch < cfg['n_epochs'] and rep.agreed_stop(stop):
+                rep.preempt_after_epoch(epoch, lr_next)
     return rep

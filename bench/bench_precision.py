@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # train.py's folder
 
 
 def final_row(weights_dir):
@@ -67,10 +67,10 @@ def main(argv):
         p, s = job
         wd = os.path.join(a.out, f'{p}_seed{s}')
         log = open(wd + '.log', 'w')
-        cmd = [sys.executable, os.path.join(HERE, 'train.py'), a.spec, *overrides,
+        cmd = [sys.executable, os.path.join(ROOT, 'train.py'), a.spec, *overrides,
                f'precision={p}', f'seed={s}', f'weights_dir={os.path.abspath(wd)}']
         running.append((job, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                              cwd=HERE), log, time.time()))
+                                              cwd=ROOT), log, time.time()))
     for r in running:
         finish(*r)
     if failed:

@@ -8,7 +8,6 @@ Every script turns a PrepError into one line ``error: ...`` on stderr and exit s
 (``run_main``); anything else is a bug and keeps its traceback.
 """
 import os
-import sys
 
 import numpy as np
 import yaml

@@ -1,7 +1,6 @@
 """Shared fixtures: small real batch-file datasets written with the real writer."""
 import os
 import signal
-import sys
 
 import numpy as np
 import pytest

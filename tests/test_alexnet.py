@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 import torch
 
-import alex_net
 from alex_net import AlexNet, N_PARAMS, N_WEIGHTS, PARAMS, original_init
 import torch.nn.functional as F
 

@@ -29,7 +29,7 @@ def test_bench_precision_compares_seeds_of_two_precisions(small_dataset, tmp_pat
     """bench_precision.py: two precisions x two seeds, real train.py runs (on the CPU, fp32 and
     tf32 compute the same); every run's final error lands in the JSON and the summary."""
     out = tmp_path / 'prec'
-    r = subprocess.run([sys.executable, os.path.join(ROOT, 'bench_precision.py'),
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'bench_precision.py'),
                         '--spec', 'spec_1gpu.yaml', '--precisions', 'fp32,tf32', '--seeds', '1,2',
                         '--parallel', '2', '--out', str(out), *small_dataset, 'gpu=cpu',
                         'batch_size=8', 'n_epochs=1', 'para_load=False'],

@@ -192,47 +192,38 @@ def test_world_of_one_is_a_no_op():
 
 
 def test_p2p_registration_messages_are_checked():
-    """The message checks of the p2p registration (no GPU needed to check them): forged,
-    malformed or out-of-place messages are refused with a clear error."""
-    import base64
-    import hashlib
-    import hmac
-    import types
+    """The checks of a p2p registration (no GPU needed to check them): malformed or out-of-place
+    handles are refused with a clear error."""
     from alexnet_lib import exchange
-    p = exchange._P2P.__new__(exchange._P2P)
-    p.ctl = types.SimpleNamespace(rank=0, world=2)
-    p._key, p._gen, p._cap = b'k' * 32, 3, 10
-    good = {'type': 'cuda_ipc', 'gen': 3, 'from': 1, 'numel': 20, 'tensor_offset': 0, 'device': 1,
-            'handle': base64.b64encode(b'h' * 64).decode(), 'size_bytes': 2 << 20,
-            'offset_bytes': 0, 'ref_counter_handle': base64.b64encode(b'/torch_1_2').decode(),
+    good = {'gen': 3, 'from': 1, 'numel': 20, 'tensor_offset': 0, 'device': 1,
+            'handle': (b'h' * 64).hex(), 'size_bytes': 2 << 20,
+            'offset_bytes': 0, 'ref_counter_handle': b'/torch_1_2'.hex(),
             'ref_counter_offset': 0, 'event_handle': None, 'event_sync_required': False}
 
-    def frames(body, key=p._key):
-        payload = json.dumps(body).encode()
-        return [payload, hmac.new(key, payload, hashlib.sha256).digest()]
+    def check(body, sender=1):
+        payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return exchange._check_handle(payload, sender, rank=0, world=2, gen=3, numel=20)
 
-    body = p._check_message(frames(good))
+    body = check(good)
     assert body['handle'] == b'h' * 64 and body['from'] == 1
     cases = [
-        (frames(good, key=b'x' * 32), 'authentication failed'),
-        (frames(good)[:1], '1 frames'),
-        ([b'{not json', hmac.new(p._key, b'{not json', hashlib.sha256).digest()], 'not JSON'),
-        (frames(dict(good, extra=1)), 'unexpected fields'),
-        (frames(dict(good, gen=2)), 'generation 2'),
-        (frames(dict(good, numel=-4)), 'not a non-negative integer'),
-        (frames(dict(good, numel=True)), 'not a non-negative integer'),
-        (frames(dict(good, numel=40)), 'announces 40 elements'),
-        (frames(dict(good, **{'from': 0})), 'not a peer'),
-        (frames(dict(good, **{'from': 5})), 'not a peer'),
-        (frames(dict(good, size_bytes=8)), 'does not fit'),
-        (frames(dict(good, handle='***')), 'not base64'),
-        (frames(dict(good, handle='')), 'has 0 bytes'),
-        (frames(dict(good, event_sync_required='yes')), 'not a boolean'),
-        (frames([1, 2]), 'unexpected fields'),
+        (b'{not json', 'not JSON'),
+        (dict(good, extra=1), 'unexpected fields'),
+        (dict(good, gen=2), 'generation 2'),
+        (dict(good, numel=-4), 'not a non-negative integer'),
+        (dict(good, numel=True), 'not a non-negative integer'),
+        (dict(good, numel=40), 'announces 40 elements'),
+        (dict(good, **{'from': 0}), 'from rank 0'),
+        (dict(good, **{'from': 5}), 'from rank 5'),
+        (dict(good, size_bytes=8), 'does not fit'),
+        (dict(good, handle='***'), 'not hex'),
+        (dict(good, handle=''), 'has 0 bytes'),
+        (dict(good, event_sync_required='yes'), 'not a boolean'),
+        ([1, 2], 'unexpected fields'),
     ]
-    for f, complaint in cases:
+    for body, complaint in cases:
         with pytest.raises(exchange.ExchangeError, match=complaint):
-            p._check_message(f)
+            check(body)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,10 +351,11 @@ def test_spawn_success_and_timeout(tmp_path):
 
 
 def _start_launcher(out_dir, world):
-    code = ('import sys; sys.path[:0] = [%r, %r]; import launch, test_exchange; '
-            'launch.spawn(test_exchange._w_sleep, %d, args=(%r,))'
-            % (str(ROOT), str(Path(__file__).parent), world, out_dir))
-    proc = subprocess.Popen([sys.executable, '-c', code])
+    code = ('from alexnet_lib import launch; import test_exchange; '
+            'launch.spawn(test_exchange._w_sleep, %d, args=(%r,))' % (world, out_dir))
+    # the workers import this module by name: its folder goes on their path
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(Path(__file__).parent)]))
+    proc = subprocess.Popen([sys.executable, '-c', code], env=env)
     deadline = time.monotonic() + 60
     while len(_read_pids(out_dir)) < world:
         assert proc.poll() is None, 'the launcher exited early with %s' % proc.returncode

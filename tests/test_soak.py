@@ -6,7 +6,6 @@ or per step would show as growth over the remaining epochs."""
 import os
 import re
 import shutil
-import time
 
 import numpy as np
 import pytest
