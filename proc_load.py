@@ -109,9 +109,11 @@ class ParallelLoader(BatchLoader):
 
     device: 'cpu' or a GPU ('cuda:0', 'gpu0', 0). max_rows: the most rows one request asks for.
     prefetch (>= 2): buffers, i.e. requests held by the loader at once, the one being trained
-    on included. timeout: the longest wait for any answer of the loader, in seconds."""
+    on included. timeout: the longest wait for any answer of the loader, in seconds.
+    chunk_rows, read_threads: rows per read and copy, and read threads, of the loader."""
 
-    def __init__(self, device, max_rows, prefetch=2, timeout=60.0):
+    def __init__(self, device, max_rows, prefetch=2, timeout=60.0, chunk_rows=CHUNK_ROWS,
+                 read_threads=READ_THREADS):
         import torch
         from alexnet_lib.config import resolve_device
         self.device = resolve_device(device)
@@ -139,8 +141,9 @@ class ParallelLoader(BatchLoader):
             self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
             self._sock.bind(self.endpoint)
             shape = (max_rows,) + IMAGE_SHAPE
-            boot = {'endpoint': self.endpoint, 'parent_pid': os.getpid(), 'device': str(self.device),
-                    'max_rows': max_rows, 'timeout': self.timeout}
+            boot = {'endpoint': self.endpoint, 'parent_pid': os.getpid(),
+                    'device': str(self.device), 'max_rows': max_rows,
+                    'chunk_rows': int(chunk_rows), 'read_threads': int(read_threads)}
             fds = []
             if self.cuda:
                 with torch.cuda.device(self.device):
@@ -437,13 +440,13 @@ class LoaderProcess:
 
     def __init__(self, boot):
         self.parent_pid = boot['parent_pid']
-        self.max_rows = boot['max_rows']
+        self.max_rows, self.chunk_rows = boot['max_rows'], boot['chunk_rows']
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.PAIR)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         self.sock.connect(boot['endpoint'])
-        self.pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix='read')
+        self.pool = ThreadPoolExecutor(boot['read_threads'], thread_name_prefix='read')
         self.queue = collections.deque()     # chunks not yet read: (seq, buf, path, lo, a, b)
         self.inflight = collections.deque()  # chunks being read or copied, in order
         self.last_seq = 0
@@ -467,8 +470,8 @@ class LoaderProcess:
                 [torch.cuda.Event.from_ipc_handle(dev, bytes.fromhex(h)) for h in boot[k]]
                 for k in ('free_events', 'ready_events'))
             self.stream = torch.cuda.Stream(dev)
-            slots = STAGING_REQUESTS * -(-self.max_rows // CHUNK_ROWS)
-            rows = min(CHUNK_ROWS, self.max_rows)
+            slots = STAGING_REQUESTS * -(-self.max_rows // self.chunk_rows)
+            rows = min(self.chunk_rows, self.max_rows)
             self.staging = [torch.empty((rows,) + IMAGE_SHAPE, dtype=torch.uint8,
                                         pin_memory=True) for _ in range(slots)]
             self.copied = [torch.cuda.Event() for _ in range(slots)]
@@ -512,10 +515,10 @@ class LoaderProcess:
                 or m['hi'] - m['lo'] > self.max_rows or not 0 <= m['buf'] < len(self.buffers)):
             raise _Fatal(None, f"bad request from the trainer: {msg!r}")
         self.last_seq = m['seq']
-        starts = range(m['lo'], m['hi'], CHUNK_ROWS) or [m['lo']]    # an empty request: 1 chunk
+        starts = range(m['lo'], m['hi'], self.chunk_rows) or [m['lo']]   # empty: one chunk
         for a in starts:
             self.queue.append((m['seq'], m['buf'], m['path'], m['lo'], a,
-                               min(a + CHUNK_ROWS, m['hi'])))
+                               min(a + self.chunk_rows, m['hi'])))
         return True
 
     def start_reads(self):
@@ -620,8 +623,9 @@ def _read_boot(timeout):
     except ValueError:
         boot = None
     fields = {'endpoint': (str,), 'parent_pid': (int,), 'device': (str,), 'max_rows': (int,),
-              'buffers': (list,)}
-    if _checked(boot, fields) is None or not boot['endpoint'].startswith('ipc://'):
+              'chunk_rows': (int,), 'read_threads': (int,), 'buffers': (list,)}
+    if (_checked(boot, fields) is None or not boot['endpoint'].startswith('ipc://')
+            or min(boot['max_rows'], boot['chunk_rows'], boot['read_threads']) < 1):
         raise SystemExit("proc_load: malformed start-up line on stdin")
     return boot
 

@@ -31,7 +31,8 @@ CONFIG_KEYS = {
     'use_momentum': 'bool', 'use_nesterov_momentum': 'bool', 'momentum': 'float',
     'weight_decay': 'float', 'weights_dir': 'path', 'snapshot_freq': 'int',
     'print_train_error': 'bool', 'print_freq': 'int', 'lib_conv': 'str',
-    'precision': ('auto', 'bf16', 'tf32', 'fp32'), 'compile': 'bool', 'seed': 'int',
+    'precision': ('auto', 'bf16', 'tf32', 'fp32'), 'compile': 'bool_or_auto', 'cuda_graph': 'bool_or_auto',
+    'seed': 'int',
     'exchange': ('p2p', 'nccl', 'gloo', 'host'), 'average': ('weights', 'gradients'),
     'exchange_freq': 'int',
 }
@@ -123,6 +124,10 @@ def _check_type(key, kind, value):
     if kind == 'bool':
         if not isinstance(value, bool):
             raise bad("True or False")
+        return value
+    if kind == 'bool_or_auto':
+        if not isinstance(value, bool) and value != 'auto':
+            raise bad("True, False or auto")
         return value
     if kind == 'int':
         if isinstance(value, bool) or not isinstance(value, int):

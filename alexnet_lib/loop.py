@@ -114,6 +114,42 @@ def eval_batch(layer_params, images, labels, mean_hwc, amp_dtype):
     return torch.stack([loss, top1_err.float(), top5_err.float()])
 
 
+class GraphedStep:
+    """Replica.step captured as one CUDA graph and replayed: a step's few hundred kernel
+    launches cost one. The first WARMUP steps run as they are (compiling, choosing cuDNN's
+    algorithms), then the step is captured with static input buffers, into which each step's
+    inputs are copied before the replay. The graph holds the learning rate as a constant: a new
+    graph is captured when the rate changes (at most once per lr step)."""
+
+    WARMUP = 3
+
+    def __init__(self, rep):
+        self.rep, self.graphs, self.pool, self.static, self.warm = rep, {}, None, None, 0
+
+    def __call__(self, images, labels, offsets, mirror, masks, lr, step):
+        rep = self.rep
+        inputs = (images, labels, offsets, mirror, masks)
+        if self.warm < self.WARMUP or (self.static is not None and any(
+                a.shape != b.shape for a, b in zip(inputs, self.static[:5]))):
+            self.warm += 1
+            return rep.step(*inputs, lr, step)
+        if self.static is None:
+            self.static = [x.clone() for x in inputs]
+            self.pool = torch.cuda.graph_pool_handle()
+        for dst, src in zip(self.static, inputs):
+            dst.copy_(src, non_blocking=True)
+        if lr not in self.graphs:
+            g = torch.cuda.CUDAGraph()
+            # a capture records the step without running it; it runs at the replay below
+            torch.cuda.synchronize(rep.device)
+            with torch.cuda.graph(g, pool=self.pool):
+                out = rep.step(*self.static, lr, step)
+            self.graphs[lr] = (g, out)
+        g, out = self.graphs[lr]
+        g.replay()
+        return out
+
+
 class Replica:
     """One replica's data, network and training state."""
 
@@ -139,10 +175,21 @@ class Replica:
         self.net = AlexNet(self.device, init=for_training and not cfg['resume_train'])
         self.features_fn, self.classifier_fn = augmented_features, classifier_loss
         self.update_fn = sgd_step_
-        if cfg['compile']:
+        self.compiled = (self.device.type == 'cuda' if cfg['compile'] == 'auto'
+                         else cfg['compile'])
+        if self.compiled:
+            # compiled code is cached across runs (PyTorch's inductor cache): only a first run
+            # compiles for long
+            os.environ.setdefault('TORCHINDUCTOR_CACHE_DIR', os.path.join(
+                os.path.expanduser('~'), '.cache', 'alexnet_lib', 'torchinductor'))
             self.features_fn = torch.compile(augmented_features)
             self.classifier_fn = torch.compile(classifier_loss)
             self.update_fn = torch.compile(sgd_step_)
+        self.compile_started = time.time() if self.compiled else None
+        # one GPU, compiled: the whole step replays as one CUDA graph (no exchange inside it)
+        graph = cfg['cuda_graph']
+        self.graphed = (GraphedStep(self) if self.device.type == 'cuda' and exchanger is None
+                        and (graph is True or (graph == 'auto' and self.compiled)) else None)
 
     # -- data -------------------------------------------------------------------------------
     def _setup_data(self, for_training):
@@ -243,6 +290,8 @@ class Replica:
                     masks = dropout_masks(mask_seed, self.global_batch, lo, hi, dev)
                     loss, errors = self.train_step(images, labels, offs, mirr, masks, lr, step)
                     feed.release()      # refilled once the step's GPU work, queued now, is done
+                    if self.compile_started is not None:
+                        self.log_compile_time()
                     loss_sum += loss.detach()
                     err_sum += errors
                     since_print += 1
@@ -280,6 +329,12 @@ class Replica:
         return train_loss, totals[1] / totals[2], len(requests) * self.global_batch / elapsed
 
     def train_step(self, images, labels, offsets, mirror, masks, lr, step):
+        """One minibatch: the graphed step when there is one, else step()."""
+        if self.graphed is not None:
+            return self.graphed(images, labels, offsets, mirror, masks, lr, step)
+        return self.step(images, labels, offsets, mirror, masks, lr, step)
+
+    def step(self, images, labels, offsets, mirror, masks, lr, step):
         """Forward, backward, update and exchange of one minibatch; returns (loss, errors).
         The backward pass is cut in two at the fc6 input: the fully connected layers' gradients
         (96% of them) are complete first, and with average: gradients they travel to the other
@@ -304,6 +359,16 @@ class Replica:
         if ex and cfg['average'] == 'weights' and (step + 1) % cfg['exchange_freq'] == 0:
             ex.average_(net.state)
         return loss, errors
+
+    def log_compile_time(self):
+        """After the first compiled steps: how long compiling took (once)."""
+        if self.graphed is not None and self.graphed.warm < GraphedStep.WARMUP:
+            return                      # the graph is captured after the warm-up steps
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+        self.log(f"compiled the training step in {time.time() - self.compile_started:.0f} s"
+                 + (" and captured it as a CUDA graph" if self.graphed is not None else ""))
+        self.compile_started = None
 
     def agreed_stop(self, stop, step=None):
         """Whether to stop after this step: at once for one replica; for several, at the next
@@ -437,6 +502,9 @@ def train(cfg, rank=0, world=1, device=None, exchanger=None, progress=True):
     rep.log(f"training on {rep.device} x{world}: {len(rep.train_files)} batch files, "
             f"{rep.steps_per_epoch} steps of {rep.global_batch} images per "
             f"epoch, precision {rep.precision}")
+    if rep.compiled:
+        rep.log(f"compiling the training step (torch.compile): about a minute on a first run, "
+                f"seconds once PyTorch's cache ({os.environ['TORCHINDUCTOR_CACHE_DIR']}) has it")
     with rep.make_loader() as loader:
         for epoch in range(first, cfg['n_epochs'] + 1):
             t0 = time.time()

@@ -1,39 +1,43 @@
 #!/usr/bin/env bash
-# The GPU runs that issues 5 and 8 still need, one stage per device call (each well inside 10
-# minutes), so that a lease goes on measuring rather than typing:
+# The GPU runs behind BENCHMARKS.md, one stage per call (each well inside 10 minutes), so that a
+# short lease of a GPU machine goes on measuring rather than typing:
 #
-#   bash bench_results/gpu_session.sh tests     OUT   # every GPU-marked test this machine can run
-#   bash bench_results/gpu_session.sh table1    OUT   # one GPU: Table 1, bf16 compiled (with the
-#                                                     # peers), then tf32 compiled
-#   bash bench_results/gpu_session.sh precision OUT   # bf16 vs fp32 on the toy data, 4 seeds each
-#   bash bench_results/gpu_session.sh modes     OUT   # 1 GPU, and 2 GPUs in every exchange x
-#                                                     # average, at 128 per GPU, eager
-#   bash bench_results/gpu_session.sh scale128  OUT   # 1..N GPUs at 128 per GPU, nccl, gradients
-#   bash bench_results/gpu_session.sh scale256  OUT   # the same at 256 per GPU, over the toy
-#                                                     # files twice (a step of 8 x 256 is 2,048)
+#   bash bench/gpu_session.sh tests     OUT        # every GPU-marked test this machine can run
+#   bash bench/gpu_session.sh compare   OUT OLD    # bench.py (bf16 compiled) and the loader
+#                                                  # benchmark on the checkout OLD, then on this one
+#   bash bench/gpu_session.sh table1    OUT        # one GPU, defaults (bf16): Table 1 with the
+#                                                  # peers; tf32 and strict fp32; the loader
+#   bash bench/gpu_session.sh profile   OUT        # the compiled step's kernels (profile_step.py)
+#   bash bench/gpu_session.sh precision OUT        # bf16 vs fp32 on the toy data, 8 seeds each
+#   bash bench/gpu_session.sh modes     OUT        # 1 GPU, and 2 GPUs in every exchange x average
+#   bash bench/gpu_session.sh scale128  OUT        # 1..N GPUs at 128 per GPU, nccl, gradients
+#   bash bench/gpu_session.sh scale256  OUT        # the same at 256 per GPU (the toy files twice)
 #
-# On the device tool's machine: OUT is $OUT; carry .whl with the pyzmq and hickle wheels
-# (the device README says how to download them); the toy data is built there when missing.
-# Every figure goes to OUT/*.json and OUT/*.log; copy the JSON files into bench_results/ and
-# the figures, with the machine, date and command, into BENCHMARKS.md.
+# On the device tool's machine: OUT is $OUT; carry .whl with the pyzmq and hickle wheels (the
+# device README says how to download them); the toy data is built there when missing. Every
+# figure goes to OUT/*.json and OUT/*.log; copy the JSON files into bench_results/ and the
+# figures, with the machine, date and command, into BENCHMARKS.md.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-stage=${1:?usage: gpu_session.sh tests|table1|precision|modes|scale128|scale256 OUT}
-out=${2:?usage: gpu_session.sh STAGE OUT}
+usage="usage: gpu_session.sh tests|compare|table1|profile|precision|modes|scale128|scale256 OUT [OLD]"
+stage=${1:?$usage}
+out=${2:?$usage}
 case "$stage" in
-    tests | table1 | precision | modes | scale128 | scale256) ;;
-    *) echo "unknown stage '$stage': tests, table1, precision, modes, scale128 or scale256"
-       exit 2 ;;
+    tests | compare | table1 | profile | precision | modes | scale128 | scale256) ;;
+    *) echo "unknown stage '$stage': $usage"; exit 2 ;;
 esac
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 # NVLink multicast stays off on the shared hosts (the device tool's KINDS.md)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+site=""
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    site=/tmp/site
 fi
+# this checkout's package and root modules, without an install (nothing can be fetched there)
+export PYTHONPATH=$PWD${site:+:$site}
 gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true; } \
     | tee "$out/gpus.txt"
@@ -64,14 +68,34 @@ counts() {   # 2,4,8 up to the GPUs here
 case "$stage" in
 tests)
     python3 -m pytest -m gpu -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" ;;
+compare)
+    old=${3:?compare needs the path of the other checkout: $usage}
+    [ -e "$old/data" ] || ln -s "$PWD/data" "$old/data"
+    # the same runs in the same order: the other checkout first (its own layout, no PYTHONPATH
+    # of ours), then this one
+    loader_old=$old/bench/bench_loader.py
+    [ -e "$loader_old" ] || loader_old=$old/bench_loader.py
+    (cd "$old" && PYTHONPATH=$PWD${site:+:$site} python3 "$loader_old" --prefetch 2 3 \
+        --repeat 2 --json "$out/compare_old_loader.json") 2>&1 | tee "$out/compare_old_loader.log"
+    python3 bench/bench_loader.py --prefetch 2 3 --repeat 2 --json "$out/compare_new_loader.json" \
+        2>&1 | tee "$out/compare_new_loader.log"
+    (cd "$old" && PYTHONPATH=$PWD${site:+:$site} python3 bench.py --no-peers --parallel-only \
+        --out "$out/compare_old_bench.json" compile=True) 2>&1 | tee "$out/compare_old_bench.log"
+    python3 bench.py --no-peers --parallel-only --out "$out/compare_new_bench.json" compile=True \
+        cuda_graph=False 2>&1 | tee "$out/compare_new_bench.log" ;;
 table1)
-    python3 bench.py --out "$out/table1_bf16_compiled.json" compile=True \
-        2>&1 | tee "$out/table1_bf16.log"
-    python3 bench.py --no-peers --iters 60 --max-gpus 1 --out "$out/table1_tf32_compiled.json" \
-        compile=True precision=tf32 2>&1 | tee "$out/table1_tf32.log" ;;
+    python3 bench.py --out "$out/table1_bf16.json" 2>&1 | tee "$out/table1_bf16.log"
+    python3 bench.py --no-peers --iters 60 --out "$out/table1_tf32.json" precision=tf32 \
+        2>&1 | tee "$out/table1_tf32.log"
+    python3 bench.py --no-peers --iters 40 --parallel-only --out "$out/table1_fp32.json" \
+        precision=fp32 2>&1 | tee "$out/table1_fp32.log"
+    python3 bench/bench_loader.py --json "$out/loader.json" 2>&1 | tee "$out/loader.log" ;;
+profile)
+    python3 bench/profile_step.py 'base!' 2>&1 | tee "$out/profile.log" ;;
 precision)
     # the runs' snapshots stay out of OUT (what comes back is a few small files)
-    python3 bench_precision.py --out /tmp/precision 2>&1 | tee "$out/precision.log"
+    python3 bench/bench_precision.py --seeds 1,2,3,4,5,6,7,8 --parallel 8 --out /tmp/precision \
+        2>&1 | tee "$out/precision.log"
     cp /tmp/precision/precision.json "$out/precision_toy.json" ;;
 modes)
     [ "$gpus" -ge 2 ] || { echo "modes needs two GPUs; this machine has $gpus"; exit 1; }
@@ -101,8 +125,10 @@ scale128 | scale256)
     c=$(counts)
     [ -n "$c" ] || { echo "scaling needs two or more GPUs; this machine has $gpus"; exit 1; }
     data=$([ "$per" = 256 ] && doubled || true)
-    # shellcheck disable=SC2086  # $data: two key=value words
-    python3 bench.py --no-peers --iters 60 --gpu-counts "$c" --per-gpu-batch "$per" \
-        --parallel-only --out "$out/scale${per}_compiled.json" batch_size="$per" $data \
-        exchange=nccl average=gradients compile=True 2>&1 | tee "$out/scale${per}.log" ;;
+    for dtype in fp32 bf16; do
+        # shellcheck disable=SC2086  # $data: two key=value words
+        python3 bench.py --no-peers --iters 60 --gpu-counts "$c" --per-gpu-batch "$per" \
+            --parallel-only --out "$out/scale${per}_${dtype}.json" batch_size="$per" $data \
+            exchange=nccl average=gradients exchange_dtype=$dtype
+    done 2>&1 | tee "$out/scale${per}.log" ;;
 esac
