@@ -555,7 +555,7 @@ class LoaderProcess:
                                                           non_blocking=True)
                     self.copied[slot].record(self.stream)
             item[3] = True
-            last = not any(c[0][0] == seq for c in self.queue) and \
+            last = not any(c[0] == seq for c in self.queue) and \
                 all(c[0][0] != seq or c[3] for c in self.inflight)
             if last:
                 if self.cuda:

@@ -142,8 +142,16 @@ class GraphedStep:
             g = torch.cuda.CUDAGraph()
             # a capture records the step without running it; it runs at the replay below
             torch.cuda.synchronize(rep.device)
-            with torch.cuda.graph(g, pool=self.pool):
-                out = rep.step(*self.static, lr, step)
+            try:
+                with torch.cuda.graph(g, pool=self.pool):
+                    out = rep.step(*self.static, lr, step)
+            except RuntimeError as e:     # torch.AcceleratorError is one
+                rep.log(f"notice: the training step could not be captured as a CUDA graph "
+                        f"({str(e).splitlines()[0]}); it runs without one (cuda_graph=False "
+                        f"says so from the start)")
+                torch.cuda.synchronize(rep.device)
+                rep.graphed = None
+                return rep.step(*inputs, lr, step)
             self.graphs[lr] = (g, out)
         g, out = self.graphs[lr]
         g.replay()

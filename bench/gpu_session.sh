@@ -69,7 +69,7 @@ case "$stage" in
 tests)
     python3 -m pytest -m gpu -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" ;;
 compare)
-    old=${3:?compare needs the path of the other checkout: $usage}
+    old=$(cd "${3:?compare needs the path of the other checkout: $usage}" && pwd)
     [ -e "$old/data" ] || ln -s "$PWD/data" "$old/data"
     # the same runs in the same order: the other checkout first (its own layout, no PYTHONPATH
     # of ours), then this one

@@ -238,6 +238,95 @@ def test_compiled_step_is_the_eager_step(small_dataset, tmp_path, device, precis
     assert_same_change(compiled, eager, start, tol)
 
 
+def reference_first_step(cfg, device):
+    """The loop's first step computed again in float64 on the CPU, from the same initial
+    weights, images, crops, mirrors and dropout masks (drawn on `device`, as the run drew
+    them): the change of each parameter and of its momentum, in PARAMS order."""
+    from alex_net import AlexNet, PARAMS, forward
+    from alexnet_lib.batch_files import read_rows
+    from alexnet_lib.data import crop_mirror, dropout_masks, mean_image_hwc, step_draws
+    rep = train_loop.Replica(dict(cfg, gpu='cpu', compile=False), 0, 1)
+    path, lo, hi, label_off = rep.train_requests(1)[0]
+    images = torch.from_numpy(read_rows(path, lo, hi))
+    labels = rep.train_labels[label_off + lo:label_off + hi]
+    offsets, mirror, mask_seed = step_draws(cfg['seed'], 1, 0, rep.global_batch, cfg['rand_crop'],
+                                            cfg['batch_crop_mirror'])
+    masks = dropout_masks(mask_seed, rep.global_batch, 0, hi - lo, device).cpu().double()
+    mean = mean_image_hwc(cfg['mean_file'], 'cpu').double()
+    x = crop_mirror(images, mean, torch.from_numpy(offsets), torch.from_numpy(mirror))
+    net = AlexNet('cpu')
+    params = [tuple(t.detach().double().requires_grad_() for t in pair)
+              for pair in net.layer_params]
+    loss = torch.nn.functional.cross_entropy(forward(params, x, masks), labels)
+    loss.backward()
+    lr, wd = cfg['learning_rate'], cfg['weight_decay']
+    steps = {}
+    for i, (W, b) in enumerate(params):        # momentum starts at zero: v = -lr_eff g'
+        steps[i] = (-lr * (W.grad + wd * W.detach()), -2 * lr * b.grad)
+    out = []
+    for p in PARAMS:                           # our layout's views, as first_step gives them
+        w_or_b = steps[p.layer][0 if p.is_weight else 1]
+        halves = 2 if p.name[1] in '01' else 1
+        part = int(p.name[1]) if halves == 2 else 0
+        chunk = w_or_b.chunk(halves, dim=0 if w_or_b.dim() != 2 or not p.is_weight else 1)
+        out.append(chunk[part].reshape(-1).numpy())
+    return out + out                           # the parameters' changes, then the momentum's
+
+
+@pytest.mark.parametrize('device, precision, floor', [
+    ('cpu', 'fp32', 1e-4),
+    pytest.param('cuda:0', 'fp32', 1e-3, marks=pytest.mark.gpu),
+    pytest.param('cuda:0', 'bf16', 3e-2, marks=pytest.mark.gpu)])
+def test_compiled_and_eager_steps_against_float64(small_dataset, tmp_path, device, precision,
+                                                  floor):
+    """Which of the two is off, when the compiled and the eager step differ: each against the
+    same step in float64. ||change - reference|| / ||reference|| per array: the compiled step
+    may be no further from the reference than the eager one (x2, or `floor`)."""
+    from alex_net import PARAMS
+    cfg = {c: cfg_for(small_dataset, tmp_path, f'gpu={device}', f'precision={precision}',
+                      f'compile={c}', 'cuda_graph=False', 'batch_size=4') for c in (False, True)}
+    start, eager = first_step(cfg[False])
+    _, compiled = first_step(cfg[True])
+    ref = reference_first_step(cfg[False], device)
+    rows = []
+    for k, (x0, e, c, r) in enumerate(zip(start, eager, compiled, ref)):
+        scale = np.linalg.norm(r)
+        err_e = np.linalg.norm((e - x0) - r) / scale
+        err_c = np.linalg.norm((c - x0) - r) / scale
+        name = PARAMS[k % len(PARAMS)].name + (' momentum' if k >= len(PARAMS) else '')
+        rows.append((name, err_e, err_c))
+    print('array, eager and compiled relative error against float64:',
+          *(f'{n:16s} {e:.2e} {c:.2e}' for n, e, c in rows), sep='\n  ')
+    bad = [(n, e, c) for n, e, c in rows if c > max(2 * e, floor)]
+    assert not bad, f"compiled step further from float64 than eager: {bad}"
+    assert max(e for _, e, _ in rows) < 0.1, rows
+
+
+@pytest.mark.gpu
+def test_graphed_step_is_the_compiled_step(small_dataset, tmp_path):
+    """cuda_graph: True (the compiled step captured after its warm-up steps and replayed, a new
+    graph when the learning rate changes) trains as the compiled step does."""
+    from alex_net import N_PARAMS, PARAMS
+    ends = {}
+    for graph in (False, True):
+        cfg = cfg_for(small_dataset, tmp_path, 'gpu=cuda:0', 'precision=fp32', 'compile=True',
+                      f'cuda_graph={graph}', 'batch_size=4')
+        rep = train_loop.Replica(cfg, 0, 1)
+        start = rep.net.state.cpu().numpy().copy()
+        with rep.make_loader() as loader:
+            reqs = rep.train_requests(1)
+            rep.train_epoch(1, 0.01, loader, progress=False, requests=reqs[:6])
+            rep.train_epoch(1, 0.001, loader, progress=False, requests=reqs[:2])  # a new lr
+        if graph:
+            assert rep.graphed is not None and sorted(rep.graphed.graphs) == [0.001, 0.01]
+        state = rep.net.state.cpu().numpy()
+        ends[graph] = [state[off + p.offset:off + p.offset + p.size] for off in (0, N_PARAMS)
+                       for p in PARAMS]
+    starts = [start[off + p.offset:off + p.offset + p.size] for off in (0, N_PARAMS)
+              for p in PARAMS]
+    assert_same_change(ends[True], ends[False], starts, 1e-3)
+
+
 def test_sigterm_finishes_the_step_snapshots_and_resume_matches(small_dataset, two_epochs,
                                                                  tmp_path):
     """Preemption: SIGTERM mid-epoch -> the step finishes, a resumable snapshot is written, the
