@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from alex_net import AlexNet, N_CLASSES
-from alexnet_lib.config import load_config, resolve_device
+from alexnet_lib.config import help_text, load_config, resolve_device
 from alexnet_lib.data import mean_image_hwc
 from alexnet_lib.errors import run_main
 from alexnet_lib.loop import precision_of, test_logits
@@ -153,7 +153,7 @@ def classify(cfg, images, own):
 
 def main(argv):
     if '-h' in argv or '--help' in argv:
-        print(__doc__)
+        print(help_text('spec_1gpu.yaml', __doc__))
         return
     images, own, config_words = split_args(argv)
     if not images:

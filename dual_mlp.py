@@ -307,7 +307,7 @@ def _write_outputs(cfg, flat, result):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+    ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('devices', nargs='*',
                     help='two GPU indices, or cpu cpu (default: 0 1 with two GPUs, else cpu cpu)')

@@ -4,6 +4,7 @@
 # on it for a few epochs, validates the last snapshot and plots the curves.
 #   bash quickstart.sh                 # on a GPU if one is visible, else on the CPU
 #   GPU=cpu bash quickstart.sh         # force the CPU
+case "${1:-}" in -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 PY=${PYTHON:-python3}

@@ -11,13 +11,13 @@ metrics.csv and a snapshot every snapshot_freq epochs (plot them with plot.py).
 """
 import sys
 
-from alexnet_lib.config import load_config
+from alexnet_lib.config import command_line
 from alexnet_lib.errors import run_main
 from alexnet_lib.loop import train
 
 
 def main(argv):
-    run_main(lambda: train(load_config('spec_1gpu.yaml', argv)))
+    run_main(lambda: train(command_line('spec_1gpu.yaml', argv, __doc__)))
 
 
 if __name__ == '__main__':

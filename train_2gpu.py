@@ -20,7 +20,7 @@ import os
 import sys
 
 from alexnet_lib import launch
-from alexnet_lib.config import ConfigError, devices_of, load_config
+from alexnet_lib.config import ConfigError, command_line, devices_of
 from alexnet_lib.errors import run_main
 
 
@@ -59,7 +59,7 @@ def run(cfg):
 
 
 def main(argv):
-    run_main(lambda: run(load_config('spec_2gpu.yaml', argv)))
+    run_main(lambda: run(command_line('spec_2gpu.yaml', argv, __doc__)))
 
 
 if __name__ == '__main__':

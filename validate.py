@@ -10,7 +10,7 @@ Prints the top-1 and top-5 error and the loss, and as its very last line one JSO
 import json
 import sys
 
-from alexnet_lib.config import load_config
+from alexnet_lib.config import command_line
 from alexnet_lib.errors import run_main
 from alexnet_lib.snapshot import load_snapshot
 from alexnet_lib.loop import Replica
@@ -28,7 +28,7 @@ def evaluate(cfg):
 
 
 def main(argv):
-    run_main(lambda: evaluate(load_config('spec_1gpu.yaml', argv)))
+    run_main(lambda: evaluate(command_line('spec_1gpu.yaml', argv, __doc__)))
 
 
 if __name__ == '__main__':

@@ -366,7 +366,9 @@ class Replica:
                        cfg['weight_decay'], cfg['use_momentum'], cfg['use_nesterov_momentum'])
         if ex and cfg['average'] == 'weights' and (step + 1) % cfg['exchange_freq'] == 0:
             ex.average_(net.state)
-        return loss, errors
+        # detached: no reference keeps this step's autograd graph (and the gradient
+        # accumulators it made on this stream) alive into the next step or a graph capture
+        return loss.detach(), errors
 
     def log_compile_time(self):
         """After the first compiled steps: how long compiling took (once)."""

@@ -17,6 +17,7 @@
 # device README says how to download them); the toy data is built there when missing. Every
 # figure goes to OUT/*.json and OUT/*.log; copy the JSON files into bench_results/ and the
 # figures, with the machine, date and command, into BENCHMARKS.md.
+case "${1:-}" in -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 usage="usage: gpu_session.sh tests|compare|table1|profile|precision|modes|scale128|scale256 OUT [OLD]"

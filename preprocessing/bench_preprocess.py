@@ -119,7 +119,8 @@ def cpu_name():
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--images', type=int, default=2560,
                         help='training images (default 2560 = 10 batches)')
     parser.add_argument('--val-images', type=int, default=None,

@@ -8,6 +8,7 @@
 # Works from any folder. make_train_val_txt.py runs first: it only reads the devkit, so a
 # devkit mismatch stops the run at once rather than after hours of make_hkl.py. Stopped or
 # failed runs can be started again: complete batch files are kept. lists.txt lists the outputs.
+case "${1:-}" in -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PY="${PYTHON:-python3}"

@@ -8,6 +8,7 @@
 #   preprocessing/generate_toy_data.sh my_paths.yaml --workers 4   # options of make_hkl.py
 #
 # Works from any folder; prints where the batches are at the end.
+case "${1:-}" in -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 HKL_MODE=toy exec bash "$HERE/generate_data.sh" "$@"

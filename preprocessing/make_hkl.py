@@ -275,7 +275,8 @@ def make_split(pool, workers, name, files, src_dir, out_dir, report_file, drop_l
 # ---------------------------------------------------------------- main
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('mode', nargs='?', default='full', choices=['full', 'toy'],
                         help=f"full (default) or toy: only the first {TOY_IMAGES} train and "
                              f"{TOY_IMAGES} validation images")

@@ -51,7 +51,8 @@ def count_batches(folder):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_paths_argument(parser)
     args = parser.parse_args()
 

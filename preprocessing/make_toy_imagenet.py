@@ -106,7 +106,8 @@ def write_meta(path, n_train):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('out_dir', help='folder to write the tree into (created)')
     parser.add_argument('--tar-root', help='tar_root_dir of the written paths.yaml '
                                            '(default: OUT_DIR/preprocessed)')

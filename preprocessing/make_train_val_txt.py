@@ -59,7 +59,8 @@ def read_ground_truth(gt_file, n_val, val_dir):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_paths_argument(parser)
     args = parser.parse_args()
 

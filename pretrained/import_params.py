@@ -271,9 +271,9 @@ def write_weights_dir(weights_dir, arrays, lr_default):
 
 
 def main(argv):
-    ap = argparse.ArgumentParser(
-        description="Import the original's released AlexNet parameters as snapshot 65.",
-        epilog="See the docstring of this script and pretrained/alexnet/readme.md.")
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="See also pretrained/alexnet/readme.md.")
     ap.add_argument('zip', metavar='ZIP', help='parameters_releasing.zip')
     ap.add_argument('weights_dir', metavar='WEIGHTS_DIR',
                     help='folder to write the snapshot into (e.g. pretrained/alexnet/weights)')

@@ -223,14 +223,15 @@ def first_step(cfg):
 
 @pytest.mark.parametrize('device, precision, tol', [
     ('cpu', 'fp32', 1e-4),
-    pytest.param('cuda:0', 'fp32', 1e-3, marks=pytest.mark.gpu),
-    pytest.param('cuda:0', 'bf16', 0.1, marks=pytest.mark.gpu)])
+    pytest.param('cuda:0', 'fp32', 1e-3, marks=pytest.mark.gpu)])
 def test_compiled_step_is_the_eager_step(small_dataset, tmp_path, device, precision, tol):
     """compile: True (augmentation, forward and backward, the max pool by window codes, the
     update) makes the same training step as eager, within rounding (float32 on the CPU: ~1e-6
-    of each change; on the GPU cuDNN may choose other algorithms; bf16 rounds at other places).
-    One step: over several, rounding grows (flipped ReLU and pooling choices of near-equal
-    values move the small conv gradients by a few percent)."""
+    of each change; on the GPU cuDNN may choose other algorithms). One step: over several,
+    rounding grows (flipped ReLU and pooling choices of near-equal values move the small conv
+    gradients by a few percent). bf16 is compared through float64 below: at a batch of 4, eager
+    and compiled bf16 steps are each ~25% of conv1's change away from the float64 step, equally
+    far, so element by element they differ by as much."""
     cfg = {c: cfg_for(small_dataset, tmp_path, f'gpu={device}', f'precision={precision}',
                       f'compile={c}', 'batch_size=4') for c in (False, True)}
     start, eager = first_step(cfg[False])
@@ -273,15 +274,16 @@ def reference_first_step(cfg, device):
     return out + out                           # the parameters' changes, then the momentum's
 
 
-@pytest.mark.parametrize('device, precision, floor', [
-    ('cpu', 'fp32', 1e-4),
-    pytest.param('cuda:0', 'fp32', 1e-3, marks=pytest.mark.gpu),
-    pytest.param('cuda:0', 'bf16', 3e-2, marks=pytest.mark.gpu)])
+@pytest.mark.parametrize('device, precision, floor, cap', [
+    ('cpu', 'fp32', 1e-4, 1e-2),
+    pytest.param('cuda:0', 'fp32', 1e-3, 1e-2, marks=pytest.mark.gpu),
+    pytest.param('cuda:0', 'bf16', 3e-2, 0.5, marks=pytest.mark.gpu)])
 def test_compiled_and_eager_steps_against_float64(small_dataset, tmp_path, device, precision,
-                                                  floor):
+                                                  floor, cap):
     """Which of the two is off, when the compiled and the eager step differ: each against the
     same step in float64. ||change - reference|| / ||reference|| per array: the compiled step
-    may be no further from the reference than the eager one (x2, or `floor`)."""
+    may be no further from the reference than the eager one (x2, or `floor`), and neither
+    further than `cap` (bf16 at a batch of 4: conv1's change is ~25% off in both)."""
     from alex_net import PARAMS
     cfg = {c: cfg_for(small_dataset, tmp_path, f'gpu={device}', f'precision={precision}',
                       f'compile={c}', 'cuda_graph=False', 'batch_size=4') for c in (False, True)}
@@ -299,7 +301,7 @@ def test_compiled_and_eager_steps_against_float64(small_dataset, tmp_path, devic
           *(f'{n:16s} {e:.2e} {c:.2e}' for n, e, c in rows), sep='\n  ')
     bad = [(n, e, c) for n, e, c in rows if c > max(2 * e, floor)]
     assert not bad, f"compiled step further from float64 than eager: {bad}"
-    assert max(e for _, e, _ in rows) < 0.1, rows
+    assert max(max(e, c) for _, e, c in rows) < cap, rows
 
 
 @pytest.mark.gpu
