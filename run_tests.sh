@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Installs the dependencies (setup.sh) and runs the CPU test suite.
+# Installs the dependencies (setup.sh), checks the code with ruff (configured in
+# pyproject.toml) and runs the CPU test suite; arguments go to pytest:
+#   bash run_tests.sh                           # what CI runs
+#   bash run_tests.sh tests/test_train.py -x    # one file, stop at the first failure
 # GPU tests: python3 -m pytest -m gpu   (on a machine with CUDA GPUs)
 case "${1:-}" in -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 bash setup.sh
+"${PYTHON:-python3}" -m ruff check .
 exec "${PYTHON:-python3}" -m pytest "$@"

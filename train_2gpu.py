@@ -52,6 +52,8 @@ def run(cfg):
         if device != 'cpu' and local >= len(devices):
             raise ConfigError(f"local rank {local} has no GPU in {devices}")
         return trainer(rank, world, cfg, device)
+    from alexnet_lib.loop import RunData
+    RunData(cfg, len(devices))      # a bad path is one line here, before any trainer starts
     print(f"train_2gpu: {len(devices)} trainers on {devices}, exchange {cfg['exchange']}, "
           f"average {cfg['average']} every {cfg['exchange_freq']} step(s)", flush=True)
     # grace: on SIGTERM the trainers finish a few steps and write a snapshot before they exit

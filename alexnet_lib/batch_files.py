@@ -10,6 +10,7 @@ file, as an HDF5 hyperslab, straight into the memory it is given (pinned or shar
     x = read_rows(files[0], lo, hi)                          # uint8 (128, 256, 256, 3)
 """
 import os
+import re
 
 import h5py
 import numpy as np
@@ -25,11 +26,20 @@ class BatchFileError(UserError):
     """A batch file is missing, unreadable or of the wrong shape/dtype; the message names it."""
 
 
-def list_batch_files(folder):
-    """The sorted ``*.hkl`` files of a batch folder; a clear error if there are none."""
+def list_batch_files(folder, key='train_folder'):
+    """The sorted ``*.hkl`` files of a batch folder (the config's `key`); a clear error if
+    there are none."""
     if not os.path.isdir(folder):
+        half = re.fullmatch(r'(.*_b\d+_b_)(\d+)', folder)
+        if half and half.group(2) != '256':
+            # the original wrote half batches for its two GPUs (..._b256_b_128/)
+            raise BatchFileError(
+                f"batch folder {folder!r} does not exist: {key} names the original's folder "
+                f"of {half.group(2)}-image batches for several GPUs; here one set of full "
+                f"batches serves any number of GPUs (each reads its rows of every batch): set "
+                f"{key} to {half.group(1) + '256'!r}, which preprocessing writes")
         raise BatchFileError(f"batch folder {folder!r} does not exist: run preprocessing "
-                             f"(preprocessing/generate_data.sh) or fix the path in the config")
+                             f"(preprocessing/generate_data.sh) or fix {key} in the config")
     files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith('.hkl'))
     if not files:
         raise BatchFileError(f"batch folder {folder!r} holds no .hkl batch files")

@@ -7,9 +7,10 @@ naming the key, and a combination that makes no sense an error saying why.
     cfg = load_config('spec_1gpu.yaml', ['n_epochs=2', 'gpu=cpu'])
     cfg['batch_size'], cfg['gpu']         # 256, 'cpu'
 
-The yaml files are read from the current directory when it has them, else from this folder.
-Relative paths are relative to the folder of the file that set them (the current directory for
-command-line overrides).
+The repository's config.yaml and spec file give every key its default; files of the same name in
+the current directory (the original's, say) are merged over them, then extra yaml files and the
+key=value words. Relative paths are relative to the folder of the file that set them (the
+current directory for command-line overrides).
 """
 import difflib
 import math
@@ -34,7 +35,7 @@ CONFIG_KEYS = {
     'precision': ('auto', 'bf16', 'tf32', 'fp32'), 'compile': 'bool_or_auto', 'cuda_graph': 'bool_or_auto',
     'seed': 'int',
     'exchange': ('p2p', 'nccl', 'gloo', 'host'), 'average': ('weights', 'gradients'),
-    'exchange_freq': 'int',
+    'exchange_freq': 'int', 'exchange_dtype': ('fp32', 'bf16'),
 }
 SPEC_1GPU_KEYS = {'gpu': 'device', 'sock_data': 'int', 'batch_size': 'int',
                   'train_folder': 'path', 'val_folder': 'path'}
@@ -196,8 +197,10 @@ def help_text(spec, usage, config='config.yaml'):
     out = [usage.rstrip(), '', f"Settings: any key below as key=value on the command line, or "
            f"in a yaml file given as an argument; the defaults are those of {config} and {spec}."]
     for name in (config, spec):
-        path = _find(name)
-        out += ['', f"{name} ({path}):"]
+        path = os.path.join(ROOT, name)
+        here = _find(name)
+        out += ['', f"{name} ({path}" + (f"; {here} is merged over it" if here != path else '')
+                + "):"]
         try:
             with open(path) as f:
                 lines = f.read().splitlines()
@@ -227,7 +230,13 @@ def load_config(spec='spec_1gpu.yaml', argv=(), config='config.yaml'):
     schema = dict(CONFIG_KEYS, **SPECS[spec])
     extra_files, overrides = parse_overrides(list(argv))
     cfg, origin = {}, {}
-    layers = [(_find(config), None), (_find(spec), None)]
+    # the repository's files give every key its default; a config.yaml or spec file of the
+    # same name in the current folder (the original's own, say) is merged over them
+    layers = []
+    for name in (config, spec):
+        layers.append((os.path.join(ROOT, name), None))
+        if _find(name) != os.path.join(ROOT, name):
+            layers.append((_find(name), None))
     layers += [(_find(f), None) for f in extra_files]
     layers.append((None, overrides))
     for path, data in layers:
@@ -274,6 +283,10 @@ def check_combination(cfg):
     if cfg['lr_step'] != sorted(cfg['lr_step']):
         raise ConfigError(f"lr_step: {cfg['lr_step']} must be increasing")
     devices = devices_of(cfg)
+    if len(devices) > 1 and cfg['exchange_dtype'] == 'bf16' and (
+            cfg['average'] != 'gradients' or cfg['exchange'] not in ('nccl', 'gloo')):
+        raise ConfigError(f"exchange_dtype: bf16 averages gradients through nccl or gloo; this "
+                          f"run has average: {cfg['average']}, exchange: {cfg['exchange']}")
     if len(devices) > 1:
         if cfg['exchange'] in ('p2p', 'nccl') and any(d == 'cpu' for d in devices):
             raise ConfigError(f"exchange: {cfg['exchange']} needs GPUs, and {devices} includes "

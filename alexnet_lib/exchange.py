@@ -103,23 +103,31 @@ class Exchanger:
         self.kind, self.rank, self.world, self.device = kind, rank, world, device
         self._ctl, self._plane = ctl, plane
 
-    def average_(self, flat):
+    def average_(self, flat, wire_dtype=torch.float32):
         """Replace `flat` (1-D contiguous float32 on this exchanger's device) by its mean over
-        the replicas. Every replica must call it, with corresponding buffers in the same order."""
-        self._check(flat)
-        if self._plane is not None:
-            self._plane.average_(flat)
+        the replicas. Every replica must call it, with corresponding buffers in the same order.
+        wire_dtype bfloat16 (nccl, gloo): the average is taken of flat rounded to bfloat16,
+        half the bytes on the wire, and written back as float32."""
+        self.start_average_(flat, wire_dtype).wait()
 
-    def start_average_(self, flat):
+    def start_average_(self, flat, wire_dtype=torch.float32):
         """average_, started: returns a Pending whose wait() finishes it. With nccl (and gloo on
         CPU buffers) the bytes move while the caller goes on computing, e.g. the rest of the
         backward pass; `flat` must not be touched before wait(). Other planes average at once."""
         self._check(flat)
+        if self._plane is None:
+            return Pending()
         start = getattr(self._plane, 'start_average_', None)
-        if start is not None:
+        if wire_dtype == torch.float32:
+            if start is None:               # p2p, host: averaged at once
+                self._plane.average_(flat)
+                return Pending()
             return start(flat)
-        self.average_(flat)
-        return Pending()
+        if start is None:
+            raise ValueError(f'a {wire_dtype} average needs the nccl or gloo exchange, not '
+                             f'{self.kind}')
+        wire = flat.to(wire_dtype)
+        return Pending(start(wire), lambda: flat.copy_(wire))
 
     def _check(self, flat):
         if not isinstance(flat, torch.Tensor):
@@ -374,19 +382,20 @@ def _sha256(flat):
 # data planes
 
 class Pending:
-    """An average in flight (Exchanger.start_average_); wait() finishes it."""
+    """An average in flight (Exchanger.start_average_); wait() finishes it: waits for `work`
+    (a torch.distributed Work, or another Pending), then runs `then`."""
 
-    def __init__(self, work=None, flat=None, divide_by=1, guard=None):
-        self._work, self._flat, self._divide_by, self._guard = work, flat, divide_by, guard
+    def __init__(self, work=None, then=None, guard=None):
+        self._work, self._then, self._guard = work, then, guard
 
     def wait(self):
         if self._work is None:
             return
         work, self._work = self._work, None
-        with self._guard:
+        with self._guard or contextlib.nullcontext():
             work.wait()       # nccl: the current stream waits for the all-reduce
-            if self._divide_by != 1:
-                self._flat.div_(self._divide_by)
+            if self._then is not None:
+                self._then()
 
 
 def _start_all_reduce(ctl, flat, group, what, average_op=False):
@@ -394,7 +403,7 @@ def _start_all_reduce(ctl, flat, group, what, average_op=False):
     op = dist.ReduceOp.AVG if average_op else dist.ReduceOp.SUM
     with ctl.guard(what):
         work = dist.all_reduce(flat, op=op, group=group, async_op=True)
-    return Pending(work, flat, 1 if average_op else ctl.world, ctl.guard(what))
+    return Pending(work, None if average_op else lambda: flat.div_(ctl.world), ctl.guard(what))
 
 
 class _Gloo:

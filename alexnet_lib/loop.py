@@ -114,6 +114,42 @@ def eval_batch(layer_params, images, labels, mean_hwc, amp_dtype):
     return torch.stack([loss, top1_err.float(), top5_err.float()])
 
 
+class RunData:
+    """A run's batch files, labels and mean image, checked: every problem with them is found
+    before the first step (train_2gpu.py's launcher makes one before it starts any trainer, so
+    that a bad path is one line, as from train.py)."""
+
+    def __init__(self, cfg, world=1, device='cpu', for_training=True):
+        self.cfg, self.world = cfg, world
+        self.batch = cfg['batch_size']
+        self.global_batch = self.batch * self.world
+        self.val_files = list_batch_files(cfg['val_folder'], 'val_folder')
+        self.val_rows = [batch_rows(f) for f in self.val_files]
+        self.val_labels = load_labels(cfg['label_folder'], 'val_labels.npy',
+                                      sum(self.val_rows), 'validation')
+        self.mean = mean_image_hwc(cfg['mean_file'], device)
+        if not for_training:
+            return
+        self.train_files = list_batch_files(cfg['train_folder'], 'train_folder')
+        self.file_rows = batch_rows(self.train_files[0])
+        if self.file_rows % self.batch:
+            raise ConfigError(
+                f"batch_size {self.batch} must divide the {self.file_rows} images of each "
+                f"training batch file ({self.train_files[0]}): each replica reads its rows of a "
+                f"step from one file")
+        # steps run over the epoch's files as if concatenated: a global batch larger than a
+        # file spans several files; a remainder of less than a step is left out
+        self.steps_per_epoch = len(self.train_files) * self.file_rows // self.global_batch
+        if not self.steps_per_epoch:
+            raise ConfigError(
+                f"batch_size {self.batch} x {self.world} replica(s) = {self.global_batch} is more "
+                f"than the {len(self.train_files) * self.file_rows} training images in "
+                f"{cfg['train_folder']}")
+        self.train_labels = load_labels(cfg['label_folder'], 'train_labels.npy',
+                                        len(self.train_files) * self.file_rows, 'training')
+
+
+
 class GraphedStep:
     """Replica.step captured as one CUDA graph and replayed: a step's few hundred kernel
     launches cost one. The first WARMUP steps run as they are (compiling, choosing cuDNN's
@@ -158,7 +194,7 @@ class GraphedStep:
         return out
 
 
-class Replica:
+class Replica(RunData):
     """One replica's data, network and training state."""
 
     def __init__(self, cfg, rank=0, world=1, device=None, exchanger=None, log=None,
@@ -178,7 +214,7 @@ class Replica:
             tf32 = self.precision != 'fp32'
             torch.backends.cuda.matmul.allow_tf32 = tf32
             torch.backends.cudnn.allow_tf32 = tf32
-        self._setup_data(for_training)
+        RunData.__init__(self, cfg, world, self.device, for_training)
         # a resumed run and validation load every parameter from a snapshot: no initial draw
         self.net = AlexNet(self.device, init=for_training and not cfg['resume_train'])
         self.features_fn, self.classifier_fn = augmented_features, classifier_loss
@@ -200,35 +236,6 @@ class Replica:
                         and (graph is True or (graph == 'auto' and self.compiled)) else None)
 
     # -- data -------------------------------------------------------------------------------
-    def _setup_data(self, for_training):
-        cfg = self.cfg
-        self.batch = cfg['batch_size']
-        self.global_batch = self.batch * self.world
-        self.val_files = list_batch_files(cfg['val_folder'])
-        self.val_rows = [batch_rows(f) for f in self.val_files]
-        self.val_labels = load_labels(cfg['label_folder'], 'val_labels.npy',
-                                      sum(self.val_rows), 'validation')
-        self.mean = mean_image_hwc(cfg['mean_file'], self.device)
-        if not for_training:
-            return
-        self.train_files = list_batch_files(cfg['train_folder'])
-        self.file_rows = batch_rows(self.train_files[0])
-        if self.file_rows % self.batch:
-            raise ConfigError(
-                f"batch_size {self.batch} must divide the {self.file_rows} images of each "
-                f"training batch file ({self.train_files[0]}): each replica reads its rows of a "
-                f"step from one file")
-        # steps run over the epoch's files as if concatenated: a global batch larger than a
-        # file spans several files; a remainder of less than a step is left out
-        self.steps_per_epoch = len(self.train_files) * self.file_rows // self.global_batch
-        if not self.steps_per_epoch:
-            raise ConfigError(
-                f"batch_size {self.batch} x {self.world} replica(s) = {self.global_batch} is more "
-                f"than the {len(self.train_files) * self.file_rows} training images in "
-                f"{cfg['train_folder']}")
-        self.train_labels = load_labels(cfg['label_folder'], 'train_labels.npy',
-                                        len(self.train_files) * self.file_rows, 'training')
-
     def make_loader(self):
         if not self.cfg['para_load']:
             return SerialLoader(self.device)
@@ -356,11 +363,12 @@ class Replica:
         loss.backward()               # into the flat buffer net.grad, and cut.grad
         average_gradients = ex is not None and cfg['average'] == 'gradients'
         if average_gradients:
-            pending = ex.start_average_(net.grad[FC_WEIGHTS])
+            wire = torch.bfloat16 if cfg['exchange_dtype'] == 'bf16' else torch.float32
+            pending = ex.start_average_(net.grad[FC_WEIGHTS], wire)
         feats.backward(cut.grad)
         if average_gradients:
             for part in NOT_FC_WEIGHTS:
-                ex.average_(net.grad[part])
+                ex.average_(net.grad[part], wire)
             pending.wait()
         self.update_fn(net.params, net.grad, net.momentum, lr, N_WEIGHTS, cfg['momentum'],
                        cfg['weight_decay'], cfg['use_momentum'], cfg['use_nesterov_momentum'])

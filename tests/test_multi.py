@@ -61,6 +61,22 @@ def test_two_replicas_equal_one_on_the_combined_batch(data, reference, tmp_path,
     assert_close(got, reference)
 
 
+def test_bf16_gradient_average_is_within_bf16_rounding(data, reference, tmp_path):
+    """exchange_dtype: bf16 (the gradients rounded to bfloat16 on the wire, the update in
+    float32): two replicas through gloo stay within bfloat16 rounding of one replica on the
+    combined batch, and differ from the float32 average (the bf16 path was taken)."""
+    got = {}
+    for dtype in ('bf16', 'fp32'):
+        d = tmp_path / dtype
+        run('train_2gpu.py', data + COMMON + [
+            'gpu0=cpu', 'gpu1=cpu', 'batch_size=4', 'exchange=gloo', 'average=gradients',
+            f'exchange_dtype={dtype}', f'weights_dir={d}'])
+        got[dtype] = snapshot(str(d))
+    assert_close(got['bf16'], reference, tol=1e-2)      # bf16: 8 bits of mantissa
+    assert_close(got['fp32'], reference)
+    assert max(np.abs(a - b).max() for a, b in zip(got['bf16'], got['fp32'])) > 0
+
+
 def test_exchange_every_third_step_trains_and_differs(data, reference, tmp_path):
     run('train_2gpu.py', data + COMMON + ['gpu0=cpu', 'gpu1=cpu', 'batch_size=2',
                                           'exchange=host', 'exchange_freq=3',

@@ -136,6 +136,11 @@ def test_bad_device_and_combinations_are_refused():
         load_config('spec_2gpu.yaml', ['gpu0=cpu', 'gpu1=cpu', 'exchange=p2p'])
     with pytest.raises(ConfigError, match='prefetch'):
         load_config('spec_1gpu.yaml', ['prefetch=1'])
+    with pytest.raises(ConfigError, match='exchange_dtype: bf16 averages gradients'):
+        load_config('spec_2gpu.yaml', ['gpu0=cpu', 'gpu1=cpu', 'exchange=host',
+                                       'average=gradients', 'exchange_dtype=bf16'])
+    with pytest.raises(ConfigError, match='exchange_dtype'):
+        load_config('spec_2gpu.yaml', ['exchange_dtype=fp16'])
 
 
 def test_lib_conv_notice(capsys):
