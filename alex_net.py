@@ -1,4 +1,4 @@
-"""AlexNet as in the original alex_net.py (SPEC §2), with its parameters in flat buffers.
+"""AlexNet as in the original alex_net.py (docs/design.md), with its parameters in flat buffers.
 
 The network: conv1 -> pool -> LRN -> conv2 (2 groups) -> pool -> LRN -> conv3 -> conv4 (2 groups)
 -> conv5 (2 groups) -> pool -> fc6 -> dropout -> fc7 -> dropout -> fc8 -> softmax.
@@ -24,7 +24,6 @@ from layers import (conv_pool_relu, conv_weight_from_original, conv_weight_to_or
 
 INIT_SEED = 23455
 N_CLASSES = 1000
-CROP = 227
 
 
 @dataclass(frozen=True)
@@ -209,7 +208,8 @@ class AlexNet:
                         continue
                     src = np.asarray(src, dtype=np.float32)
                     if src.shape != p.original_shape:
-                        raise ValueError(f"{p.name}: shape {src.shape}, expected {p.original_shape}")
+                        raise ValueError(f"{p.name}: shape {src.shape}, expected "
+                                         f"{p.original_shape}")
                     if p.is_weight and LAYERS[p.layer].kind == 'conv':
                         src = conv_weight_from_original(src)
                     self.view(buf, p).copy_(torch.from_numpy(np.ascontiguousarray(src)))

@@ -89,15 +89,17 @@ def time_model_step(cfg, device, iters, warmup):
             return images
 
     reqs = cyclic_requests(rep, warmup + iters)
-    rep.train_epoch(1, cfg['learning_rate'], Resident(rep.device), progress=False, requests=reqs[:warmup])
+    rep.train_epoch(1, cfg['learning_rate'], Resident(rep.device), progress=False,
+                    requests=reqs[:warmup])
     t0 = time.time()
-    rep.train_epoch(1, cfg['learning_rate'], Resident(rep.device), progress=False, requests=reqs[warmup:])
+    rep.train_epoch(1, cfg['learning_rate'], Resident(rep.device), progress=False,
+                    requests=reqs[warmup:])
     elapsed = time.time() - t0
     return {'s_per_20_iter': 20 * elapsed / iters, 'images_per_s': iters * rep.batch / elapsed}
 
 
 def plain_alexnet():
-    """This network written plainly with torch.nn (the peer of SPEC §7)."""
+    """This network written plainly with torch.nn: the peer of a plain PyTorch user."""
     import torch.nn as nn
     lrn = lambda: nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)
     return nn.Sequential(
@@ -180,7 +182,7 @@ def main(argv):
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2)
-    label = 'CPU (small: batch %d, %d iterations)' % (cfg1['batch_size'], iters) if a.cpu else \
+    label = f"CPU (small: batch {cfg1['batch_size']}, {iters} iterations)" if a.cpu else \
         torch.cuda.get_device_name(0)
     results = {'machine': label, 'date': time.strftime('%Y-%m-%d'), 'argv': argv,
                'batch_size': cfg1['batch_size'], 'precision': cfg1['precision'],
@@ -193,7 +195,8 @@ def main(argv):
     loadings = (True,) if a.parallel_only else (True, False)
     for para in () if a.multi_only else loadings:
         cfg = dict(cfg1, para_load=para)
-        name = f"1 {'GPU' if not a.cpu else 'CPU process'}, {'parallel' if para else 'serial'} loading"
+        name = (f"1 {'GPU' if not a.cpu else 'CPU process'}, "
+                f"{'parallel' if para else 'serial'} loading")
         rows[name] = r = time_training(cfg, 0, 1, dev1, None, iters, warmup)
         # the share of a step the device waits for data: the step's time over the model's own
         if resident:

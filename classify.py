@@ -16,10 +16,10 @@ files hold it (RGB, 256x256), then goes through what validation does (loop.test_
 minus the mean image, the centre 227x227 crop without mirror, the test-time network, then a
 softmax.
 
-Class names, for label i (the index of the WNID among the sorted training class folders,
-SPEC section 5), from the first of:
-  meta_clsloc_mat=PATH   the devkit's meta_clsloc.mat (or meta.mat): its classes with
-                         ILSVRC2012_ID 1..1000, in sorted WNID order
+Class names, for label i (the index of the WNID among the sorted training class folders, as
+preprocessing gives labels), from the first of:
+  meta_clsloc_mat=PATH   the devkit's meta_clsloc.mat (2014) or meta.mat (2012): its 1,000 leaf
+                         classes (ids 1..1000 in either devkit), in sorted WNID order
   synset_words=PATH      a text file whose line i is 'WNID words' of label i (caffe's
                          synset_words.txt, or misc/synset_words.txt of make_train_val_txt.py)
   synset_words.txt beside mean_file (misc/ of the preprocessing output), when it exists
@@ -44,7 +44,7 @@ from alex_net import AlexNet, N_CLASSES
 from alexnet_lib.config import help_text, load_config, resolve_device
 from alexnet_lib.data import mean_image_hwc
 from alexnet_lib.errors import run_main
-from alexnet_lib.loop import precision_of, test_logits
+from alexnet_lib.step import precision_of, test_logits
 from alexnet_lib.snapshot import load_snapshot
 from alexnet_lib.files import DataError
 from alexnet_lib.images import load_image_256
@@ -73,12 +73,12 @@ def split_args(argv):
 
 
 def names_from_devkit(meta_file):
-    """Label i -> 'WNID words', from the devkit's synsets (ids 1..1000 are the classes)."""
-    from preprocessing.common import read_devkit_synsets
+    """Label i -> 'WNID words', from the devkit's leaf synsets (ids 1..1000 are the classes)."""
+    from alexnet_lib.imagenet import read_devkit_synsets
     synsets = read_devkit_synsets(meta_file)
     classes = sorted(w for w, (cid, _) in synsets.items() if 1 <= cid <= N_CLASSES)
     if not classes:
-        raise DataError(f"devkit file {meta_file} has no classes with ILSVRC2012_ID "
+        raise DataError(f"devkit file {meta_file} has no leaf classes with ids "
                          f"1..{N_CLASSES}")
     return [f"{w} {synsets[w][1]}".strip() for w in classes]
 

@@ -1,4 +1,4 @@
-"""The two-GPU MNIST MLP of the original theano_multi_gpu repository (SPEC section 6), on PyTorch.
+"""The two-GPU MNIST MLP of the original theano_multi_gpu repository (docs/design.md), on PyTorch.
 
     python dual_mlp.py A B [--dataset mnist.pkl.gz] [--epochs 10] [--batch-size 5000] [--lr 0.13]
 
@@ -32,8 +32,10 @@ import time
 import numpy as np
 
 from alexnet_lib.config import ConfigError, parse_device, resolve_device
+from alexnet_lib.files import atomic_write
 
-DEFAULTS = dict(epochs=10, batch_size=5000, lr=0.13, l1_reg=0.0, l2_reg=1e-4, n_hidden=500, seed=1234)
+DEFAULTS = dict(epochs=10, batch_size=5000, lr=0.13, l1_reg=0.0, l2_reg=1e-4, n_hidden=500,
+                seed=1234)
 EMBEDDED_BATCH = 100
 EMBEDDED_SPLIT = (1000, 397, 400)
 N_IN, N_OUT = 28 * 28, 10
@@ -76,8 +78,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         if module == '_codecs' and name == 'encode':   # how Python 3 writes bytes at protocol 2
             import _codecs
             return _codecs.encode
-        raise pickle.UnpicklingError('refusing to load %s.%s: this file may only hold NumPy arrays'
-                                     % (module, name))
+        raise pickle.UnpicklingError(f'refusing to load {module}.{name}: this file may only hold '
+                                     'NumPy arrays')
 
 
 def load_mnist_pickle(path):
@@ -87,10 +89,10 @@ def load_mnist_pickle(path):
         with opener(path, 'rb') as f:
             obj = RestrictedUnpickler(f, encoding='latin1').load()
     except pickle.UnpicklingError as e:
-        raise DatasetError('%s: %s' % (path, e)) from None
+        raise DatasetError(f'{path}: {e}') from None
     except (EOFError, OSError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise DatasetError('%s: not a readable MNIST pickle (%s: %s)'
-                           % (path, type(e).__name__, e)) from None
+        raise DatasetError(f'{path}: not a readable MNIST pickle '
+                           f'({type(e).__name__}: {e})') from None
     return check_dataset(obj, path)
 
 
@@ -101,37 +103,37 @@ def _is_gzip(path):
 
 def check_dataset(obj, where):
     if not (isinstance(obj, (tuple, list)) and len(obj) == 3):
-        raise DatasetError('%s: expected a tuple (train, valid, test), got %s'
-                           % (where, _describe(obj)))
+        raise DatasetError(f'{where}: expected a tuple (train, valid, test), got {_describe(obj)}')
     out = []
     for name, part in zip(('train', 'valid', 'test'), obj):
         if not (isinstance(part, (tuple, list)) and len(part) == 2):
-            raise DatasetError('%s: the %s set should be a pair (x, y), got %s'
-                               % (where, name, _describe(part)))
+            raise DatasetError(f'{where}: the {name} set should be a pair (x, y), '
+                               f'got {_describe(part)}')
         x, y = part
-        if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != N_IN:
-            raise DatasetError('%s: %s x should be a float32 array of shape (n, %d), got %s'
-                               % (where, name, N_IN, _describe(x)))
+        if (not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2
+                or x.shape[1] != N_IN):
+            raise DatasetError(f'{where}: {name} x should be a float32 array of shape '
+                               f'(n, {N_IN:d}), got {_describe(x)}')
         if not isinstance(y, np.ndarray) or y.dtype.kind not in 'iu' or y.shape != (x.shape[0],):
-            raise DatasetError('%s: %s y should be an integer array of shape (%d,), got %s'
-                               % (where, name, x.shape[0], _describe(y)))
+            raise DatasetError(f'{where}: {name} y should be an integer array of shape '
+                               f'({x.shape[0]:d},), got {_describe(y)}')
         if x.shape[0] == 0:
-            raise DatasetError('%s: the %s set is empty' % (where, name))
+            raise DatasetError(f'{where}: the {name} set is empty')
         if not (np.isfinite(x).all() and x.min() >= 0.0 and x.max() <= 1.0):
-            raise DatasetError('%s: %s x should lie in [0, 1] (min %g, max %g)'
-                               % (where, name, np.nanmin(x), np.nanmax(x)))
+            raise DatasetError(f'{where}: {name} x should lie in [0, 1] '
+                               f'(min {np.nanmin(x):g}, max {np.nanmax(x):g})')
         if y.min() < 0 or y.max() >= N_OUT:
-            raise DatasetError('%s: %s labels should be 0..9, got %d..%d'
-                               % (where, name, y.min(), y.max()))
+            raise DatasetError(f'{where}: {name} labels should be 0..9, '
+                               f'got {y.min():d}..{y.max():d}')
         out.append((np.ascontiguousarray(x), y.astype(np.int64)))
     return tuple(out)
 
 
 def _describe(v):
     if isinstance(v, np.ndarray):
-        return '%s array of shape %s' % (v.dtype, v.shape)
+        return f'{v.dtype} array of shape {v.shape}'
     if isinstance(v, (tuple, list)):
-        return '%s of length %d' % (type(v).__name__, len(v))
+        return f'{type(v).__name__} of length {len(v)}'
     return type(v).__name__
 
 
@@ -227,8 +229,8 @@ def train(cfg, rank=0, world=1, exchanger=None, log=print):
     n_batches = tx.shape[0] // bs
     n_pairs = n_batches // 2
     if n_pairs == 0:
-        raise ValueError('%d training images make %d minibatch(es) of %d: need at least 2 '
-                         '(use a smaller --batch-size)' % (tx.shape[0], n_batches, bs))
+        raise ValueError(f'{tx.shape[0]:d} training images make {n_batches:d} minibatch(es) of '
+                         f'{bs:d}: need at least 2 (use a smaller --batch-size)')
     if rank == 0 and n_batches % 2:
         log('(the last minibatch of each epoch has no partner and is skipped)')
     batch = lambda i: (tx[i * bs:(i + 1) * bs], ty[i * bs:(i + 1) * bs])
@@ -259,8 +261,8 @@ def train(cfg, rank=0, world=1, exchanger=None, log=print):
                 torch.div(p0, 2, out=flat)
         if rank == 0:
             val_error = error_rate(flat, vx, vy, cfg)
-            log('epoch %i, minibatch %i/%i, validation error %f %%'
-                % (epoch, 2 * n_pairs, n_batches, val_error * 100.0))
+            log(f'epoch {epoch:d}, minibatch {2 * n_pairs:d}/{n_batches:d}, '
+                f'validation error {val_error * 100.0:f} %')
     sync()
     seconds = time.perf_counter() - start
     if exchanger is not None:
@@ -269,10 +271,10 @@ def train(cfg, rank=0, world=1, exchanger=None, log=print):
     if rank == 0:
         test_error = error_rate(flat, sx, sy, cfg)
         eps = cfg['epochs'] / seconds
-        log('The code run for %d epochs, with %f epochs/sec (%.4f s per epoch)'
-            % (cfg['epochs'], eps, seconds / cfg['epochs']))
-        log('The code for file %s ran for %.1fs' % (os.path.basename(__file__), seconds))
-        log('test error of the final parameters %f %%' % (test_error * 100.0))
+        log(f"The code run for {cfg['epochs']:d} epochs, with {eps:f} epochs/sec "
+            f"({seconds / cfg['epochs']:.4f} s per epoch)")
+        log(f'The code for file {os.path.basename(__file__)} ran for {seconds:.1f}s')
+        log(f'test error of the final parameters {test_error * 100.0:f} %')
         result = {'val_error': val_error, 'test_error': test_error, 'epochs_per_s': eps}
     return flat.cpu(), result
 
@@ -286,9 +288,10 @@ def _worker(rank, world, cfg_json):
     kind = cfg['exchange']
     if kind == 'auto':
         kind = 'p2p' if all(parse_device(d) != 'cpu' for d in cfg['devices']) else 'host'
-    ex = exchange.make_exchanger(kind, rank, world, device, port=cfg['port'], timeout=cfg['timeout'])
+    ex = exchange.make_exchanger(kind, rank, world, device, port=cfg['port'],
+                                 timeout=cfg['timeout'])
     try:
-        log('exchange: %s%s' % (ex.kind, {'p2p': ' (CUDA IPC, device-to-device peer copies)',
+        log('exchange: {}{}'.format(ex.kind, {'p2p': ' (CUDA IPC, device-to-device peer copies)',
                                           'host': ' (shared host memory)'}.get(ex.kind, '')))
         flat, result = train(cfg, rank, world, ex, log)
         if rank == 0:
@@ -300,10 +303,10 @@ def _worker(rank, world, cfg_json):
 def _write_outputs(cfg, flat, result):
     if cfg.get('save_params'):
         np.save(cfg['save_params'], flat.numpy())
-    tmp = cfg['result_file'] + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(result, f)
-    os.replace(tmp, cfg['result_file'])
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(result, f)
+    atomic_write(cfg['result_file'], write)
 
 
 def main(argv=None):
@@ -330,7 +333,7 @@ def main(argv=None):
     if not devices:
         import torch
         devices = ['0', '1'] if torch.cuda.device_count() >= 2 else ['cpu', 'cpu']
-        print('devices: %s (none given)' % ' '.join(devices))
+        print('devices: {} (none given)'.format(' '.join(devices)))
     if len(devices) != (1 if args.one_process and len(devices) == 1 else 2):
         ap.error('give two devices (GPU indices or cpu), or one with --one-process')
     for d in devices:
@@ -343,15 +346,15 @@ def main(argv=None):
     if args.dataset is None:
         a, b, c = EMBEDDED_SPLIT
         print('dataset: embedded scikit-learn digits (1797 real 8x8 images upscaled to 28x28, '
-              '%d/%d/%d train/valid/test); use --dataset mnist.pkl.gz for MNIST' % (a, b, c))
+              f'{a}/{b}/{c} train/valid/test); use --dataset mnist.pkl.gz for MNIST')
         batch_size = args.batch_size or EMBEDDED_BATCH
         if args.batch_size is None:
-            print('batch size %d (10 minibatches an epoch, as the original had with MNIST and '
-                  '5000)' % batch_size)
+            print(f'batch size {batch_size:d} (10 minibatches an epoch, as the original had with '
+                  'MNIST and 5000)')
     else:
         if not os.path.isfile(args.dataset):
-            ap.error('--dataset %s: no such file' % args.dataset)
-        print('dataset: %s' % args.dataset)
+            ap.error(f'--dataset {args.dataset}: no such file')
+        print(f'dataset: {args.dataset}')
         batch_size = args.batch_size or DEFAULTS['batch_size']
     if batch_size < 1 or args.lr <= 0:
         ap.error('--batch-size and --lr must be positive')
@@ -365,8 +368,8 @@ def main(argv=None):
         if args.dataset is not None and not args.one_process:
             load_mnist_pickle(args.dataset)        # a bad file is reported here, not by a worker
         if args.one_process:
-            print('one process on %s, averaging the updates of each pair of minibatches'
-                  % parse_device(devices[0]))
+            print(f'one process on {parse_device(devices[0])}, averaging the updates of each '
+                  'pair of minibatches')
             flat, result = train(cfg, 0, 1, None, lambda s: print(s, flush=True))
             if args.save_params:
                 np.save(args.save_params, flat.numpy())
@@ -378,10 +381,10 @@ def main(argv=None):
                 with open(cfg['result_file']) as f:
                     result = json.load(f)
     except DatasetError as e:
-        print('dual_mlp: %s' % e, file=sys.stderr)
+        print(f'dual_mlp: {e}', file=sys.stderr)
         return 2
     except launch.WorkerFailed as e:
-        print('dual_mlp: %s' % e, file=sys.stderr)
+        print(f'dual_mlp: {e}', file=sys.stderr)
         return 1
     print(json.dumps({'val_error': result['val_error'], 'test_error': result['test_error'],
                       'epochs_per_s': result['epochs_per_s']}), flush=True)

@@ -1,4 +1,4 @@
-"""The layers of the original AlexNet (SPEC §2), as functions of their parameters.
+"""The layers of the original AlexNet (docs/design.md), as functions of their parameters.
 
 Each function is the original layer's math, written for PyTorch tensors in NCHW order:
 convolution + bias (+ ReLU), 3x3/2 max pooling, the pylearn2 cross-channel LRN, the original
@@ -26,7 +26,7 @@ def conv_pool_relu(x, W, b, stride, pad, groups, pool):
     in/groups, kh, kw) cross-correlation layout; for groups=2 the first half of the input
     channels feeds the first half of the outputs. Each group runs (and is pooled) on its own,
     as the original's two columns did: cuDNN's grouped channels-last path slices and pads
-    channels in extra kernels (a compiled bf16 step on an H100: 22.8k -> 25.3k images/s)."""
+    channels in extra kernels (BENCHMARKS.md has the measurement)."""
     if x.shape[1] <= FEW_CHANNELS and groups == 1 and pad == 0:
         ys = [conv_by_blocks(x, W, stride)]
     else:
@@ -65,7 +65,7 @@ def max_pool(x):
     """3x3 max pooling, stride 2, no padding (55 -> 27 -> 13 -> 6); the gradient goes to the
     first largest element of each window. Compiled, it is MaxPoolByCodes: the backward then
     reads the byte that says where each window's max was (inductor's own pool recomputes every
-    window in the backward: 0.76 ms of a 7.5 ms H100 step for the first pool alone)."""
+    window in the backward)."""
     if torch.compiler.is_compiling():
         return MaxPoolByCodes.apply(x)
     return F.max_pool2d(x, POOL_SIZE, POOL_STRIDE)

@@ -282,6 +282,45 @@ class ParallelLoader(BatchLoader):
         self._feed = Feed(self, requests)
         return self._feed
 
+    def send_load(self, path, lo, hi):
+        """Asks the loader for rows [lo, hi) of a batch file in a free buffer: (seq, buffer),
+        or None when every buffer is taken."""
+        if not self._free:
+            return None
+        buf = self._free.popleft()
+        self._seq += 1
+        self._send({'type': 'load', 'seq': self._seq, 'path': path, 'lo': lo, 'hi': hi,
+                    'buf': buf})
+        return self._seq, buf
+
+    def wait_loaded(self, seq, buf, rows, what):
+        """The first `rows` images of buffer `buf` once load `seq` is in it (on the GPU: the
+        current stream waits for it)."""
+        self._wait('ready', seq, what)
+        if self.cuda:
+            import torch
+            torch.cuda.current_stream(self.device).wait_event(self._ready_events[buf])
+        return self._buffers[buf][:rows]
+
+    def free_buffer(self, buf, after_gpu_work=True):
+        """Buffer `buf` may be loaded again (on the GPU: once the work queued on it so far is
+        done)."""
+        if self.cuda and after_gpu_work:
+            import torch
+            self._free_events[buf].record(torch.cuda.current_stream(self.device))
+        self._free.append(buf)
+
+    @property
+    def usable(self):
+        return self._broken is None and not self._closed
+
+    def feed_closed(self, feed):
+        """Whether `feed` was closed already; else it is now, and another may be opened."""
+        if self._feed is not feed:
+            return True
+        self._feed = None
+        return False
+
     # -- shutdown ----------------------------------------------------------------------------------
     def _shutdown(self, forward_stderr=True):
         """Stops the loader process (bounded waits, then SIGTERM, then SIGKILL) and the socket."""
@@ -350,7 +389,7 @@ class Feed:
         self.requests = [self._checked(r) for r in requests]
         self._next = 0                          # the next request to send to the loader
         self._sent = collections.deque()        # (seq, buf, request), in order
-        self._held = None                       # (buf, rows) being trained on
+        self._held = None                       # the buffer being trained on
         self._fill()
 
     def _checked(self, req):
@@ -366,55 +405,44 @@ class Feed:
         return path, lo, hi
 
     def _fill(self):
-        ld = self.loader
-        while ld._free and self._next < len(self.requests):
-            path, lo, hi = self.requests[self._next]
+        while self._next < len(self.requests):
+            request = self.requests[self._next]
+            sent = self.loader.send_load(*request)
+            if sent is None:                    # every buffer is taken
+                return
             self._next += 1
-            buf = ld._free.popleft()
-            ld._seq += 1
-            ld._send({'type': 'load', 'seq': ld._seq, 'path': path, 'lo': lo, 'hi': hi,
-                      'buf': buf})
-            self._sent.append((ld._seq, buf, (path, lo, hi)))
+            self._sent.append(sent + (request,))
 
     def take(self):
         """The next request's uint8 (hi-lo, 256, 256, 3) images on the device."""
-        ld = self.loader
         if self._held is not None:
             raise RuntimeError("Feed.take: release() the previous batch first")
         if not self._sent:
             raise IndexError("Feed.take: every request was taken")
         seq, buf, (path, lo, hi) = self._sent[0]
-        ld._wait('ready', seq, f"loading rows [{lo}, {hi}) of {path!r}")
+        images = self.loader.wait_loaded(seq, buf, hi - lo,
+                                         f"loading rows [{lo}, {hi}) of {path!r}")
         self._sent.popleft()
-        if ld.cuda:
-            import torch
-            torch.cuda.current_stream(ld.device).wait_event(ld._ready_events[buf])
         self._held = buf
-        return ld._buffers[buf][:hi - lo]
+        return images
 
     def release(self):
         """The taken batch's buffer may be refilled once the GPU work queued so far is done."""
-        ld, buf = self.loader, self._held
-        if buf is None:
-            return
-        self._held = None
-        if ld.cuda:
-            import torch
-            ld._free_events[buf].record(torch.cuda.current_stream(ld.device))
-        ld._free.append(buf)
-        self._fill()
+        if self._held is not None:
+            self.loader.free_buffer(self._held)
+            self._held = None
+            self._fill()
 
     def close(self):
-        ld = self.loader
-        if ld._feed is not self:
+        if self.loader.feed_closed(self):
             return
-        ld._feed = None
         self.release()
         self._next = len(self.requests)
-        while self._sent and ld._broken is None:   # their buffers come back when they arrive
+        while self._sent and self.loader.usable:    # their buffers come back when they arrive
             seq, buf, (path, lo, hi) = self._sent.popleft()
-            ld._wait('ready', seq, f"finishing the load of rows [{lo}, {hi}) of {path!r}")
-            ld._free.append(buf)
+            self.loader.wait_loaded(seq, buf, 0, f"finishing the load of rows [{lo}, {hi}) "
+                                                 f"of {path!r}")
+            self.loader.free_buffer(buf, after_gpu_work=False)
 
     def __enter__(self):
         return self

@@ -17,8 +17,8 @@ echo "== 2/5 preprocessing (data/toy)"
 bash preprocessing/generate_toy_data.sh
 echo "== 3/5 training on $GPU (spec_toy.yaml)"
 "$PY" train.py spec_toy.yaml "gpu=$GPU"
-EPOCHS=$("$PY" -c "from config import load_config; print(load_config('spec_1gpu.yaml', ['spec_toy.yaml'])['n_epochs'])")
-WEIGHTS=$("$PY" -c "from config import load_config; print(load_config('spec_1gpu.yaml', ['spec_toy.yaml'])['weights_dir'])")
+EPOCHS=$("$PY" -c "from alexnet_lib.config import load_config; print(load_config('spec_1gpu.yaml', ['spec_toy.yaml'])['n_epochs'])")
+WEIGHTS=$("$PY" -c "from alexnet_lib.config import load_config; print(load_config('spec_1gpu.yaml', ['spec_toy.yaml'])['weights_dir'])")
 echo "== 4/5 validation of snapshot $EPOCHS"
 "$PY" validate.py spec_toy.yaml "gpu=$GPU" "load_epoch=$EPOCHS"
 echo "== 5/5 plot"

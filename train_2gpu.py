@@ -1,6 +1,6 @@
 """Train AlexNet data-parallel on several GPUs (or CPU processes), as the original
 train_2gpu.py: one trainer process per GPU, each with its own loader process, exchanging and
-averaging weights and momentum after every minibatch (report §2.2).
+averaging weights and momentum after every minibatch (docs/design.md).
 
     python train_2gpu.py                               # config.yaml + spec_2gpu.yaml: gpu0, gpu1
     python train_2gpu.py gpus=[0,1,2,3] exchange=nccl  # any number of GPUs
@@ -52,7 +52,7 @@ def run(cfg):
         if device != 'cpu' and local >= len(devices):
             raise ConfigError(f"local rank {local} has no GPU in {devices}")
         return trainer(rank, world, cfg, device)
-    from alexnet_lib.loop import RunData
+    from alexnet_lib.data import RunData
     RunData(cfg, len(devices))      # a bad path is one line here, before any trainer starts
     print(f"train_2gpu: {len(devices)} trainers on {devices}, exchange {cfg['exchange']}, "
           f"average {cfg['average']} every {cfg['exchange_freq']} step(s)", flush=True)

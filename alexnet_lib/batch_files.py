@@ -1,8 +1,9 @@
 """Reading the preprocessed batch files: one place for the format and its checks.
 
 A batch file is a hickle (HDF5) file whose dataset ``data`` holds one uint8 array of shape
-(B, 256, 256, 3), NHWC (SPEC §1). A trainer of an N-replica run reads only its rows of each
-file, as an HDF5 hyperslab, straight into the memory it is given (pinned or shared).
+(B, 256, 256, 3), NHWC (the original stored (3, 256, 256, B)). A trainer of an N-replica run
+reads only its rows of each file, as an HDF5 hyperslab, straight into the memory it is given
+(pinned or shared).
 
     from alexnet_lib.batch_files import list_batch_files, read_rows, replica_rows
     files = list_batch_files('data/toy/train_hkl_b256_b_256')

@@ -32,8 +32,8 @@ CONFIG_KEYS = {
     'use_momentum': 'bool', 'use_nesterov_momentum': 'bool', 'momentum': 'float',
     'weight_decay': 'float', 'weights_dir': 'path', 'snapshot_freq': 'int',
     'print_train_error': 'bool', 'print_freq': 'int', 'lib_conv': 'str',
-    'precision': ('auto', 'bf16', 'tf32', 'fp32'), 'compile': 'bool_or_auto', 'cuda_graph': 'bool_or_auto',
-    'seed': 'int',
+    'precision': ('auto', 'bf16', 'tf32', 'fp32'), 'compile': 'bool_or_auto',
+    'cuda_graph': 'bool_or_auto', 'seed': 'int',
     'exchange': ('p2p', 'nccl', 'gloo', 'host'), 'average': ('weights', 'gradients'),
     'exchange_freq': 'int', 'exchange_dtype': ('fp32', 'bf16'),
 }

@@ -14,10 +14,14 @@ time. Both have the same interface:
         for images in loader.iterate(requests):   # the same, each batch released when the
             ...                                   # next one is taken
 """
+import os
+
 import numpy as np
 import torch
 
-from alexnet_lib.batch_files import IMAGE_SHAPE, read_rows
+import alex_net
+from alexnet_lib.batch_files import IMAGE_SHAPE, batch_rows, list_batch_files, read_rows
+from alexnet_lib.config import ConfigError
 from alexnet_lib.files import DataError, load_npy
 
 
@@ -150,3 +154,52 @@ def crop_mirror(images, mean_hwc, offsets, mirror):
     b = torch.arange(images.shape[0], device=images.device)[:, None, None]
     x = images[b, r, c].float() - mean_hwc[r, c]
     return x.permute(0, 3, 1, 2)
+
+
+def load_labels(label_folder, name, need, what):
+    path = os.path.join(label_folder, name)
+    labels = load_npy(path, 'label file', 'run preprocessing (make_labels.py) or fix label_folder')
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"label file {path!r} holds {labels.dtype} {labels.shape}; expected "
+                         f"1-D integer labels")
+    if len(labels) < need:
+        raise DataError(f"label file {path!r} has {len(labels)} labels, but the {what} batch "
+                         f"files hold {need} images")
+    if len(labels) and (labels.min() < 0 or labels.max() >= alex_net.N_CLASSES):
+        raise DataError(f"label file {path!r} holds labels outside 0..{alex_net.N_CLASSES - 1}")
+    return torch.from_numpy(labels.astype(np.int64))
+
+
+class RunData:
+    """A run's batch files, labels and mean image, checked: every problem with them is found
+    before the first step (train_2gpu.py's launcher makes one before it starts any trainer, so
+    that a bad path is one line, as from train.py)."""
+
+    def __init__(self, cfg, world=1, device='cpu', for_training=True):
+        self.cfg, self.world = cfg, world
+        self.batch = cfg['batch_size']
+        self.global_batch = self.batch * self.world
+        self.val_files = list_batch_files(cfg['val_folder'], 'val_folder')
+        self.val_rows = [batch_rows(f) for f in self.val_files]
+        self.val_labels = load_labels(cfg['label_folder'], 'val_labels.npy',
+                                      sum(self.val_rows), 'validation')
+        self.mean = mean_image_hwc(cfg['mean_file'], device)
+        if not for_training:
+            return
+        self.train_files = list_batch_files(cfg['train_folder'], 'train_folder')
+        self.file_rows = batch_rows(self.train_files[0])
+        if self.file_rows % self.batch:
+            raise ConfigError(
+                f"batch_size {self.batch} must divide the {self.file_rows} images of each "
+                f"training batch file ({self.train_files[0]}): each replica reads its rows of a "
+                f"step from one file")
+        # steps run over the epoch's files as if concatenated: a global batch larger than a
+        # file spans several files; a remainder of less than a step is left out
+        self.steps_per_epoch = len(self.train_files) * self.file_rows // self.global_batch
+        if not self.steps_per_epoch:
+            raise ConfigError(
+                f"batch_size {self.batch} x {self.world} replica(s) = {self.global_batch} is more "
+                f"than the {len(self.train_files) * self.file_rows} training images in "
+                f"{cfg['train_folder']}")
+        self.train_labels = load_labels(cfg['label_folder'], 'train_labels.npy',
+                                        len(self.train_files) * self.file_rows, 'training')

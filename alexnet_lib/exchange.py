@@ -62,18 +62,19 @@ def make_exchanger(kind, rank, world, device, *, port, timeout=120.0):
     kind: 'p2p' | 'nccl' | 'gloo' | 'host'. port: names this group's rendezvous (see
     launch.init_distributed). timeout: seconds any wait on a peer may take."""
     if kind not in KINDS:
-        raise ValueError('unknown exchange kind %r: expected one of %s' % (kind, ', '.join(KINDS)))
+        raise ValueError('unknown exchange kind {!r}: expected one of {}'.format(
+            kind, ', '.join(KINDS)))
     if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
-        raise ValueError('bad rank/world: rank %r of world %r' % (rank, world))
+        raise ValueError(f'bad rank/world: rank {rank!r} of world {world!r}')
     device = resolve_device(device)
     if world == 1:
         return Exchanger(kind, rank, world, device)
     if kind in ('p2p', 'nccl') and device.type != 'cuda':
         if kind == 'nccl':
-            raise ValueError('the nccl exchange needs CUDA buffers; device is %s (use gloo or host)'
-                             % device)
+            raise ValueError(f'the nccl exchange needs CUDA buffers; device is {device} '
+                             '(use gloo or host)')
         if rank == 0:
-            print('exchange: p2p needs GPUs, device is %s: using host memory instead' % device,
+            print(f'exchange: p2p needs GPUs, device is {device}: using host memory instead',
                   file=sys.stderr, flush=True)
         kind = 'host'
     if kind in ('p2p', 'host'):
@@ -86,7 +87,7 @@ def make_exchanger(kind, rank, world, device, *, port, timeout=120.0):
             why_not = _P2P.impossible(ctl, device)
             if why_not:
                 if rank == 0:
-                    print('exchange: no peer-to-peer copies (%s): using host memory' % why_not,
+                    print(f'exchange: no peer-to-peer copies ({why_not}): using host memory',
                           file=sys.stderr, flush=True)
                 kind = 'host'
         plane = {'p2p': _P2P, 'nccl': _Nccl, 'gloo': _Gloo, 'host': _Host}[kind](ctl, device)
@@ -97,7 +98,8 @@ def make_exchanger(kind, rank, world, device, *, port, timeout=120.0):
 
 
 class Exchanger:
-    """See make_exchanger. `kind` is the data plane actually in use ('host' after a p2p fallback)."""
+    """See make_exchanger. `kind` is the data plane actually in use ('host' after a p2p
+    fallback)."""
 
     def __init__(self, kind, rank, world, device, ctl=None, plane=None):
         self.kind, self.rank, self.world, self.device = kind, rank, world, device
@@ -131,14 +133,14 @@ class Exchanger:
 
     def _check(self, flat):
         if not isinstance(flat, torch.Tensor):
-            raise TypeError('average_ needs a torch.Tensor, got %s' % type(flat).__name__)
+            raise TypeError(f'average_ needs a torch.Tensor, got {type(flat).__name__}')
         if flat.dtype != torch.float32 or flat.dim() != 1 or not flat.is_contiguous():
-            raise ValueError('average_ needs a 1-D contiguous float32 tensor, got %s of shape %s%s'
-                             % (flat.dtype, tuple(flat.shape),
-                                '' if flat.is_contiguous() else ' (not contiguous)'))
+            raise ValueError('average_ needs a 1-D contiguous float32 tensor, got {} of shape '
+                             '{}{}'.format(flat.dtype, tuple(flat.shape),
+                                           '' if flat.is_contiguous() else ' (not contiguous)'))
         if resolve_device(flat.device) != self.device:
-            raise ValueError('average_: the buffer is on %s but this exchanger was made for %s'
-                             % (flat.device, self.device))
+            raise ValueError(f'average_: the buffer is on {flat.device} but this exchanger was '
+                             f'made for {self.device}')
 
     def all_sum(self, values):
         """Sum a short list of numbers over the replicas (float64); returns a list of floats."""
@@ -171,8 +173,8 @@ class Exchanger:
         self.close()
 
     def __repr__(self):
-        return 'Exchanger(kind=%r, rank=%d, world=%d, device=%s)' % (
-            self.kind, self.rank, self.world, self.device)
+        return (f'Exchanger(kind={self.kind!r}, rank={self.rank}, world={self.world}, '
+                f'device={self.device})')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,14 +183,14 @@ class Exchanger:
 def _check_one_node(kind):
     local, world = os.environ.get('LOCAL_WORLD_SIZE'), os.environ.get('WORLD_SIZE')
     if launch.under_torchrun() and local is not None and local != world:
-        raise ValueError('the %s exchange works within one node (LOCAL_WORLD_SIZE=%s, WORLD_SIZE=%s):'
-                         ' use nccl or gloo across nodes' % (kind, local, world))
+        raise ValueError(f'the {kind} exchange works within one node (LOCAL_WORLD_SIZE={local}, '
+                         f'WORLD_SIZE={world}): use nccl or gloo across nodes')
 
 
 def _pid_alive(pid):
     """False once process `pid` (on this host) has exited, zombies included."""
     try:
-        with open('/proc/%d/stat' % pid, 'rb') as f:
+        with open(f'/proc/{pid}/stat', 'rb') as f:
             state = f.read().rsplit(b')', 1)[1].split()[0]
         return state not in (b'Z', b'X', b'x')
     except FileNotFoundError:
@@ -227,8 +229,8 @@ class _Control:
         self.nccl_group = None
         if dist.is_initialized():
             if (dist.get_rank(), dist.get_world_size()) != (rank, world):
-                raise ValueError('a process group already exists as rank %d of %d, not %d of %d'
-                                 % (dist.get_rank(), dist.get_world_size(), rank, world))
+                raise ValueError(f'a process group already exists as rank {dist.get_rank()} of '
+                                 f'{dist.get_world_size()}, not {rank} of {world}')
             config = str(dist.get_backend_config() if hasattr(dist, 'get_backend_config')
                          else dist.get_backend())
             td = datetime.timedelta(seconds=self.timeout)
@@ -241,9 +243,9 @@ class _Control:
             try:
                 launch.init_distributed(backend, rank, world, port, self.timeout)
             except Exception as e:
-                raise ExchangeError('rank %d: could not meet the other %d replica(s) within %.0f s '
-                                    '(port %s): %s' % (rank, world - 1, self.timeout, port,
-                                                       _first_line(e))) from e
+                raise ExchangeError(f'rank {rank}: could not meet the other {world - 1} replica(s) '
+                                    f'within {self.timeout:.0f} s (port {port}): '
+                                    f'{_first_line(e)}') from e
             self._owns_pg = True
         try:
             table = self.gather_i64([os.getpid(), _host_id()])
@@ -257,8 +259,8 @@ class _Control:
     @contextlib.contextmanager
     def guard(self, what):
         if self._broken:
-            raise ExchangeError('rank %d: the exchange is unusable after an earlier failure (%s)'
-                                % (self.rank, self._broken))
+            raise ExchangeError(f'rank {self.rank}: the exchange is unusable after an earlier '
+                                f'failure ({self._broken})')
         try:
             yield
         except ExchangeError as e:
@@ -282,15 +284,16 @@ class _Control:
                 time.sleep(0.05)
         text = _first_line(error)
         if dead:
-            return ('rank %s stopped responding during %s: its process (pid %s) has exited '
-                    '[rank %d; backend: %s]' % (', '.join(map(str, dead)), what,
-                                                 ', '.join(str(pids[r]) for r in dead),
-                                                 self.rank, text))
+            dead_ranks = ', '.join(map(str, dead))
+            dead_pids = ', '.join(str(pids[r]) for r in dead)
+            return (f'rank {dead_ranks} stopped responding during {what}: its process '
+                    f'(pid {dead_pids}) has exited [rank {self.rank}; backend: {text}]')
         if 'timed out' in text.lower() or 'timeout' in text.lower():
-            return ('a peer stopped responding during %s: no answer within %.0f s; the peer '
+            return (f'a peer stopped responding during {what}: no answer within '
+                    f'{self.timeout:.0f} s; the peer '
                     'processes on this host are alive, so one is stuck or on another node '
-                    '[rank %d; backend: %s]' % (what, self.timeout, self.rank, text))
-        return '%s failed on rank %d: %s' % (what, self.rank, text)
+                    f'[rank {self.rank}; backend: {text}]')
+        return f'{what} failed on rank {self.rank}: {text}'
 
     # collectives ------------------------------------------------------------------------------
     def gather_i64(self, values, what='exchange'):
@@ -324,8 +327,8 @@ class _Control:
     def all_sum(self, values):
         lengths = self.gather_i64([len(values)], 'all_sum')[:, 0]
         if len(set(lengths.tolist())) != 1:
-            raise ExchangeError('all_sum: ranks pass lists of different lengths: %s'
-                                % ', '.join('rank %d: %d' % (r, n) for r, n in enumerate(lengths)))
+            raise ExchangeError('all_sum: ranks pass lists of different lengths: {}'.format(
+                ', '.join(f'rank {r}: {n:d}' for r, n in enumerate(lengths))))
         if not values:
             return []
         t = torch.tensor(values, dtype=torch.float64)
@@ -336,21 +339,21 @@ class _Control:
     def check_identical(self, flat, what='parameters'):
         digest = _sha256(flat)
         row = [flat.numel()] + list(np.frombuffer(digest, dtype='<i8'))
-        table = self.gather_i64(row, 'check_identical(%s)' % what)
+        table = self.gather_i64(row, f'check_identical({what})')
         sizes = table[:, 0].tolist()
         if len(set(sizes)) != 1:
-            raise ExchangeError('%s differ between replicas: sizes %s' % (
-                what, ', '.join('rank %d has %d elements' % (r, n) for r, n in enumerate(sizes))))
+            raise ExchangeError('{} differ between replicas: sizes {}'.format(
+                what, ', '.join(f'rank {r} has {n:d} elements' for r, n in enumerate(sizes))))
         groups = {}
         for r in range(self.world):
             groups.setdefault(table[r, 1:].tobytes(), []).append(r)
         if len(groups) > 1:
-            parts = ['rank%s %s (sha256 %s...)' % ('s' if len(rs) > 1 else '',
+            parts = ['rank{} {} (sha256 {}...)'.format('s' if len(rs) > 1 else '',
                                                   ', '.join(map(str, rs)), key[:4].hex())
                      for key, rs in groups.items()]
             odd = [r for key, rs in groups.items() if 0 not in rs for r in rs]
-            raise ExchangeError('%s differ between replicas: rank%s %s differ%s from rank 0; '
-                                'groups: %s' % (what, 's' if len(odd) > 1 else '',
+            raise ExchangeError('{} differ between replicas: rank{} {} differ{} from rank 0; '
+                                'groups: {}'.format(what, 's' if len(odd) > 1 else '',
                                                 ', '.join(map(str, odd)),
                                                 '' if len(odd) > 1 else 's', '; '.join(parts)))
 
@@ -474,7 +477,7 @@ class _Host:
         self._own_path = None
 
     def _path(self, rank, gen):
-        return '%s-r%d-g%d' % (self._prefix, rank, gen)
+        return f'{self._prefix}-r{rank:d}-g{gen:d}'
 
     def _map(self, rank, path, create):
         nbytes = 2 * self._cap * 4
@@ -482,14 +485,14 @@ class _Host:
         try:
             fd = os.open(path, flags, 0o600)
         except FileNotFoundError:
-            raise ExchangeError('rank %d: the shared-memory segment of rank %d (%s) is missing'
-                                % (self.ctl.rank, rank, path)) from None
+            raise ExchangeError(f'rank {self.ctl.rank}: the shared-memory segment of rank {rank} '
+                                f'({path}) is missing') from None
         try:
             if create:
                 os.ftruncate(fd, nbytes)
             elif os.fstat(fd).st_size != nbytes:
-                raise ExchangeError('rank %d: segment %s of rank %d holds %d bytes, expected %d'
-                                    % (self.ctl.rank, path, rank, os.fstat(fd).st_size, nbytes))
+                raise ExchangeError(f'rank {self.ctl.rank}: segment {path} of rank {rank} holds '
+                                    f'{os.fstat(fd).st_size} bytes, expected {nbytes:d}')
             mm = mmap.mmap(fd, nbytes)
         finally:
             os.close(fd)
@@ -575,12 +578,13 @@ def _check_table(table, rank):
     """Rows [numel, generation] from every rank: all must agree."""
     sizes = [int(n) for n in table[:, 0]]
     if len(set(sizes)) != 1:
-        raise ExchangeError('average_: replicas pass buffers of different sizes (%s) [rank %d]'
-                            % (', '.join('rank %d: %d' % (r, n) for r, n in enumerate(sizes)), rank))
+        listed = ', '.join(f'rank {r}: {n}' for r, n in enumerate(sizes))
+        raise ExchangeError(f'average_: replicas pass buffers of different sizes ({listed}) '
+                            f'[rank {rank}]')
     gens = [int(g) for g in table[:, 1]]
     if len(set(gens)) != 1:
-        raise ExchangeError('average_: replicas disagree on the exchange buffers (generations %s) '
-                            '[rank %d]' % (gens, rank))
+        raise ExchangeError(f'average_: replicas disagree on the exchange buffers (generations '
+                            f'{gens}) [rank {rank}]')
 
 
 class _P2P:

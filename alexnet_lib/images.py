@@ -6,12 +6,12 @@
 make_hkl.py builds every batch row with this function and classify.py uses it for a single
 image, so a picture gives the network the same pixels either way.
 
-What it does, as the original preprocessing: the file's content decides its format, not its name (ImageNet
-holds a PNG named .JPEG); greyscale is replicated to three channels; an alpha channel is dropped
-(not composited); CMYK and palette images are converted to RGB; 16-bit greyscale is scaled to
-8 bits. The image is resized to exactly 256x256 (aspect ratio not kept) with PIL's antialiased
-bilinear filter, the filter of the original pipeline (scipy.misc.imresize). EXIF orientation and
-ICC profiles are ignored, as the original did.
+What it does, as the original preprocessing: the file's content decides its format, not its
+name (ImageNet holds a PNG named .JPEG); greyscale is replicated to three channels; an alpha
+channel is dropped (not composited); CMYK and palette images are converted to RGB; 16-bit
+greyscale is scaled to 8 bits. The image is resized to exactly 256x256 (aspect ratio not kept)
+with PIL's antialiased bilinear filter, the filter of the original pipeline (scipy.misc.imresize).
+EXIF orientation and ICC profiles are ignored, as the original did.
 
 Speed: a JPEG is decoded by libjpeg at a reduced scale (1/2, 1/4 or 1/8) when the reduced image
 is still at least 256 pixels on both sides (PIL's Image.draft), which makes large photographs

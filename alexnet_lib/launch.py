@@ -51,8 +51,8 @@ def describe_exit(exitcode):
         try:
             return 'signal ' + signal.Signals(-exitcode).name
         except ValueError:
-            return 'signal %d' % -exitcode
-    return 'exit code %d' % exitcode
+            return f'signal {-exitcode}'
+    return f'exit code {exitcode}'
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,7 +76,7 @@ def parent_watchdog(parent_pid=None, interval=0.5):
     def watch():
         while True:
             if os.getppid() != parent_pid:
-                print('worker %d: the launcher (pid %d) has gone, exiting' % (os.getpid(), parent_pid),
+                print(f'worker {os.getpid()}: the launcher (pid {parent_pid}) has gone, exiting',
                       file=sys.stderr, flush=True)
                 os._exit(1)
             time.sleep(interval)
@@ -92,7 +92,7 @@ def _worker_main(worker_fn, rank, world, args, parent_pid, err_conn):
         worker_fn(rank, world, *args)
     except SystemExit as e:
         if e.code not in (None, 0):
-            _report(err_conn, 'SystemExit(%r)' % (e.code,))
+            _report(err_conn, f'SystemExit({e.code!r})')
         raise
     except KeyboardInterrupt:
         _report(err_conn, 'KeyboardInterrupt')
@@ -100,10 +100,10 @@ def _worker_main(worker_fn, rank, world, args, parent_pid, err_conn):
     except UserError as e:
         # an error its message explains (bad input, a dead peer, preemption): the launcher
         # prints it; no traceback
-        _report(err_conn, '%s: %s' % (type(e).__name__, e))
+        _report(err_conn, f'{type(e).__name__}: {e}')
         sys.exit(e.exit_status)
     except BaseException as e:
-        _report(err_conn, '%s: %s' % (type(e).__name__, e))
+        _report(err_conn, f'{type(e).__name__}: {e}')
         traceback.print_exc()
         sys.stderr.flush()
         sys.exit(1)
@@ -158,7 +158,7 @@ def spawn(worker_fn, world, args=(), *, timeout=None, grace=5.0):
     function). A worker that raises a UserError reports its message and exits with the
     error's exit_status, without a traceback."""
     if world < 1:
-        raise ValueError('world must be at least 1, got %r' % (world,))
+        raise ValueError(f'world must be at least 1, got {world!r}')
     ctx = mp.get_context('spawn')
     rdv_dir = tempfile.mkdtemp(prefix='rdv-')          # mode 0700: private to this user
     saved_env = {RENDEZVOUS_ENV: os.environ.get(RENDEZVOUS_ENV)}
@@ -177,7 +177,7 @@ def spawn(worker_fn, world, args=(), *, timeout=None, grace=5.0):
     try:
         for rank in range(world):
             r_conn, w_conn = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_worker_main, name='worker-%d' % rank,
+            p = ctx.Process(target=_worker_main, name=f'worker-{rank}',
                             args=(worker_fn, rank, world, tuple(args), os.getpid(), w_conn))
             p.start()
             w_conn.close()
@@ -196,11 +196,11 @@ def spawn(worker_fn, world, args=(), *, timeout=None, grace=5.0):
                     p.join(max(0.0, deadline_sig - time.monotonic()))
                 _stop(procs, 1.0)
                 _collect_errors(conns, received)
-                said = ''.join('; rank %d: %s' % (r, received[r]) for r in sorted(received)
+                said = ''.join(f'; rank {r}: {received[r]}' for r in sorted(received)
                                if r == min(received) or received[r] != received[min(received)])
-                print('launcher: %s received, workers stopped (%s)%s' % (
+                print('launcher: {} received, workers stopped ({}){}'.format(
                     signal.Signals(signum).name,
-                    ', '.join('rank %d: %s' % (r, describe_exit(p.exitcode))
+                    ', '.join(f'rank {r}: {describe_exit(p.exitcode)}'
                               for r, p in enumerate(procs)), said),
                     file=sys.stderr, flush=True)
                 raise SystemExit(128 + signum)
@@ -213,21 +213,21 @@ def spawn(worker_fn, world, args=(), *, timeout=None, grace=5.0):
                 rank, p = failed[0]
                 _stop(procs, grace)
                 _collect_errors(conns, received)
-                msg = 'worker rank %d (pid %d) failed: %s' % (rank, p.pid, describe_exit(p.exitcode))
+                msg = f'worker rank {rank} (pid {p.pid}) failed: {describe_exit(p.exitcode)}'
                 if rank in received:
                     msg += ': ' + received[rank]
-                others = ['rank %d: %s' % (r, describe_exit(q.exitcode))
+                others = [f'rank {r}: {describe_exit(q.exitcode)}'
                           for r, q in enumerate(procs) if r != rank]
                 if others:
-                    msg += ' (then stopped the others: %s)' % ', '.join(others)
+                    msg += ' (then stopped the others: {})'.format(', '.join(others))
                 raise WorkerFailed(msg, rank=rank, exitcode=p.exitcode)
             if all(p.exitcode == 0 for p in procs):
                 return None
             if deadline is not None and time.monotonic() > deadline:
                 running = [r for r, p in enumerate(procs) if p.exitcode is None]
                 _stop(procs, grace)
-                raise WorkerFailed('workers %s still running after the %.0f s timeout; stopped them'
-                                   % (running, timeout))
+                raise WorkerFailed(f'workers {running} still running after the {timeout:.0f} s '
+                                   'timeout; stopped them')
             _wait_any([p.sentinel for p in procs if p.exitcode is None], timeout=0.2)
     finally:
         _stop(procs, grace)          # no-op when all have exited; never leave orphans
@@ -273,8 +273,8 @@ def init_distributed(backend, rank, world, port, timeout):
     if under_torchrun():
         env_rank, env_world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
         if (env_rank, env_world) != (rank, world):
-            raise ValueError('init_distributed: rank %d of %d does not match torchrun\'s '
-                             'RANK=%d WORLD_SIZE=%d' % (rank, world, env_rank, env_world))
+            raise ValueError(f'init_distributed: rank {rank} of {world} does not match '
+                             f"torchrun's RANK={env_rank} WORLD_SIZE={env_world}")
         dist.init_process_group(backend, init_method='env://', rank=rank, world_size=world,
                                 timeout=td)
         return
@@ -283,8 +283,8 @@ def init_distributed(backend, rank, world, port, timeout):
     rdv = os.environ.get(RENDEZVOUS_ENV)
     if rdv and os.path.isdir(rdv):
         n = _init_count[port] = _init_count.get(port, 0) + 1
-        init_method = 'file://' + os.path.join(rdv, 'store-%d-%d' % (port, n))
+        init_method = 'file://' + os.path.join(rdv, f'store-{port}-{n}')
     else:
-        init_method = 'tcp://127.0.0.1:%d' % port
+        init_method = f'tcp://127.0.0.1:{port}'
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                             timeout=td)

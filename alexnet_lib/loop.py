@@ -7,8 +7,8 @@ train_2gpu.py (one trainer process per GPU, exchanging weights after every minib
 
 Each epoch visits every training batch file (in a new order per epoch when shuffle: True) as
 if they were one sequence of images, in steps of world * batch_size images (several steps per
-file, or one step over several files for a large global batch). Replica r reads its rows of each step
-and uses its slice of the step's random draws, which are made for the whole global batch from
+file, or one step over several files for a large global batch). Replica r reads its rows of each
+step and uses its slice of the step's random draws, which are made for the whole global batch from
 a generator seeded by (seed, epoch, step). After each epoch: validation over every validation
 image, val_record.npy and metrics.csv, the learning-rate policy, and a snapshot.
 """
@@ -22,19 +22,19 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-import alex_net
 from alex_net import AlexNet, FC_WEIGHTS, FIRST_FC, NOT_FC_WEIGHTS, N_WEIGHTS
-from alexnet_lib.batch_files import batch_rows, list_batch_files, replica_rows
-from alexnet_lib.config import ConfigError, resolve_device
-from alexnet_lib.data import (SerialLoader, centre_draws, crop_mirror, dropout_masks,
-                              mean_image_hwc, step_draws)
+from alexnet_lib.batch_files import replica_rows
+from alexnet_lib.config import resolve_device
+from alexnet_lib.data import RunData, SerialLoader, dropout_masks, step_draws
 from alexnet_lib.errors import UserError
-from alexnet_lib.files import DataError, atomic_write, load_npy
+from alexnet_lib.files import atomic_write
 from alexnet_lib.sgd import adjust_learning_rate, sgd_step_
-from alexnet_lib.snapshot import SnapshotError, latest_complete_snapshot, load_array, load_snapshot, \
-    lr_file, save_array, save_snapshot, steps_done_in
+from alexnet_lib.snapshot import (SnapshotError, latest_complete_snapshot, load_array,
+                                  load_snapshot, lr_file, save_array, save_snapshot,
+                                  steps_done_in)
+from alexnet_lib.step import (GraphedStep, augmented_features, classifier_loss, eval_batch,
+                              precision_of)
 
 METRICS_FIELDS = ['epoch', 'lr', 'train_loss', 'val_top1_error', 'val_top5_error', 'val_loss',
                   'images_per_s', 'wall_time_s']
@@ -52,146 +52,6 @@ class Preempted(UserError):
 
 STOP_CHECK_EVERY = 10   # replicas agree on a SIGTERM at steps that are multiples of this,
                         # and at the end of every epoch
-
-
-def precision_of(cfg, device):
-    """'bf16', 'tf32' or 'fp32' ('auto': bf16 on a GPU, fp32 on the CPU)."""
-    p = cfg['precision']
-    return ('bf16' if device.type == 'cuda' else 'fp32') if p == 'auto' else p
-
-
-def load_labels(label_folder, name, need, what):
-    path = os.path.join(label_folder, name)
-    labels = load_npy(path, 'label file', 'run preprocessing (make_labels.py) or fix label_folder')
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"label file {path!r} holds {labels.dtype} {labels.shape}; expected "
-                         f"1-D integer labels")
-    if len(labels) < need:
-        raise DataError(f"label file {path!r} has {len(labels)} labels, but the {what} batch "
-                         f"files hold {need} images")
-    if len(labels) and (labels.min() < 0 or labels.max() >= alex_net.N_CLASSES):
-        raise DataError(f"label file {path!r} holds labels outside 0..{alex_net.N_CLASSES - 1}")
-    return torch.from_numpy(labels.astype(np.int64))
-
-
-def augmented_features(conv_params, images, mean_hwc, offsets, mirror, amp_dtype):
-    """Augmentation and the convolutional layers of one minibatch: the fc6 input."""
-    x = crop_mirror(images, mean_hwc, offsets, mirror)
-    with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32,
-                        enabled=amp_dtype is not None):
-        return alex_net.features(conv_params, x)
-
-
-def classifier_loss(fc_params, feats, labels, masks, amp_dtype):
-    """The fully connected layers, the loss and the number of top-1 errors of one minibatch."""
-    with torch.autocast(feats.device.type, dtype=amp_dtype or torch.float32,
-                        enabled=amp_dtype is not None):
-        logits = alex_net.classifier(fc_params, feats, masks)
-    loss = F.cross_entropy(logits.float(), labels)
-    errors = (logits.argmax(1) != labels).sum()
-    return loss, errors
-
-
-def test_logits(layer_params, images, mean_hwc, amp_dtype):
-    """Float logits of the test-time network (no dropout masks) on the centre crops of uint8
-    (B, 256, 256, 3) images on the device: what validation and classify.py compute."""
-    offsets, mirror = centre_draws(images.shape[0])
-    x = crop_mirror(images, mean_hwc, torch.from_numpy(offsets).to(images.device),
-                    torch.from_numpy(mirror).to(images.device))
-    with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32,
-                        enabled=amp_dtype is not None):
-        return alex_net.forward(layer_params, x).float()
-
-
-@torch.no_grad()
-def eval_batch(layer_params, images, labels, mean_hwc, amp_dtype):
-    """Sum of loss, top-1 errors and top-5 errors of a validation minibatch."""
-    logits = test_logits(layer_params, images, mean_hwc, amp_dtype)
-    loss = F.cross_entropy(logits, labels, reduction='sum')
-    top5 = logits.topk(5, dim=1).indices
-    top1_err = (top5[:, 0] != labels).sum()
-    top5_err = (top5 != labels[:, None]).all(1).sum()
-    return torch.stack([loss, top1_err.float(), top5_err.float()])
-
-
-class RunData:
-    """A run's batch files, labels and mean image, checked: every problem with them is found
-    before the first step (train_2gpu.py's launcher makes one before it starts any trainer, so
-    that a bad path is one line, as from train.py)."""
-
-    def __init__(self, cfg, world=1, device='cpu', for_training=True):
-        self.cfg, self.world = cfg, world
-        self.batch = cfg['batch_size']
-        self.global_batch = self.batch * self.world
-        self.val_files = list_batch_files(cfg['val_folder'], 'val_folder')
-        self.val_rows = [batch_rows(f) for f in self.val_files]
-        self.val_labels = load_labels(cfg['label_folder'], 'val_labels.npy',
-                                      sum(self.val_rows), 'validation')
-        self.mean = mean_image_hwc(cfg['mean_file'], device)
-        if not for_training:
-            return
-        self.train_files = list_batch_files(cfg['train_folder'], 'train_folder')
-        self.file_rows = batch_rows(self.train_files[0])
-        if self.file_rows % self.batch:
-            raise ConfigError(
-                f"batch_size {self.batch} must divide the {self.file_rows} images of each "
-                f"training batch file ({self.train_files[0]}): each replica reads its rows of a "
-                f"step from one file")
-        # steps run over the epoch's files as if concatenated: a global batch larger than a
-        # file spans several files; a remainder of less than a step is left out
-        self.steps_per_epoch = len(self.train_files) * self.file_rows // self.global_batch
-        if not self.steps_per_epoch:
-            raise ConfigError(
-                f"batch_size {self.batch} x {self.world} replica(s) = {self.global_batch} is more "
-                f"than the {len(self.train_files) * self.file_rows} training images in "
-                f"{cfg['train_folder']}")
-        self.train_labels = load_labels(cfg['label_folder'], 'train_labels.npy',
-                                        len(self.train_files) * self.file_rows, 'training')
-
-
-
-class GraphedStep:
-    """Replica.step captured as one CUDA graph and replayed: a step's few hundred kernel
-    launches cost one. The first WARMUP steps run as they are (compiling, choosing cuDNN's
-    algorithms), then the step is captured with static input buffers, into which each step's
-    inputs are copied before the replay. The graph holds the learning rate as a constant: a new
-    graph is captured when the rate changes (at most once per lr step)."""
-
-    WARMUP = 3
-
-    def __init__(self, rep):
-        self.rep, self.graphs, self.pool, self.static, self.warm = rep, {}, None, None, 0
-
-    def __call__(self, images, labels, offsets, mirror, masks, lr, step):
-        rep = self.rep
-        inputs = (images, labels, offsets, mirror, masks)
-        if self.warm < self.WARMUP or (self.static is not None and any(
-                a.shape != b.shape for a, b in zip(inputs, self.static[:5]))):
-            self.warm += 1
-            return rep.step(*inputs, lr, step)
-        if self.static is None:
-            self.static = [x.clone() for x in inputs]
-            self.pool = torch.cuda.graph_pool_handle()
-        for dst, src in zip(self.static, inputs):
-            dst.copy_(src, non_blocking=True)
-        if lr not in self.graphs:
-            g = torch.cuda.CUDAGraph()
-            # a capture records the step without running it; it runs at the replay below
-            torch.cuda.synchronize(rep.device)
-            try:
-                with torch.cuda.graph(g, pool=self.pool):
-                    out = rep.step(*self.static, lr, step)
-            except RuntimeError as e:     # torch.AcceleratorError is one
-                rep.log(f"notice: the training step could not be captured as a CUDA graph "
-                        f"({str(e).splitlines()[0]}); it runs without one (cuda_graph=False "
-                        f"says so from the start)")
-                torch.cuda.synchronize(rep.device)
-                rep.graphed = None
-                return rep.step(*inputs, lr, step)
-            self.graphs[lr] = (g, out)
-        g, out = self.graphs[lr]
-        g.replay()
-        return out
 
 
 class Replica(RunData):
@@ -299,7 +159,8 @@ class Replica(RunData):
                     offsets, mirror, mask_seed = step_draws(
                         cfg['seed'], epoch, step, self.global_batch, cfg['rand_crop'],
                         cfg['batch_crop_mirror'])
-                    labels = self.train_labels[label_off + a:label_off + b].to(dev, non_blocking=True)
+                    labels = self.train_labels[label_off + a:label_off + b].to(
+                        dev, non_blocking=True)
                     offs = torch.from_numpy(offsets[lo:hi]).to(dev, non_blocking=True)
                     mirr = torch.from_numpy(mirror[lo:hi]).to(dev, non_blocking=True)
                     masks = dropout_masks(mask_seed, self.global_batch, lo, hi, dev)

@@ -1,4 +1,4 @@
-"""Snapshots in the original's file format (SPEC §4), every file written atomically.
+"""Snapshots in the original's file format (docs/design.md), every file written atomically.
 
 After epoch e, weights_dir holds W_{i}_{e}.npy / b_{i}_{e}.npy (W0_/W1_/b0_/b1_ for the groups=2
 layers) in the original layouts, mom_{k}_{e}.npy for the k-th parameter in param order, and
@@ -85,7 +85,7 @@ def save_snapshot(weights_dir, epoch, net, lr, steps_done=None):
         last = latest_complete_snapshot(weights_dir)
         raise SnapshotError(f"snapshot {epoch} was not written, its files in {weights_dir} are "
                             f"incomplete: {e}; the last complete snapshot is "
-                            f"{'epoch %d' % last if last is not None else 'none'}") from None
+                            f"{f'epoch {last}' if last is not None else 'none'}") from None
 
 
 def _remove_stale_temporaries(weights_dir, epoch):

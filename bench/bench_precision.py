@@ -1,8 +1,8 @@
 """Does bf16 train as well as fp32? The toy run, several seeds per precision, compared.
 
-    python bench_precision.py                                  # spec_toy.yaml, seeds 1-4, bf16 vs fp32
-    python bench_precision.py --seeds 1,2,3 --parallel 3       # three runs at a time on the GPU
-    python bench_precision.py --precisions bf16,tf32 n_epochs=3  # any config key=value, as train.py
+    python bench/bench_precision.py                     # spec_toy.yaml, seeds 1-4, bf16 vs fp32
+    python bench/bench_precision.py --seeds 1,2,3 --parallel 3      # three runs at a time
+    python bench/bench_precision.py --precisions bf16,tf32 n_epochs=3   # any key=value
 
 Each (precision, seed) is an ordinary `train.py` run in its own weights_dir under --out; the
 seed moves every random draw of training (crops, mirrors, dropout masks, file order), while the

@@ -1,6 +1,7 @@
-"""Device experiment (issue 8): where the compiled bf16 training step spends its time, and
+"""Device experiment: where the compiled bf16 training step spends its time, and
 variants of it. The variants patch the functions that train_loop compiles; those that became
-the code in the second session (BENCHMARKS.md, notes) were taken out of this script. Each variant times Replica.train_step, the training loop's own step,
+the code in the second session (BENCHMARKS.md, notes) were taken out of this script. Each
+variant times Replica.train_step, the training loop's own step,
 on one batch already on the device (the configured data give the mean and labels). Run from the
 repository root on a GPU:
 
@@ -114,7 +115,8 @@ def run(variant, iters=40, warmup=12, profile=False):
                    and e.self_cpu_time_total == 0]
         kernels.sort(key=lambda e: -e.self_device_time_total)
         tot = sum(e.self_device_time_total for e in kernels) / 5 / 1000
-        print(f"{variant}: GPU kernel time per step {tot:.2f} ms vs wall {1000 * el / iters:.2f} ms")
+        print(f"{variant}: GPU kernel time per step {tot:.2f} ms "
+              f"vs wall {1000 * el / iters:.2f} ms")
         for e in kernels[:40]:
             print(f"  {e.self_device_time_total / 5000:7.3f} ms x{e.count // 5:3d}  {e.key[:160]}")
         # which operators launched the copies and additions outside the compiled graphs

@@ -24,11 +24,9 @@ from multiprocessing import Pool
 import numpy as np
 from PIL import Image
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
-from alexnet_lib.images import RESAMPLE, SIZE, load_image_256  # noqa: E402
-from preprocessing.make_hkl import available_cores  # noqa: E402
+from alexnet_lib.images import RESAMPLE, SIZE, load_image_256
+from alexnet_lib.imagenet import available_cores
 
 # (width, height) and their share: ImageNet's common shapes, plus some large photographs
 SHAPES = [((500, 375), 0.55), ((375, 500), 0.2), ((500, 333), 0.15), ((1024, 768), 0.07),
@@ -151,7 +149,8 @@ def main():
         print(f"one core: load_image_256 {with_draft:.0f} images/s "
               f"(without reduced-scale JPEG decoding: {without:.0f} images/s)")
 
-        cmd = [sys.executable, os.path.join(REPO, 'preprocessing', 'make_hkl.py'), 'full',
+        cmd = [sys.executable,
+               os.path.join(os.path.dirname(os.path.abspath(__file__)), 'make_hkl.py'), 'full',
                '--paths', os.path.join(root, 'paths.yaml'), '--workers', str(args.workers)]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)

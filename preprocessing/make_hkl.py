@@ -6,7 +6,7 @@
 
 Works from any folder; paths come from preprocessing/paths.yaml unless --paths names another.
 
-Writes (SPEC section 5):
+Writes, as the original preprocessing did:
   {misc_dir}/shuffled_train_filenames.npy   training order: sorted, shuffled once with seed 1;
                                             reused when present
   {tar_root_dir}/{tar_train_dir}_b256_b_256/0000.hkl, ...   full batches of 256 in that order;
@@ -30,26 +30,19 @@ import math
 import os
 import queue
 import signal
-import sys
 from collections import deque
 from multiprocessing import Pool
 
 import numpy as np
 from tqdm import tqdm
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # batch_files.py and the preprocessing package live in the repository root
 
-from alexnet_lib.batch_files import BatchFileError, batch_rows, read_rows, write_batch  # noqa: E402
-from preprocessing.common import (BATCH_SIZE, TOY_IMAGES, PrepError,  # noqa: E402
+from alexnet_lib.batch_files import BatchFileError, batch_rows, read_rows, write_batch
+from alexnet_lib.imagenet import (BATCH_SIZE, TOY_IMAGES, PrepError, available_cores,
                                   add_paths_argument, get_shuffled_train_list, list_val_images,
                                   load_paths, read_skipped, require_dir, run_main,
-                                  save_npy_atomic, skipped_report_file, write_skipped)
-from alexnet_lib.images import ImageDecodeError, load_image_256  # noqa: E402
-
-
-def available_cores():
-    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+                                  save_npy, skipped_report_file, write_skipped)
+from alexnet_lib.images import ImageDecodeError, load_image_256
 
 
 def n_batches_text(n):
@@ -306,7 +299,7 @@ def main():
                    skipped_report_file(paths, 'train'), drop_last=True, sums=sums,
                    skip_bad=args.skip_bad)
         mean_file = os.path.join(paths['misc_dir'], 'img_mean.npy')
-        save_npy_atomic(mean_file, sums.mean())
+        save_npy(mean_file, sums.mean())
         print(f"train: {n_batches_text(sums.n_batches)}; mean of their {sums.n_images} images -> "
               f"{mean_file}")
 

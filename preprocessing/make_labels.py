@@ -19,16 +19,13 @@ out here too, so the labels stay aligned with the batches. Ends with a summary o
 """
 import argparse
 import os
-import sys
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
-from preprocessing.common import (PrepError, add_paths_argument, load_paths,  # noqa: E402
+from alexnet_lib.imagenet import (PrepError, add_paths_argument, load_paths,
                                   load_shuffled_train_list, read_skipped, require_file,
-                                  run_main, save_npy_atomic, skipped_report_file)
+                                  run_main, save_npy, skipped_report_file)
 
 
 def read_label_list(txt_file):
@@ -78,8 +75,8 @@ def main():
 
     train_file = os.path.join(paths['labels_dir'], 'train_labels.npy')
     val_file = os.path.join(paths['labels_dir'], 'val_labels.npy')
-    save_npy_atomic(train_file, np.asarray(train_labels, np.int64))
-    save_npy_atomic(val_file, np.asarray(val_labels, np.int64))
+    save_npy(train_file, np.asarray(train_labels, np.int64))
+    save_npy(val_file, np.asarray(val_labels, np.int64))
     print(f"make_labels.py: {len(train_labels)} train labels -> {train_file}; "
           f"{len(val_labels)} validation labels -> {val_file}")
 

@@ -25,15 +25,12 @@ Deterministic: the same files every time. Writes into OUT_DIR:
 """
 import argparse
 import os
-import sys
 
 import numpy as np
 from PIL import Image
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
-from preprocessing.common import PrepError, default_paths_file, load_paths, run_main  # noqa: E402
+from alexnet_lib.imagenet import PrepError, default_paths_file, load_paths, run_main
 
 N_TRAIN = 1400
 DIGIT_NAMES = ['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine']

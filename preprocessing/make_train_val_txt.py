@@ -28,12 +28,9 @@ Use a meta file and a ground-truth file from the same devkit: their ids must agr
 """
 import argparse
 import os
-import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
-from preprocessing.common import (PrepError, add_paths_argument, list_class_folders,  # noqa: E402
+from alexnet_lib.imagenet import (PrepError, add_paths_argument, list_class_folders,
                                   list_train_images, list_val_images, load_paths,
                                   read_devkit_synsets, require_dir, require_file, run_main,
                                   write_text_atomic)

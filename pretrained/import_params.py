@@ -47,12 +47,12 @@ import zlib
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 from alex_net import PARAMS
 from alexnet_lib.config import ConfigError, load_config
 from alexnet_lib.sgd import adjust_learning_rate
 from alexnet_lib.snapshot import lr_file, mom_file, param_file, save_array
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RELEASE_SHA1 = '58950804f50f8d1a76705e1b28d3546e12ea8a81'
 EPOCH = 65

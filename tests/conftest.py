@@ -5,9 +5,9 @@ import signal
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 from alexnet_lib.batch_files import write_batch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_dataset(root, n_train_files=2, file_rows=16, val_sizes=(16, 5), seed=0):

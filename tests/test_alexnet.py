@@ -1,4 +1,5 @@
-"""The network and the update rule against the SPEC's formulas, in float64 NumPy."""
+"""The network and the update rule against the original's formulas (docs/design.md), in float64
+NumPy."""
 import numpy as np
 import pytest
 import torch
@@ -52,7 +53,8 @@ def test_init_is_the_original_draw_sequence():
 
 
 def np_lrn(x, n=5, k=2.0, alpha=1e-4, beta=0.75):
-    """SPEC: y = x / (k + alpha * sum over n adjacent channels of x^2) ^ beta (zero-padded)."""
+    """The original: y = x / (k + alpha * sum over n adjacent channels of x^2) ^ beta (zero-
+    padded)."""
     c = x.shape[1]
     sq = np.pad(x ** 2, ((0, 0), (n // 2, n // 2), (0, 0), (0, 0)))
     s = np.stack([sq[:, i:i + n].sum(1) for i in range(c)], 1)
@@ -130,7 +132,8 @@ def test_conv_pool_relu_is_the_original_order(C, groups, stride, pad, pool):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert (want == 0).any() and (want > 0).any()
     gy = torch.randn(want.shape, generator=g, dtype=torch.float64)
-    for a, e in zip(torch.autograd.grad(got, (x, W, b), gy), torch.autograd.grad(want, (x, W, b), gy)):
+    for a, e in zip(torch.autograd.grad(got, (x, W, b), gy),
+                    torch.autograd.grad(want, (x, W, b), gy)):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
 
 

@@ -1,4 +1,4 @@
-"""The bad-input catalogue (issue 9.5): configs, command lines, batch files, labels, mean files,
+"""The bad-input catalogue: configs, command lines, batch files, labels, mean files,
 snapshots, images, preprocessing paths, the MNIST pickle and the release zip. Each input is
 written for real and given to the real script, which must end with one clear line naming the
 key or file (exit status 2 for configuration errors, 1 for the rest) and no traceback.
@@ -25,9 +25,9 @@ import h5py
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 from conftest import make_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DOC = os.path.join(ROOT, 'docs', 'bad_inputs.md')
 SCRIPT_TIMEOUT = 120

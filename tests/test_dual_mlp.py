@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 import dual_mlp
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = str(ROOT / 'dual_mlp.py')
 
@@ -80,7 +80,7 @@ def test_reads_python2_and_python3_pickles(tmp_path):
     assert b'numpy.core.multiarray' in raw
     assert _same(dual_mlp.load_mnist_pickle(_write_gz(tmp_path / 'py2.pkl.gz', raw)), data)
     for protocol in (2, 4, 5):
-        path = _write_gz(tmp_path / ('p%d.pkl.gz' % protocol), pickle.dumps(data, protocol=protocol))
+        path = _write_gz(tmp_path / f'p{protocol:d}.pkl.gz', pickle.dumps(data, protocol=protocol))
         assert _same(dual_mlp.load_mnist_pickle(path), data), protocol
     plain = tmp_path / 'plain.pkl'
     plain.write_bytes(pickle.dumps(data, protocol=2))
@@ -92,7 +92,7 @@ class _RunsCommand:
         self.marker = marker
 
     def __reduce__(self):
-        return (os.system, ('touch %s' % self.marker,))
+        return (os.system, (f'touch {self.marker}',))
 
 
 class _Evaluates:
@@ -110,7 +110,8 @@ def test_malicious_pickle_is_refused(tmp_path):
     data = _fake_mnist()
     nested = ((data[0][0], data[0][1]), data[1], (data[2][0], _Evaluates()))
     path = _write_gz(tmp_path / 'nested.pkl.gz', pickle.dumps(nested, protocol=2))
-    with pytest.raises(dual_mlp.DatasetError, match=r'refusing to load (__builtin__|builtins)\.eval'):
+    with pytest.raises(dual_mlp.DatasetError,
+                       match=r'refusing to load (__builtin__|builtins)\.eval'):
         dual_mlp.load_mnist_pickle(path)
     # the command line says so and exits 2 before starting any worker
     assert dual_mlp.main(['cpu', 'cpu', '--dataset', evil]) == 2
@@ -150,8 +151,8 @@ def test_embedded_digits_have_the_mnist_format():
 def _run(args, timeout=300):
     proc = subprocess.run([sys.executable, SCRIPT] + args, capture_output=True, text=True,
                           timeout=timeout, cwd=str(ROOT))
-    assert proc.returncode == 0, 'dual_mlp.py %s failed:\n%s\n%s' % (' '.join(args), proc.stdout,
-                                                                    proc.stderr)
+    assert proc.returncode == 0, 'dual_mlp.py {} failed:\n{}\n{}'.format(
+        ' '.join(args), proc.stdout, proc.stderr)
     lines = proc.stdout.strip().splitlines()
     return proc.stdout, json.loads(lines[-1])
 
@@ -186,7 +187,8 @@ def test_two_processes_match_the_averaged_update_of_each_pair(cpu_runs):
 
 @pytest.mark.gpu
 @pytest.mark.multigpu
-@pytest.mark.skipif('not __import__("torch").cuda.device_count() >= 2', reason='needs two CUDA GPUs')
+@pytest.mark.skipif('not __import__("torch").cuda.device_count() >= 2',
+                    reason='needs two CUDA GPUs')
 def test_two_gpus_use_peer_copies_and_match_one_process(tmp_path):
     import torch
     two_out, two = _run(['0', '1', '--save-params', str(tmp_path / 'two.npy')])
@@ -199,5 +201,5 @@ def test_two_gpus_use_peer_copies_and_match_one_process(tmp_path):
     one_p = np.load(tmp_path / 'one.npy', allow_pickle=False)
     np.testing.assert_allclose(two_p, one_p, rtol=0, atol=1e-5)
     assert two['val_error'] < 0.10, two
-    print('dual_mlp embedded digits: 2 GPUs %.4f s/epoch, 1 GPU %.4f s/epoch'
-          % (1 / two['epochs_per_s'], 1 / one['epochs_per_s']))
+    print('dual_mlp embedded digits: 2 GPUs {:.4f} s/epoch, 1 GPU {:.4f} s/epoch'.format(
+        1 / two['epochs_per_s'], 1 / one['epochs_per_s']))

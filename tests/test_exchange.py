@@ -21,16 +21,16 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 from alexnet_lib import launch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TIMEOUT = 30.0
 
 
 def _alive(pid):
     try:
-        with open('/proc/%d/stat' % pid, 'rb') as f:
+        with open(f'/proc/{pid}/stat', 'rb') as f:
             return f.read().rsplit(b')', 1)[1].split()[0] not in (b'Z', b'X')
     except FileNotFoundError:
         return False
@@ -55,10 +55,10 @@ def _kill_all(pids):
 
 
 def _write_pid(out_dir, rank):
-    tmp = os.path.join(out_dir, 'pid%d.tmp' % rank)
+    tmp = os.path.join(out_dir, f'pid{rank}.tmp')
     with open(tmp, 'w') as f:
         f.write(str(os.getpid()))
-    os.replace(tmp, os.path.join(out_dir, 'pid%d' % rank))
+    os.replace(tmp, os.path.join(out_dir, f'pid{rank}'))
 
 
 def _read_pids(out_dir):
@@ -71,7 +71,9 @@ def _read_pids(out_dir):
 
 
 def _shm_segments():
-    return {n for n in os.listdir('/dev/shm') if n.startswith('xchg-')} if os.path.isdir('/dev/shm') else set()
+    if not os.path.isdir('/dev/shm'):
+        return set()
+    return {n for n in os.listdir('/dev/shm') if n.startswith('xchg-')}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,8 +107,8 @@ def _w_average(rank, world, kinds, device_type, expect_kinds, port):
         ex = exchange.make_exchanger(kind, rank, world, device, port=port, timeout=TIMEOUT)
         port += 1
         try:
-            assert ex.kind == expect, 'rank %d: asked for %s, got %s, expected %s' % (
-                rank, kind, ex.kind, expect)
+            assert ex.kind == expect, (
+                f'rank {rank}: asked for {kind}, got {ex.kind}, expected {expect}')
             assert (ex.rank, ex.world) == (rank, world)
             # any order of summation gives the same result for these values; rank order (p2p,
             # host) is exact for gaussian ones too, and so is any order with two replicas
@@ -124,13 +126,13 @@ def _w_average(rank, world, kinds, device_type, expect_kinds, port):
                         ex.average_(buf)
                     ref = _reference(parts, world)
                     assert torch.equal(buf, ref), (
-                        '%s rank %d step %d: max |error| %g' % (
-                            ex.kind, rank, step, (buf - ref).abs().max().item()))
+                        f'{ex.kind} rank {rank} step {step}: max |error| '
+                        f'{(buf - ref).abs().max().item():g}')
                 # a buffer allocated anew every step (registration again, or the same address)
                 fresh = _data(rank, step, 513, False, device)
                 ex.average_(fresh)
                 ref = _reference([_data(r, step, 513, False, device) for r in range(world)], world)
-                assert torch.equal(fresh, ref), '%s rank %d: fresh buffer wrong' % (ex.kind, rank)
+                assert torch.equal(fresh, ref), f'{ex.kind} rank {rank}: fresh buffer wrong'
             assert ex.all_sum([rank, 0.5, 2]) == [world * (world - 1) / 2, 0.5 * world, 2.0 * world]
             assert ex.all_sum([]) == []
             ex.check_identical(state)
@@ -140,9 +142,11 @@ def _w_average(rank, world, kinds, device_type, expect_kinds, port):
                 ex.check_identical(state, 'weights')
             except exchange.ExchangeError as e:
                 text = str(e)
-                assert 'weights differ' in text and 'rank %d differs from rank 0' % (world - 1) in text, text
+                assert ('weights differ' in text
+                        and f'rank {world - 1} differs from rank 0' in text), text
             else:
-                raise AssertionError('rank %d: check_identical did not notice the difference' % rank)
+                raise AssertionError(f'rank {rank}: check_identical did not notice the '
+                                     'difference')
             with_bad = torch.zeros(8, dtype=torch.float64, device=device)
             try:
                 ex.average_(with_bad)
@@ -256,7 +260,7 @@ def _w_peer_fails(rank, world, rdv, out_dir, kind, mode, timeout):
         again = 'no error'
     except exchange.ExchangeError as e:
         again = str(e)
-    with open(os.path.join(out_dir, 'r%d.json' % rank), 'w') as f:
+    with open(os.path.join(out_dir, f'r{rank}.json'), 'w') as f:
         json.dump({'message': message, 'seconds': seconds, 'again': again}, f)
     ex.close()
 
@@ -284,11 +288,11 @@ def test_failed_peer_gives_clear_error_and_no_orphans(tmp_path, kind, mode, worl
         assert survivors == [0] * (world - 1), survivors
         assert procs[-1].exitcode == -signal.SIGKILL
         for r in range(world - 1):
-            with open(tmp_path / ('r%d.json' % r)) as f:
+            with open(tmp_path / f'r{r}.json') as f:
                 got = json.load(f)
             msg = got['message']
             if mode == 'killed':
-                assert 'rank %d stopped responding' % (world - 1) in msg, msg
+                assert f'rank {world - 1} stopped responding' in msg, msg
                 assert 'has exited' in msg, msg
                 assert got['seconds'] < timeout, got
             else:
@@ -352,13 +356,13 @@ def test_spawn_success_and_timeout(tmp_path):
 
 def _start_launcher(out_dir, world):
     code = ('from alexnet_lib import launch; import test_exchange; '
-            'launch.spawn(test_exchange._w_sleep, %d, args=(%r,))' % (world, out_dir))
+            f'launch.spawn(test_exchange._w_sleep, {world:d}, args=({out_dir!r},))')
     # the workers import this module by name: its folder goes on their path
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(Path(__file__).parent)]))
     proc = subprocess.Popen([sys.executable, '-c', code], env=env)
     deadline = time.monotonic() + 60
     while len(_read_pids(out_dir)) < world:
-        assert proc.poll() is None, 'the launcher exited early with %s' % proc.returncode
+        assert proc.poll() is None, f'the launcher exited early with {proc.returncode}'
         assert time.monotonic() < deadline, 'the workers did not start'
         time.sleep(0.05)
     return proc, _read_pids(out_dir)
@@ -374,7 +378,7 @@ def test_workers_end_with_their_launcher(tmp_path, how):
         else:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(20) == 128 + signal.SIGTERM
-        assert _wait_gone(pids, 10) == [], 'workers outlived their launcher (%s)' % how
+        assert _wait_gone(pids, 10) == [], f'workers outlived their launcher ({how})'
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -404,8 +408,8 @@ def _w_gpu_timing(rank, world, kind, port, n):
         ms = (time.perf_counter() - start) / reps * 1e3
         assert torch.all(buf == 0.5).item()
         if rank == 0:
-            print('%s exchange of %.0f MB between cuda:0 and cuda:1: %.2f ms per average_'
-                  % (ex.kind, n * 4 / 1e6, ms), flush=True)
+            print(f'{ex.kind} exchange of {n * 4 / 1e6:.0f} MB between cuda:0 and cuda:1: '
+                  f'{ms:.2f} ms per average_', flush=True)
     finally:
         ex.close()
 
@@ -417,7 +421,8 @@ def _expected_p2p():
 
 @pytest.mark.gpu
 @pytest.mark.multigpu
-@pytest.mark.skipif('not __import__("torch").cuda.device_count() >= 2', reason='needs two CUDA GPUs')
+@pytest.mark.skipif('not __import__("torch").cuda.device_count() >= 2',
+                    reason='needs two CUDA GPUs')
 def test_p2p_average_on_two_gpus():
     expect = _expected_p2p()
     launch.spawn(_w_average, 2, args=(('p2p', 'gloo', 'host'), 'cuda', (expect, 'gloo', 'host'),
@@ -427,7 +432,8 @@ def test_p2p_average_on_two_gpus():
 
 @pytest.mark.gpu
 @pytest.mark.multigpu
-@pytest.mark.skipif('not __import__("torch").cuda.device_count() >= 2', reason='needs two CUDA GPUs')
+@pytest.mark.skipif('not __import__("torch").cuda.device_count() >= 2',
+                    reason='needs two CUDA GPUs')
 def test_nccl_average_on_two_gpus():
     launch.spawn(_w_average, 2, args=(('nccl',), 'cuda', ('nccl',), launch.free_port()),
                  timeout=300)

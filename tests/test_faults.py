@@ -1,4 +1,4 @@
-"""Fault injection with real processes on the CPU (issue 9.1-9.3).
+"""Fault injection with real processes on the CPU.
 
 Every fault below is injected into a real run of train.py or train_2gpu.py (real loader
 processes, real sockets, real snapshot files) at a point drawn from a seeded RNG: the session
@@ -28,11 +28,11 @@ import time
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 from alex_net import PARAMS
 from conftest import make_dataset
 from alexnet_lib.snapshot import latest_complete_snapshot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SEED = int(os.environ.get('FAULT_SEED') or random.SystemRandom().randrange(10 ** 6))
 RUN_TIMEOUT = 240      # no run here should take more than a fraction of this

@@ -16,12 +16,12 @@ from conftest import default_sigint
 from preproc_tree import (DEVKIT_IDS, DEVKITS, NODES, PALETTE, RGBA_COLOUR, WNIDS, build_tree,
                           truncate, write_meta)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PREP = os.path.join(REPO, 'preprocessing')
-
 from alexnet_lib.batch_files import list_batch_files
 from alexnet_lib.images import ImageDecodeError, load_image_256
-from preprocessing.common import PrepError, load_paths, read_devkit_synsets
+from alexnet_lib.imagenet import PrepError, load_paths, read_devkit_synsets
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PREP = os.path.join(REPO, 'preprocessing')
 
 ENV = dict(os.environ, PYTHON=sys.executable)
 

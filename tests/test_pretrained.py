@@ -23,17 +23,18 @@ import pytest
 import torch
 from PIL import Image
 
+import plot
+import validate
 from alex_net import PARAMS, AlexNet
+from alexnet_lib import loop as train_loop
 from alexnet_lib.batch_files import write_batch
-from conftest import make_dataset
 from alexnet_lib.config import load_config
 from alexnet_lib.data import mean_image_hwc
 from alexnet_lib.images import load_image_256
-from preproc_tree import write_meta
 from alexnet_lib.snapshot import load_snapshot, mom_file, param_file
-import plot
-from alexnet_lib import loop as train_loop
-import validate
+from alexnet_lib.step import eval_batch
+from conftest import make_dataset
+from preproc_tree import write_meta
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMPORT = os.path.join(ROOT, 'pretrained', 'import_params.py')
@@ -282,7 +283,7 @@ def test_classify_equals_validation_forward(release, imported, tmp_path):
     for i, t5 in enumerate(top5):
         assert t5[0]['probability'] > 0.05
         for t in t5:
-            loss = train_loop.eval_batch(net.layer_params, torch.from_numpy(rows[i:i + 1]),
+            loss = eval_batch(net.layer_params, torch.from_numpy(rows[i:i + 1]),
                                          torch.tensor([t['label']]), mean, None)[0]
             assert t['probability'] == pytest.approx(float(torch.exp(-loss)), rel=1e-4)
 

@@ -15,11 +15,11 @@ import zmq
 
 from conftest import default_sigint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 from alexnet_lib.batch_files import replica_rows, write_batch
 from alexnet_lib.data import SerialLoader
 from proc_load import LoaderError, ParallelLoader
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 B = 16          # rows per batch file (small: the image shape is fixed at 256x256x3)
 N_FILES = 5
@@ -316,10 +316,10 @@ def test_bad_batch_file_is_reported_by_name(dataset, tmp_path, kind):
 def test_dead_trainer_makes_loader_exit(dataset):
     code = ("import time\n"
             "from proc_load import ParallelLoader\n"
-            "l = ParallelLoader('cpu', max_rows=%d)\n"
-            "it = l.iterate([(%r, 0, %d)] * 1000); next(it)\n"
+            f"l = ParallelLoader('cpu', max_rows={B:d})\n"
+            f"it = l.iterate([({files_0(dataset)!r}, 0, {B:d})] * 1000); next(it)\n"
             "print(l.pid, flush=True)\n"
-            "time.sleep(120)\n") % (B, files_0(dataset), B)
+            "time.sleep(120)\n")
     trainer = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE)
     try:
         r, _, _ = select.select([trainer.stdout], [], [], 40)
@@ -344,10 +344,10 @@ def test_ctrl_c_ends_trainer_and_loader(dataset):
     """SIGINT to the whole process group, as a terminal's Ctrl-C does, mid-epoch."""
     code = ("import time\n"
             "from proc_load import ParallelLoader\n"
-            "with ParallelLoader('cpu', max_rows=%d) as l:\n"
+            f"with ParallelLoader('cpu', max_rows={B:d}) as l:\n"
             "    print(l.pid, flush=True)\n"
-            "    for x in l.iterate([(%r, 0, %d)] * 100000):\n"
-            "        time.sleep(0.001)\n") % (B, files_0(dataset), B)
+            f"    for x in l.iterate([({files_0(dataset)!r}, 0, {B:d})] * 100000):\n"
+            "        time.sleep(0.001)\n")
     trainer = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, start_new_session=True,
                                preexec_fn=default_sigint)
@@ -438,13 +438,13 @@ def test_gpu_dead_trainer_makes_loader_exit(dataset):
     long kernel: the loader must still go within seconds."""
     code = ("import time, torch\n"
             "from proc_load import ParallelLoader\n"
-            "l = ParallelLoader('cuda', max_rows=%d, prefetch=2)\n"
-            "it = l.iterate([(%r, 0, %d)] * 1000)\n"
+            f"l = ParallelLoader('cuda', max_rows={B:d}, prefetch=2)\n"
+            f"it = l.iterate([({files_0(dataset)!r}, 0, {B:d})] * 1000)\n"
             "x = next(it); torch.cuda._sleep(20_000_000_000); x.sum()\n"
             "next(it)   # frees x's buffer: the loader's next copy into it waits for the sleep\n"
             "time.sleep(0.5)\n"
             "print(l.pid, flush=True)\n"
-            "time.sleep(120)\n") % (B, files_0(dataset), B)
+            "time.sleep(120)\n")
     trainer = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE)
     try:
         r, _, _ = select.select([trainer.stdout], [], [], 90)

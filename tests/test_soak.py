@@ -1,4 +1,4 @@
-"""Soak (issue 9.6): many epochs of a real two-replica run on the CPU with parallel loading
+"""Soak: many epochs of a real two-replica run on the CPU with parallel loading
 (train_2gpu.py: 2 trainers exchanging through host memory, each with its loader process), whose
 memory (RSS), open file descriptors and threads are sampled after every training step. Once
 warmed up (epochs 1-2) they must stay flat: a leak of a buffer, a socket or a file per epoch

@@ -66,7 +66,8 @@ def test_validate_and_plot_scripts(small_dataset, two_epochs):
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res['images'] == 21 and set(res) == {'top1_error', 'top5_error', 'loss', 'images'}
     rec = np.load(d / 'val_record.npy')
-    assert res['top1_error'] == pytest.approx(rec[1, 0]) and res['loss'] == pytest.approx(rec[1, 1], rel=1e-5)
+    assert (res['top1_error'] == pytest.approx(rec[1, 0])
+            and res['loss'] == pytest.approx(rec[1, 1], rel=1e-5))
     r = run_script('plot.py', str(d))
     assert r.returncode == 0, r.stderr
     assert (d / 'plot.png').read_bytes()[:4] == b'\x89PNG'

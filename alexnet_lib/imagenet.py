@@ -1,6 +1,7 @@
-"""What the preprocessing scripts share: paths.yaml, file lists, the devkit, reports, errors.
+"""What the ImageNet preprocessing scripts (preprocessing/) share: paths.yaml, file lists, the
+devkit, reports, errors.
 
-    from preprocessing.common import load_paths, default_paths_file
+    from alexnet_lib.imagenet import load_paths, default_paths_file
     paths = load_paths(default_paths_file())
     paths['train_batch_dir']     # .../data/toy/train_hkl_b256_b_256
 
@@ -14,8 +15,10 @@ import yaml
 
 from alexnet_lib import errors
 from alexnet_lib.errors import UserError
+from alexnet_lib.files import atomic_write, save_npy
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+PREPROCESSING = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             'preprocessing')    # the scripts and their paths.yaml
 BATCH_SIZE = 256
 BATCH_SUFFIX = f'_b{BATCH_SIZE}_b_{BATCH_SIZE}'  # the original's name for one set of full batches
 TOY_IMAGES = 2560  # `make_hkl.py toy`: the first 2560 train and 2560 validation images
@@ -26,6 +29,11 @@ PATH_KEYS = ('train_img_dir', 'val_img_dir', 'tar_root_dir', 'tar_train_dir', 't
 IMAGE_SUFFIXES = ('.jpeg', '.jpg', '.png')  # compared in lower case; ImageNet uses .JPEG
 SHUFFLED_TRAIN_FILE = 'shuffled_train_filenames.npy'
 SHUFFLE_SEED = 1
+
+
+def available_cores():
+    """The cores this process may run on (a job's share of a node, not the node's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
 
 
 class PrepError(UserError):
@@ -42,7 +50,7 @@ def run_main(main):
 # ---------------------------------------------------------------- paths.yaml
 
 def default_paths_file():
-    return os.path.join(HERE, 'paths.yaml')
+    return os.path.join(PREPROCESSING, 'paths.yaml')
 
 
 def add_paths_argument(parser):
@@ -183,7 +191,7 @@ def get_shuffled_train_list(paths):
         return shuffled
     order = np.asarray(files)
     np.random.RandomState(SHUFFLE_SEED).shuffle(order)
-    save_npy_atomic(path, order)
+    save_npy(path, order)
     print(f"training order: {len(files)} images shuffled with seed {SHUFFLE_SEED}, saved to {path}")
     return order.tolist()
 
@@ -302,26 +310,8 @@ def read_devkit_synsets(meta_file):
 
 # ---------------------------------------------------------------- atomic writes
 
-def _atomic(path, write):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def save_npy_atomic(path, array):
-    def write(tmp):
-        with open(tmp, 'wb') as f:
-            np.save(f, array, allow_pickle=False)
-    _atomic(path, write)
-
-
 def write_text_atomic(path, text):
     def write(tmp):
         with open(tmp, 'w') as f:
             f.write(text)
-    _atomic(path, write)
+    atomic_write(path, write)
