@@ -3,8 +3,8 @@
 The training loop gives a loader the requests ``(batch_file, lo, hi)`` of a pass and takes,
 for each, a uint8 tensor (hi-lo, 256, 256, 3) on the training device. ``SerialLoader`` (here,
 ``para_load: False``) reads in the trainer's own process when a batch is taken;
-``proc_load.ParallelLoader`` (``para_load: True``) has a loader process fill buffers ahead of
-time. Both have the same interface:
+``alexnet_lib.parallel.ParallelLoader`` (``para_load: True``) has a loader process fill buffers
+ahead of time. Both have the same interface:
 
     with SerialLoader(device) as loader:
         with loader.feed([(path, 0, 256), ...]) as feed:
@@ -26,7 +26,7 @@ from alexnet_lib.files import DataError, load_npy
 
 
 class BatchLoader:
-    """What SerialLoader and proc_load.ParallelLoader share."""
+    """What SerialLoader and parallel.ParallelLoader share."""
 
     def iterate(self, requests):
         """Each request's images in turn, each valid until the next one is taken."""

@@ -99,7 +99,7 @@ class Replica(RunData):
     def make_loader(self):
         if not self.cfg['para_load']:
             return SerialLoader(self.device)
-        from proc_load import ParallelLoader
+        from alexnet_lib.parallel import ParallelLoader
         return ParallelLoader(self.device, max_rows=self.batch, prefetch=self.cfg['prefetch'])
 
     def file_order(self, epoch):

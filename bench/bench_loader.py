@@ -31,11 +31,11 @@ import numpy as np
 import torch
 
 
-import proc_load
+from alexnet_lib import parallel
 from alexnet_lib.batch_files import (IMAGE_SHAPE, BatchFileError, batch_rows, read_rows,
                          write_batch)
 from alexnet_lib.data import SerialLoader
-from proc_load import ParallelLoader
+from alexnet_lib.parallel import ParallelLoader
 
 ROW_BYTES = int(np.prod(IMAGE_SHAPE))
 TARGET = 110000   # twice what a 55,000 images/s training step consumes
@@ -87,10 +87,10 @@ def main():
     ap.add_argument('--batches', type=int, default=None,
                     help="batches delivered per measurement (default: 3 passes over the files)")
     ap.add_argument('--prefetch', type=int, nargs='+', default=[2, 3, 4])
-    ap.add_argument('--chunk-rows', type=int, nargs='+', default=[proc_load.CHUNK_ROWS],
-                    help="loader read/copy chunk sizes to try (proc_load.CHUNK_ROWS)")
-    ap.add_argument('--read-threads', type=int, nargs='+', default=[proc_load.READ_THREADS],
-                    help="loader read threads to try (proc_load.READ_THREADS)")
+    ap.add_argument('--chunk-rows', type=int, nargs='+', default=[parallel.CHUNK_ROWS],
+                    help="loader read/copy chunk sizes to try (parallel.CHUNK_ROWS)")
+    ap.add_argument('--read-threads', type=int, nargs='+', default=[parallel.READ_THREADS],
+                    help="loader read threads to try (parallel.READ_THREADS)")
     ap.add_argument('--threads', type=int, nargs='+', default=[1, 2, 4],
                     help="thread counts for the pread measurement")
     ap.add_argument('--repeat', type=int, default=3)

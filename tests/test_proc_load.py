@@ -17,7 +17,7 @@ from conftest import default_sigint
 
 from alexnet_lib.batch_files import replica_rows, write_batch
 from alexnet_lib.data import SerialLoader
-from proc_load import LoaderError, ParallelLoader
+from alexnet_lib.parallel import LoaderError, ParallelLoader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -315,7 +315,7 @@ def test_bad_batch_file_is_reported_by_name(dataset, tmp_path, kind):
 
 def test_dead_trainer_makes_loader_exit(dataset):
     code = ("import time\n"
-            "from proc_load import ParallelLoader\n"
+            "from alexnet_lib.parallel import ParallelLoader\n"
             f"l = ParallelLoader('cpu', max_rows={B:d})\n"
             f"it = l.iterate([({files_0(dataset)!r}, 0, {B:d})] * 1000); next(it)\n"
             "print(l.pid, flush=True)\n"
@@ -343,7 +343,7 @@ def files_0(dataset):
 def test_ctrl_c_ends_trainer_and_loader(dataset):
     """SIGINT to the whole process group, as a terminal's Ctrl-C does, mid-epoch."""
     code = ("import time\n"
-            "from proc_load import ParallelLoader\n"
+            "from alexnet_lib.parallel import ParallelLoader\n"
             f"with ParallelLoader('cpu', max_rows={B:d}) as l:\n"
             "    print(l.pid, flush=True)\n"
             f"    for x in l.iterate([({files_0(dataset)!r}, 0, {B:d})] * 100000):\n"
@@ -437,7 +437,7 @@ def test_gpu_dead_trainer_makes_loader_exit(dataset):
     """The trainer dies while the loader's copy waits (GPU-side) on the trainer's event behind a
     long kernel: the loader must still go within seconds."""
     code = ("import time, torch\n"
-            "from proc_load import ParallelLoader\n"
+            "from alexnet_lib.parallel import ParallelLoader\n"
             f"l = ParallelLoader('cuda', max_rows={B:d}, prefetch=2)\n"
             f"it = l.iterate([({files_0(dataset)!r}, 0, {B:d})] * 1000)\n"
             "x = next(it); torch.cuda._sleep(20_000_000_000); x.sum()\n"
