@@ -82,8 +82,11 @@ compare)
         2>&1 | tee "$out/compare_new_loader.log"
     (cd "$old" && PYTHONPATH=$PWD${site:+:$site} python3 bench.py --no-peers --parallel-only \
         --out "$out/compare_old_bench.json" compile=True) 2>&1 | tee "$out/compare_old_bench.log"
+    # this checkout with its defaults (the step replayed as a CUDA graph), then without the graph
     python3 bench.py --no-peers --parallel-only --out "$out/compare_new_bench.json" compile=True \
-        cuda_graph=False 2>&1 | tee "$out/compare_new_bench.log" ;;
+        2>&1 | tee "$out/compare_new_bench.log"
+    python3 bench.py --no-peers --parallel-only --out "$out/compare_new_nograph_bench.json" \
+        compile=True cuda_graph=False 2>&1 | tee "$out/compare_new_nograph_bench.log" ;;
 table1)
     python3 bench.py --out "$out/table1_bf16.json" 2>&1 | tee "$out/table1_bf16.log"
     python3 bench.py --no-peers --iters 60 --out "$out/table1_tf32.json" precision=tf32 \
