@@ -50,8 +50,10 @@ import numpy as np
 import zmq
 
 from alexnet_lib.batch_files import IMAGE_SHAPE, BatchFileError, read_rows
-from alexnet_lib.parallel import (BUSY_POLL_S, LOAD, MAX_MESSAGE_BYTES, POLL_MS,
-                                  STAGING_REQUESTS, checked_message)
+from alexnet_lib.parallel import LOAD, MAX_MESSAGE_BYTES, POLL_MS, checked_message
+
+STAGING_REQUESTS = 2        # pinned staging memory: this many full requests
+BUSY_POLL_S = 1e-4          # how often the loader looks at reads and copies in flight
 
 
 class _ParentGone(Exception):

@@ -59,7 +59,7 @@ class Replica(RunData):
 
     def __init__(self, cfg, rank=0, world=1, device=None, exchanger=None, log=None,
                  for_training=True):
-        self.cfg, self.rank, self.world = cfg, rank, world
+        self.rank = rank              # cfg and world: RunData below
         self.device = resolve_device(device or cfg['gpu'])
         if self.device.type == 'cuda':
             torch.cuda.set_device(self.device)

@@ -28,10 +28,8 @@ from alexnet_lib.errors import UserError
 LOADER_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              'proc_load.py')
 CHUNK_ROWS = 32             # rows per read (6.3 MB) and per copy to the GPU
-STAGING_REQUESTS = 2        # pinned staging memory in the loader: this many full requests
 READ_THREADS = min(8, os.cpu_count() or 1)
 POLL_MS = 100               # liveness checks at least this often in every wait
-BUSY_POLL_S = 1e-4          # how often the loader looks at reads and copies in flight
 STOP_WAIT_S = 5.0           # how long close() waits for the loader before terminating it
 DEATH_GRACE_S = 0.5         # after the loader died: how long to wait for its last messages
 STDERR_TAIL = 4000
