@@ -95,9 +95,10 @@ def parse_device(value, key='gpu'):
     return f'cuda:{int(m.group(1))}'
 
 
-def resolve_device(value, key='gpu'):
+def resolve_device(value, key='gpu', cpu_hint=None):
     """The torch.device for a device name (or a torch.device; 'cuda' alone: the current GPU),
-    checked against the GPUs this process can see."""
+    checked against the GPUs this process can see. cpu_hint: how to ask for the CPU instead, in
+    the caller's own words (default: key=cpu)."""
     import torch
     if str(value) == 'cuda':
         value = torch.cuda.current_device() if torch.cuda.is_available() else 0
@@ -105,7 +106,7 @@ def resolve_device(value, key='gpu'):
     if device.type == 'cuda':
         if not torch.cuda.is_available():
             raise ConfigError(f"device {device} asked for, but no CUDA GPU is visible; use "
-                              f"{key}=cpu")
+                              f"{cpu_hint or key + '=cpu'}")
         if device.index >= torch.cuda.device_count():
             raise ConfigError(f"device {device} asked for, but only "
                               f"{torch.cuda.device_count()} GPU(s) are visible")

@@ -1,0 +1,132 @@
+"""What preprocessing produced, recorded beside its outputs, so that a run can check that its
+batch folders, labels and mean image belong together.
+
+Preprocessing writes the same record, ``preprocessing.json``, into each folder it fills: the
+training and validation batch folders and the folder of the mean image (make_hkl.py), and the
+label folder (make_labels.py):
+
+    {"format": 1, "batch_size": 256,
+     "train_images": 1280, "train_batches": 5, "train_order_sha1": "9f0c...",
+     "val_images": 500, "val_batches": 2, "val_list_sha1": "41d2..."}
+
+``train_images`` counts the training images in the order the batches were cut from (those of the
+dropped last partial batch included: their labels are in the label file), ``train_order_sha1``
+fingerprints that order (the file names, one per line), ``val_list_sha1`` the validation images
+of the validation batches in their order. Data written by the original's preprocessing has no
+record; a run then checks only the sizes and says so.
+
+    write_record(folder, make_record(train_names, n_train_batches, val_names, n_val_batches))
+    record = check_together({'train_folder': ..., 'val_folder': ..., 'label_folder': ...,
+                             'mean_file': os.path.dirname(mean_file)})
+"""
+import hashlib
+import json
+import os
+
+from alexnet_lib.config import ConfigError
+from alexnet_lib.files import DataError, atomic_write
+
+RECORD_NAME = 'preprocessing.json'
+FORMAT = 1
+FIELDS = ('format', 'batch_size', 'train_images', 'train_batches', 'train_order_sha1',
+          'val_images', 'val_batches', 'val_list_sha1')
+
+
+def fingerprint(names):
+    """sha1 of the names, one per line, in their order."""
+    h = hashlib.sha1()
+    for name in names:
+        h.update(os.fsencode(name) + b'\n')
+    return h.hexdigest()
+
+
+def make_record(train_names, train_batches, val_names, val_batches, batch_size=256):
+    """The record of one preprocessing output: the training image order its batches were cut
+    from (the dropped last partial batch included), the validation images of its batches."""
+    return {'format': FORMAT, 'batch_size': int(batch_size),
+            'train_images': len(train_names), 'train_batches': int(train_batches),
+            'train_order_sha1': fingerprint(train_names),
+            'val_images': len(val_names), 'val_batches': int(val_batches),
+            'val_list_sha1': fingerprint(val_names)}
+
+
+def record_path(folder):
+    return os.path.join(folder, RECORD_NAME)
+
+
+def write_record(folder, record):
+    """The record, atomically, into ``folder``."""
+    text = json.dumps({k: record[k] for k in FIELDS}, indent=1) + '\n'
+
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            f.write(text)
+    atomic_write(record_path(folder), write)
+
+
+def remove_record(folder):
+    """Before preprocessing changes a folder's contents: a record must never describe a
+    half-rewritten output."""
+    try:
+        os.unlink(record_path(folder))
+    except FileNotFoundError:
+        pass
+
+
+def read_record(folder):
+    """The record of ``folder``, or None when it has none; DataError when it is malformed."""
+    path = record_path(folder)
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"preprocessing record {path} cannot be read ({e}): delete it and run "
+                        f"preprocessing again") from None
+    if not isinstance(record, dict) or any(k not in record for k in FIELDS) or \
+            record['format'] != FORMAT:
+        raise DataError(f"preprocessing record {path} is not a record of this version's "
+                        f"preprocessing: delete it and run preprocessing again")
+    return {k: record[k] for k in FIELDS}
+
+
+def check_together(folders):
+    """{config key: folder} -> the one record they share, or None when none of them has one.
+    Folders whose records differ, or some with a record and some without, are a ConfigError
+    naming the keys: they come from different preprocessing outputs."""
+    records = {key: read_record(folder) for key, folder in folders.items()}
+    have = {key: r for key, r in records.items() if r is not None}
+    if not have:
+        return None
+    groups = []           # [(record, [keys])], in the order of the keys
+    for key, r in have.items():
+        for rec, keys in groups:
+            if rec == r:
+                keys.append(key)
+                break
+        else:
+            groups.append((r, [key]))
+    without = [key for key, r in records.items() if r is None]
+    if len(groups) > 1:
+        described = '; '.join(f"{' and '.join(keys)} from one ({_describe(rec)})"
+                              for rec, keys in groups)
+        raise ConfigError(f"{_keys(k for _, keys in groups for k in keys)} come from different "
+                          f"preprocessing outputs: {described}; point them at the folders of "
+                          f"one preprocessing run")
+    if without:
+        raise ConfigError(f"{_keys(without)} {'has' if len(without) == 1 else 'have'} no "
+                          f"{RECORD_NAME}, but {_keys(have)} {'was' if len(have) == 1 else 'were'} "
+                          f"written by preprocessing ({_describe(groups[0][0])}): they come "
+                          f"from different preprocessing runs; point them at one run's folders")
+    return groups[0][0]
+
+
+def _keys(keys):
+    keys = list(keys)
+    return ', '.join(keys[:-1]) + f" and {keys[-1]}" if len(keys) > 1 else keys[0]
+
+
+def _describe(record):
+    return (f"{record['train_images']} training images, order {record['train_order_sha1'][:8]}, "
+            f"{record['val_images']} validation images, list {record['val_list_sha1'][:8]}")
