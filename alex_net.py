@@ -7,7 +7,8 @@ Parameters and momentum live in one float32 buffer ``state`` = [parameters | mom
 multi-GPU exchange moves all of them with one copy. Inside each half, every weight comes first
 (in the original param order), then every bias; a weight's elements are a view of the buffer.
 ``PARAMS`` lists the original parameters in the original order (W_0, b_0, W0_1, b0_1, W1_1, ...),
-which is also the order of the original's momentum files mom_{k}.
+which is also the order of the original's momentum files mom_{k}. The original has 1,000 classes;
+``AlexNet(device, n_classes=10)`` has 10 outputs, its tables in ``net.arch``.
 
     net = AlexNet('cuda:0')               # initialised from RandomState(23455), as the original
     logits = net.forward(x, masks)        # x: float (B, 3, 227, 227) mean-subtracted crops
@@ -43,17 +44,23 @@ class Layer:
     dropout: bool = False
 
 
-LAYERS = (
-    Layer('conv', 3, 96, 11, 4, 0, 1, 0.01, 0.0, pool=True, lrn=True),       # 0 conv1
-    Layer('conv', 96, 256, 5, 1, 2, 2, 0.01, 0.1, pool=True, lrn=True),      # 1 conv2
-    Layer('conv', 256, 384, 3, 1, 1, 1, 0.01, 0.0),                          # 2 conv3
-    Layer('conv', 384, 384, 3, 1, 1, 2, 0.01, 0.1),                          # 3 conv4
-    Layer('conv', 384, 256, 3, 1, 1, 2, 0.01, 0.0, pool=True),               # 4 conv5
-    Layer('fc', 9216, 4096, init_std=0.005, init_bias=0.1, dropout=True),    # 5 fc6
-    Layer('fc', 4096, 4096, init_std=0.005, init_bias=0.1, dropout=True),    # 6 fc7
-    Layer('fc', 4096, N_CLASSES, init_std=0.01, init_bias=0.0, relu=False),  # 7 fc8 (softmax)
-)
+def layers_for(n_classes=1000):
+    """The layer table; fc8 has one output per class (the original: 1,000)."""
+    return (
+        Layer('conv', 3, 96, 11, 4, 0, 1, 0.01, 0.0, pool=True, lrn=True),       # 0 conv1
+        Layer('conv', 96, 256, 5, 1, 2, 2, 0.01, 0.1, pool=True, lrn=True),      # 1 conv2
+        Layer('conv', 256, 384, 3, 1, 1, 1, 0.01, 0.0),                          # 2 conv3
+        Layer('conv', 384, 384, 3, 1, 1, 2, 0.01, 0.1),                          # 3 conv4
+        Layer('conv', 384, 256, 3, 1, 1, 2, 0.01, 0.0, pool=True),               # 4 conv5
+        Layer('fc', 9216, 4096, init_std=0.005, init_bias=0.1, dropout=True),    # 5 fc6
+        Layer('fc', 4096, 4096, init_std=0.005, init_bias=0.1, dropout=True),    # 6 fc7
+        Layer('fc', 4096, n_classes, init_std=0.01, init_bias=0.0, relu=False),  # 7 fc8 (softmax)
+    )
+
+
+LAYERS = layers_for(N_CLASSES)
 DROPOUT_LAYERS = tuple(i for i, l in enumerate(LAYERS) if l.dropout)
+DROPOUT_UNITS = tuple(LAYERS[i].n_out for i in DROPOUT_LAYERS)    # the masks' widths
 FIRST_FC = next(i for i, l in enumerate(LAYERS) if l.kind == 'fc')
 
 
@@ -71,10 +78,10 @@ class Param:
         return int(np.prod(self.shape))
 
 
-def _original_params():
+def _original_params(layers):
     """The original's params list: [W, b] per layer, [W0, b0, W1, b1] for groups=2."""
     out = []
-    for i, l in enumerate(LAYERS):
+    for i, l in enumerate(layers):
         halves = [''] if l.groups == 1 else ['0', '1']
         for h in halves:
             if l.kind == 'conv':
@@ -102,36 +109,54 @@ def _layout(params):
     return [placed[p.name] for p in params], offset
 
 
-PARAMS, N_PARAMS = _layout(_original_params())
-N_WEIGHTS = sum(p.size for p in PARAMS if p.is_weight)
+@dataclass(frozen=True)
+class Architecture:
+    """The layer table of a network with n_classes outputs, its parameters in the original
+    order and their places in the flat buffers."""
+    n_classes: int
+    layers: tuple
+    params: list         # Param, in the original param order
+    n_params: int
+    n_weights: int       # weights first in the buffer, then biases
+    layer_slices: tuple  # per layer: (W offset, W shape, b offset, b size), both halves
+    fc_weights: slice    # the fully connected weights (96% of the parameters), contiguous
+    not_fc_weights: tuple  # the rest: convolutional weights, all biases
+
+    @property
+    def snapshot_bytes(self):
+        """The disk a snapshot takes: parameters and momentum, float32."""
+        return 2 * 4 * self.n_params
 
 
-def _layer_slices():
-    """For each layer, (W offset, W shape, b offset, b size) covering both of its halves."""
-    out = []
-    for i, l in enumerate(LAYERS):
-        ws = [p for p in PARAMS if p.layer == i and p.is_weight]
-        bs = [p for p in PARAMS if p.layer == i and not p.is_weight]
+def architecture(n_classes=N_CLASSES):
+    layers = layers_for(n_classes)
+    params, n_params = _layout(_original_params(layers))
+    n_weights = sum(p.size for p in params if p.is_weight)
+    slices = []
+    for i, l in enumerate(layers):
+        ws = [p for p in params if p.layer == i and p.is_weight]
+        bs = [p for p in params if p.layer == i and not p.is_weight]
         shape = ((l.n_out, l.n_in // l.groups, l.kernel, l.kernel) if l.kind == 'conv'
                  else (l.n_in, l.n_out))
-        out.append((ws[0].offset, shape, bs[0].offset, l.n_out))
-    return tuple(out)
+        slices.append((ws[0].offset, shape, bs[0].offset, l.n_out))
+    fc_start = slices[FIRST_FC][0]
+    return Architecture(n_classes, layers, params, n_params, n_weights, tuple(slices),
+                        slice(fc_start, n_weights),
+                        (slice(0, fc_start), slice(n_weights, n_params)))
 
 
-LAYER_SLICES = _layer_slices()
-# the fully connected weights are one contiguous range of the flat buffers (96% of the
-# parameters); the convolutional weights and all biases are the rest
-FC_WEIGHTS = slice(LAYER_SLICES[FIRST_FC][0], N_WEIGHTS)
-NOT_FC_WEIGHTS = (slice(0, LAYER_SLICES[FIRST_FC][0]), slice(N_WEIGHTS, N_PARAMS))
+ORIGINAL = architecture(N_CLASSES)   # the original's 1,000 classes
+PARAMS, N_PARAMS, N_WEIGHTS = ORIGINAL.params, ORIGINAL.n_params, ORIGINAL.n_weights
+LAYER_SLICES = ORIGINAL.layer_slices
 
 
-def original_init(seed=INIT_SEED):
+def original_init(seed=INIT_SEED, arch=ORIGINAL):
     """The original initialisation, in original layouts: one RandomState draws every weight in
     layer order (W0 before W1); biases are constants and draw nothing."""
     rng = np.random.RandomState(seed)
     arrays = {}
-    for p in PARAMS:
-        l = LAYERS[p.layer]
+    for p in arch.params:
+        l = arch.layers[p.layer]
         if p.is_weight:
             arrays[p.name] = rng.normal(0.0, l.init_std, p.original_shape).astype(np.float32)
         else:
@@ -170,17 +195,18 @@ def forward(layer_params, x, masks=None):
 class AlexNet:
     """The parameters and momentum of one replica, in one flat buffer on ``device``."""
 
-    def __init__(self, device='cpu', init=True):
+    def __init__(self, device='cpu', init=True, n_classes=N_CLASSES):
         self.device = torch.device(device)
-        self.state = torch.zeros(2 * N_PARAMS, dtype=torch.float32, device=self.device)
-        self.params = self.state[:N_PARAMS]
-        self.momentum = self.state[N_PARAMS:]
+        self.arch = arch = ORIGINAL if n_classes == N_CLASSES else architecture(n_classes)
+        self.state = torch.zeros(2 * arch.n_params, dtype=torch.float32, device=self.device)
+        self.params = self.state[:arch.n_params]
+        self.momentum = self.state[arch.n_params:]
         # each layer's W and b are autograd leaves that view the flat buffer, and their .grad
         # views one flat gradient buffer: backward accumulates in place, with no per-step
         # full-size copies, and the update and exchange see one buffer
-        self.grad = torch.zeros(N_PARAMS, dtype=torch.float32, device=self.device)
+        self.grad = torch.zeros(arch.n_params, dtype=torch.float32, device=self.device)
         self.layer_params = []
-        for wo, wshape, bo, bn in LAYER_SLICES:
+        for wo, wshape, bo, bn in arch.layer_slices:
             pair = []
             for off, shape in ((wo, wshape), (bo, (bn,))):
                 n = int(np.prod(shape))
@@ -189,7 +215,7 @@ class AlexNet:
                 pair.append(leaf)
             self.layer_params.append(tuple(pair))
         if init:
-            self.load_original(original_init())
+            self.load_original(original_init(arch=arch))
 
     def forward(self, x, masks=None):
         return forward(self.layer_params, x, masks)
@@ -201,7 +227,7 @@ class AlexNet:
         """Fill parameters (and momentum, if given) from original-layout arrays by name
         (momentum: the list in param order)."""
         with torch.no_grad():
-            for k, p in enumerate(PARAMS):
+            for k, p in enumerate(self.arch.params):
                 for buf, src in ((self.params, arrays[p.name]),
                                  (self.momentum, None if momentum is None else momentum[k])):
                     if src is None:
@@ -210,22 +236,22 @@ class AlexNet:
                     if src.shape != p.original_shape:
                         raise ValueError(f"{p.name}: shape {src.shape}, expected "
                                          f"{p.original_shape}")
-                    if p.is_weight and LAYERS[p.layer].kind == 'conv':
+                    if p.is_weight and p.layer < FIRST_FC:
                         src = conv_weight_from_original(src)
                     self.view(buf, p).copy_(torch.from_numpy(np.ascontiguousarray(src)))
 
     def _to_original(self, buf):
         out = []
-        for p in PARAMS:
+        for p in self.arch.params:
             a = self.view(buf, p).detach().cpu().numpy()
-            if p.is_weight and LAYERS[p.layer].kind == 'conv':
+            if p.is_weight and p.layer < FIRST_FC:
                 a = conv_weight_to_original(a)
             out.append(np.ascontiguousarray(a, dtype=np.float32))
         return out
 
     def to_original(self):
         """{name: array} of the parameters in the original layouts."""
-        return dict(zip((p.name for p in PARAMS), self._to_original(self.params)))
+        return dict(zip((p.name for p in self.arch.params), self._to_original(self.params)))
 
     def momentum_to_original(self):
         """The momentum of each parameter, in param order and the parameter's original layout."""

@@ -21,7 +21,9 @@ import sys
 
 from alexnet_lib import launch
 from alexnet_lib.config import ConfigError, command_line, devices_of
+from alexnet_lib.data import RunData
 from alexnet_lib.errors import run_main
+from alexnet_lib.run_folder import claim, finished_message, plan_start
 
 
 def trainer(rank, world, cfg, device):
@@ -51,13 +53,25 @@ def run(cfg):
         device = devices[local] if local < len(devices) else devices[0]
         if device != 'cpu' and local >= len(devices):
             raise ConfigError(f"local rank {local} has no GPU in {devices}")
-        return trainer(rank, world, cfg, device)
-    from alexnet_lib.data import RunData
-    RunData(cfg, len(devices))      # a bad path is one line here, before any trainer starts
-    print(f"train_2gpu: {len(devices)} trainers on {devices}, exchange {cfg['exchange']}, "
-          f"average {cfg['average']} every {cfg['exchange_freq']} step(s)", flush=True)
-    # grace: on SIGTERM the trainers finish a few steps and write a snapshot before they exit
-    launch.spawn(spawned_trainer, len(devices), (cfg,), grace=300.0)
+        if rank == 0:      # rank 0 owns weights_dir; the others read how the run starts
+            with claim(cfg, RunData(cfg, world)) as run_cfg:
+                return run_cfg and trainer(rank, world, run_cfg, device)
+        resume, load_epoch, _, _ = plan_start(cfg['weights_dir'], cfg['resume_train'],
+                                              cfg['load_epoch'], cfg['n_epochs'],
+                                              cfg['overwrite'])
+        if resume and finished_message(cfg['weights_dir'], load_epoch, cfg['n_epochs']):
+            return None
+        run_cfg = type(cfg)(cfg, resume_train=resume, load_epoch=load_epoch)
+        return trainer(rank, world, run_cfg, device)
+    # a bad path or weights_dir is one line here, before any trainer starts
+    with claim(cfg, RunData(cfg, len(devices)), len(devices)) as run_cfg:
+        if run_cfg is None:
+            return
+        print(f"train_2gpu: {len(devices)} trainers on {devices}, exchange {cfg['exchange']}, "
+              f"average {cfg['average']} every {cfg['exchange_freq']} step(s)", flush=True)
+        # grace: on SIGTERM the trainers finish a few steps and write a snapshot before they
+        # exit
+        launch.spawn(spawned_trainer, len(devices), (run_cfg,), grace=300.0)
 
 
 def main(argv):

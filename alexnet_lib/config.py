@@ -10,7 +10,11 @@ naming the key, and a combination that makes no sense an error saying why.
 The repository's config.yaml and spec file give every key its default; files of the same name in
 the current directory (the original's, say) are merged over them, then extra yaml files and the
 key=value words. Relative paths are relative to the folder of the file that set them (the
-current directory for command-line overrides).
+current directory for command-line overrides). cfg.sources says which files were merged and
+why, cfg.set_by which of them set each key (the start of a run prints both).
+
+One yaml file serves both training scripts: the keys of the other script's spec file (gpu for
+train.py; gpus, gpu0, gpu1 for train_2gpu.py) are ignored with a notice.
 """
 import difflib
 import math
@@ -25,12 +29,15 @@ from alexnet_lib.errors import UserError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the yaml files
 
 CONFIG_KEYS = {
-    'resume_train': 'bool', 'load_epoch': 'int', 'n_epochs': 'int', 'learning_rate': 'float',
+    'resume_train': 'bool_or_auto', 'load_epoch': 'int', 'overwrite': 'bool', 'n_epochs': 'int',
+    'learning_rate': 'float',
     'lr_policy': ('step', 'auto'), 'lr_adapt_threshold': 'float', 'lr_step': 'int_list',
     'use_data_layer': 'bool', 'rand_crop': 'bool', 'shuffle': 'bool', 'para_load': 'bool',
-    'batch_crop_mirror': 'bool', 'prefetch': 'int', 'label_folder': 'path', 'mean_file': 'path',
+    'batch_crop_mirror': 'bool', 'prefetch': 'int', 'label_folder': 'data_path',
+    'mean_file': 'data_path', 'n_classes': 'int',
     'use_momentum': 'bool', 'use_nesterov_momentum': 'bool', 'momentum': 'float',
     'weight_decay': 'float', 'weights_dir': 'path', 'snapshot_freq': 'int',
+    'keep_snapshots': 'int_or_all',
     'print_train_error': 'bool', 'print_freq': 'int', 'lib_conv': 'str',
     'precision': ('auto', 'bf16', 'tf32', 'fp32'), 'compile': 'bool_or_auto',
     'cuda_graph': 'bool_or_auto', 'seed': 'int',
@@ -38,17 +45,27 @@ CONFIG_KEYS = {
     'exchange_freq': 'int', 'exchange_dtype': ('fp32', 'bf16'),
 }
 SPEC_1GPU_KEYS = {'gpu': 'device', 'sock_data': 'int', 'batch_size': 'int',
-                  'train_folder': 'path', 'val_folder': 'path'}
+                  'train_folder': 'data_path', 'val_folder': 'data_path'}
 SPEC_2GPU_KEYS = {'gpu0': 'device', 'gpu1': 'device', 'gpus': 'device_list', 'sock_gpu': 'int',
                   'sock_data0': 'int', 'sock_data1': 'int', 'batch_size': 'int',
-                  'train_folder': 'path', 'val_folder': 'path'}
+                  'train_folder': 'data_path', 'val_folder': 'data_path'}
 SPECS = {'spec_1gpu.yaml': SPEC_1GPU_KEYS, 'spec_2gpu.yaml': SPEC_2GPU_KEYS}
+DEVICE_KEYS = {'spec_1gpu.yaml': 'gpu', 'spec_2gpu.yaml': 'gpus (or gpu0 and gpu1)'}
 # keys of the original that are accepted and do nothing here: (the original's default, why)
 _PRIVATE_SOCKET = 'each loader talks to its trainer over a private ipc:// socket, not a port'
 NO_EFFECT = {'lib_conv': ('cudnn', 'PyTorch chooses the convolution library'),
              'sock_data': (5001, _PRIVATE_SOCKET), 'sock_data0': (5001, _PRIVATE_SOCKET),
              'sock_data1': (5002, _PRIVATE_SOCKET)}
-POSITIVE = ('n_epochs', 'batch_size', 'snapshot_freq', 'print_freq', 'exchange_freq')
+POSITIVE = ('n_epochs', 'batch_size', 'snapshot_freq', 'print_freq', 'exchange_freq',
+            'keep_snapshots')
+DATA_KEYS = ('train_folder', 'val_folder', 'label_folder', 'mean_file')   # preprocessing's output
+
+
+class Config(dict):
+    """The merged settings; sources: [(file or 'the command line', why it was read)];
+    set_by: {key: the source that set it}."""
+    sources = ()
+    set_by = {}
 
 
 class ConfigError(UserError):
@@ -57,22 +74,24 @@ class ConfigError(UserError):
     exit_status = 2
 
 
-def _read_yaml(path):
+def _read_yaml(path, why=''):
+    """why: how the file came to be read, when the user did not name it."""
+    name = f"{path!r}{f' ({why})' if why else ''}"
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
     except FileNotFoundError:
-        raise ConfigError(f"config file {path!r} not found") from None
+        raise ConfigError(f"config file {name} not found") from None
     except (OSError, UnicodeDecodeError) as e:      # a folder, no permission, binary
-        raise ConfigError(f"cannot read config file {path!r}: "
+        raise ConfigError(f"cannot read config file {name}: "
                           f"{getattr(e, 'strerror', None) or e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path!r} is not valid yaml: "
+        raise ConfigError(f"config file {name} is not valid yaml: "
                           f"{' '.join(str(e).split())}") from None   # one line
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path!r} must hold 'key: value' lines")
+        raise ConfigError(f"config file {name} must hold 'key: value' lines")
     return data
 
 
@@ -143,14 +162,23 @@ def _check_type(key, kind, value):
         if not math.isfinite(value):
             raise bad("a finite number")
         return float(value)
+    if kind == 'int_or_all':
+        if value == 'all':
+            return value
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("a whole number or all")
+        return value
     if kind == 'int_list':
         if isinstance(value, int) and not isinstance(value, bool):
-            value = [value]
+            raise ConfigError(f"{key}: {value!r} is a number, not a list of epochs: write "
+                              f"{key}=[{value}] for one step after epoch {value}")
         if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int)
                                               for v in value):
             raise bad("a list of whole numbers, e.g. [20, 40]")
         return value
-    if kind in ('str', 'path'):
+    if kind == 'data_path' and value is None:
+        return None                  # not set: an error where the data is used
+    if kind in ('str', 'path', 'data_path'):
         if not isinstance(value, str) or not value:
             raise bad("a non-empty string")
         return value
@@ -159,8 +187,14 @@ def _check_type(key, kind, value):
     if kind == 'device_list':
         if value is None:
             return None
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 1:
+                raise bad("a count of GPUs (at least 1), a GPU, or a list of them")
+            return [f'cuda:{i}' for i in range(value)]     # a count: the first `value` GPUs
+        if isinstance(value, str):
+            return [parse_device(value, key)]               # one GPU: gpu2, cuda:2, cpu
         if not isinstance(value, list) or not value:
-            raise bad("a list of devices, e.g. [0, 1, 2, 3], or null")
+            raise bad("a count of GPUs (4), one GPU (gpu2) or a list ([0, 1, 2, 3]), or null")
         return [parse_device(v, key) for v in value]
     raise AssertionError(kind)
 
@@ -218,7 +252,10 @@ def help_text(spec, usage, config='config.yaml'):
             elif entry:
                 key, default, comment = entry.groups()
                 last = f"    {key} = {default}"
-                out.append(f"{last:34s} {comment or ''}".rstrip())
+                if len(last) > 34 and comment:     # a long value: its comment on the next line
+                    out += [last, f"{'':35s}{comment}"]
+                else:
+                    out.append(f"{last:34s} {comment or ''}".rstrip())
             elif last is not None and re.fullmatch(r'\s+#.*', line):
                 out.append(f"{'':35s}{line.strip()[1:].strip()}")
             else:
@@ -227,47 +264,73 @@ def help_text(spec, usage, config='config.yaml'):
 
 
 def load_config(spec='spec_1gpu.yaml', argv=(), config='config.yaml'):
-    """The merged, checked configuration: a dict of every key of config and spec."""
+    """The merged, checked configuration: a Config (dict) of every key of config and spec."""
     schema = dict(CONFIG_KEYS, **SPECS[spec])
+    other_keys = {k for name, keys in SPECS.items() if name != spec for k in keys} - set(schema)
     extra_files, overrides = parse_overrides(list(argv))
-    cfg, origin = {}, {}
+    cfg, origin, set_by, ignored = Config(), {}, {}, {}
     # the repository's files give every key its default; a config.yaml or spec file of the
     # same name in the current folder (the original's own, say) is merged over them
     layers = []
     for name in (config, spec):
-        layers.append((os.path.join(ROOT, name), None))
+        layers.append((os.path.join(ROOT, name), 'the defaults'))
         if _find(name) != os.path.join(ROOT, name):
-            layers.append((_find(name), None))
-    layers += [(_find(f), None) for f in extra_files]
-    layers.append((None, overrides))
-    for path, data in layers:
+            layers.append((_find(name), 'found in the current folder'))
+    layers += [(_find(f), 'named') for f in extra_files]
+    layers.append((None, 'key=value'))
+    sources = []
+    for path, why in layers:
         src = path or 'the command line'
-        data = _read_yaml(path) if data is None else data
+        data = overrides if path is None else _read_yaml(path, why if why != 'named' else '')
+        if path is None and not data:
+            continue
+        sources.append((src, why))
         for k, v in data.items():
+            if k in other_keys:
+                ignored.setdefault(k, src)
+                continue
             if k not in schema:
                 close = difflib.get_close_matches(k, list(schema), n=1, cutoff=0.5)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ConfigError(f"unknown key {k!r} in {src}{hint}")
+                where = f"{src} ({why})" if why == 'found in the current folder' else src
+                raise ConfigError(f"unknown key {k!r} in {where}{hint}")
             cfg[k] = v
+            set_by[k] = src
             origin[k] = os.path.dirname(path) if path else os.getcwd()
     missing = [k for k in schema if k not in cfg]
     if missing:
         raise ConfigError(f"missing key(s) {', '.join(missing)}: add them to {config} or {spec}")
     for k, kind in schema.items():
         cfg[k] = _check_type(k, kind, cfg[k])
-        if kind == 'path':
+        if kind in ('path', 'data_path') and cfg[k] is not None:
             cfg[k] = os.path.normpath(os.path.join(origin[k], os.path.expanduser(cfg[k])))
     check_combination(cfg)
     for key, (default, why) in NO_EFFECT.items():
         if key in cfg and cfg[key] != default:
             print(f"notice: {key}={cfg[key]!r} has no effect ({why})", file=sys.stderr)
+    if ignored:
+        script = 'train.py' if spec == 'spec_1gpu.yaml' else 'train_2gpu.py'
+        print(f"notice: {', '.join(f'{k} (in {src})' for k, src in ignored.items())} "
+              f"ignored: {script} takes its devices from {DEVICE_KEYS[spec]}",
+              file=sys.stderr)
+    cfg.sources, cfg.set_by = sources, set_by
     return cfg
+
+
+def require_data(cfg, keys):
+    """The data keys a script needs must be set: the repository names no data of its own."""
+    unset = [k for k in keys if cfg.get(k) is None]
+    if unset:
+        raise ConfigError(
+            f"{', '.join(unset)} not set: point {'it' if len(unset) == 1 else 'them'} at your "
+            f"preprocessing output (key=value or a yaml file; the quickstart's toy data: "
+            f"spec_toy.yaml)")
 
 
 def check_combination(cfg):
     """Refuse settings that make no sense together, saying why."""
     for k in POSITIVE:
-        if k in cfg and cfg[k] < 1:
+        if k in cfg and cfg[k] != 'all' and cfg[k] < 1:
             raise ConfigError(f"{k}: {cfg[k]} must be at least 1")
     if cfg['prefetch'] < 2:
         raise ConfigError(f"prefetch: {cfg['prefetch']} must be at least 2 (one buffer trains "
@@ -276,6 +339,14 @@ def check_combination(cfg):
         raise ConfigError("use_nesterov_momentum: True needs use_momentum: True")
     if cfg['learning_rate'] <= 0:
         raise ConfigError(f"learning_rate: {cfg['learning_rate']} must be positive")
+    if cfg['weight_decay'] < 0:
+        raise ConfigError(f"weight_decay: {cfg['weight_decay']} must be 0 or more")
+    if any(e < 1 for e in cfg['lr_step']):
+        raise ConfigError(f"lr_step: {cfg['lr_step']} must hold epochs (1 or more)")
+    if cfg['n_classes'] < 2:
+        raise ConfigError(f"n_classes: {cfg['n_classes']} must be at least 2")
+    if cfg['load_epoch'] < 0:
+        raise ConfigError(f"load_epoch: {cfg['load_epoch']} must be 0 or more")
     if not 0 <= cfg['momentum'] < 1:
         raise ConfigError(f"momentum: {cfg['momentum']} must be in [0, 1)")
     if cfg['average'] == 'gradients' and cfg['exchange_freq'] != 1:

@@ -19,9 +19,8 @@ import os
 import numpy as np
 import torch
 
-import alex_net
 from alexnet_lib.batch_files import IMAGE_SHAPE, batch_rows, list_batch_files, read_rows
-from alexnet_lib.config import ConfigError
+from alexnet_lib.config import DATA_KEYS, ConfigError, require_data
 from alexnet_lib.files import DataError, load_npy
 
 
@@ -156,34 +155,52 @@ def crop_mirror(images, mean_hwc, offsets, mirror):
     return x.permute(0, 3, 1, 2)
 
 
-def load_labels(label_folder, name, need, what):
+def load_labels(label_folder, name, need, spare, n_classes, what):
+    """A label file for ``need`` images: at least one label per image, and at most ``spare``
+    more (the original's rule: the labels of the last partial batch, which the batch files
+    leave out, may be present)."""
     path = os.path.join(label_folder, name)
     labels = load_npy(path, 'label file', 'run preprocessing (make_labels.py) or fix label_folder')
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"label file {path!r} holds {labels.dtype} {labels.shape}; expected "
                          f"1-D integer labels")
-    if len(labels) < need:
+    if not need <= len(labels) <= need + spare:
         raise DataError(f"label file {path!r} has {len(labels)} labels, but the {what} batch "
-                         f"files hold {need} images")
-    if len(labels) and (labels.min() < 0 or labels.max() >= alex_net.N_CLASSES):
-        raise DataError(f"label file {path!r} holds labels outside 0..{alex_net.N_CLASSES - 1}")
+                         f"files hold {need} images (at most {spare} more labels, those of a "
+                         f"last partial batch, may follow): label_folder and the {what} batch "
+                         f"folder come from different preprocessing runs")
+    if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
+        raise DataError(f"label file {path!r} holds labels {labels.min()}..{labels.max()}, "
+                         f"outside 0..{n_classes - 1} of n_classes={n_classes}: set n_classes")
     return torch.from_numpy(labels.astype(np.int64))
 
 
 class RunData:
     """A run's batch files, labels and mean image, checked: every problem with them is found
     before the first step (train_2gpu.py's launcher makes one before it starts any trainer, so
-    that a bad path is one line, as from train.py)."""
+    that a bad path is one line, as from train.py). When preprocessing recorded its outputs
+    (provenance.py), the four folders must carry one record and the files must hold what it
+    says; data without a record (the original's preprocessing) is checked by its sizes alone,
+    and ``record`` is None."""
 
     def __init__(self, cfg, world=1, device='cpu', for_training=True):
+        from alexnet_lib.provenance import check_together
         self.cfg, self.world = cfg, world
+        keys = DATA_KEYS if for_training else ('val_folder', 'label_folder', 'mean_file')
+        require_data(cfg, keys)
+        self.record = check_together(
+            {k: os.path.dirname(cfg[k]) if k == 'mean_file' else cfg[k] for k in keys})
         self.batch = cfg['batch_size']
         self.global_batch = self.batch * self.world
         self.val_files = list_batch_files(cfg['val_folder'], 'val_folder')
         self.val_rows = [batch_rows(f) for f in self.val_files]
-        self.val_labels = load_labels(cfg['label_folder'], 'val_labels.npy',
-                                      sum(self.val_rows), 'validation')
+        n_classes = cfg['n_classes']
+        self.val_labels = load_labels(cfg['label_folder'], 'val_labels.npy', sum(self.val_rows),
+                                      max(self.val_rows) - 1, n_classes, 'validation')
         self.mean = mean_image_hwc(cfg['mean_file'], device)
+        if self.record is not None:
+            self._check_record('val_folder', sum(self.val_rows), 'val_images',
+                               len(self.val_labels))
         if not for_training:
             return
         self.train_files = list_batch_files(cfg['train_folder'], 'train_folder')
@@ -195,11 +212,26 @@ class RunData:
                 f"step from one file")
         # steps run over the epoch's files as if concatenated: a global batch larger than a
         # file spans several files; a remainder of less than a step is left out
-        self.steps_per_epoch = len(self.train_files) * self.file_rows // self.global_batch
+        self.train_images = len(self.train_files) * self.file_rows
+        self.steps_per_epoch = self.train_images // self.global_batch
         if not self.steps_per_epoch:
             raise ConfigError(
                 f"batch_size {self.batch} x {self.world} replica(s) = {self.global_batch} is more "
-                f"than the {len(self.train_files) * self.file_rows} training images in "
-                f"{cfg['train_folder']}")
+                f"than the {self.train_images} training images in {cfg['train_folder']}")
         self.train_labels = load_labels(cfg['label_folder'], 'train_labels.npy',
-                                        len(self.train_files) * self.file_rows, 'training')
+                                        self.train_images, self.file_rows - 1, n_classes,
+                                        'training')
+        if self.record is not None:
+            self._check_record('train_folder', self.train_images, 'train_images',
+                               len(self.train_labels), self.record['train_batches'] *
+                               self.record['batch_size'])
+
+    def _check_record(self, key, images, field, n_labels, batched=None):
+        """The files hold what their preprocessing record says."""
+        want_batched = self.record[field] if batched is None else batched
+        if images != want_batched or n_labels != self.record[field]:
+            raise DataError(
+                f"{key} {self.cfg[key]!r} and its labels hold {images} images and {n_labels} "
+                f"labels, but their preprocessing record says {want_batched} and "
+                f"{self.record[field]}: the folder was changed after preprocessing; run "
+                f"preprocessing again")

@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from alex_net import AlexNet, FC_WEIGHTS, FIRST_FC, NOT_FC_WEIGHTS, N_WEIGHTS
+from alex_net import AlexNet, FIRST_FC
 from alexnet_lib.batch_files import replica_rows
 from alexnet_lib.config import resolve_device
 from alexnet_lib.data import RunData, SerialLoader, dropout_masks, step_draws
@@ -31,8 +31,8 @@ from alexnet_lib.errors import UserError
 from alexnet_lib.files import atomic_write
 from alexnet_lib.sgd import adjust_learning_rate, sgd_step_
 from alexnet_lib.snapshot import (SnapshotError, latest_complete_snapshot, load_array,
-                                  load_snapshot, lr_file, save_array, save_snapshot,
-                                  steps_done_in)
+                                  load_snapshot, lr_file, prune_snapshots, save_array,
+                                  save_snapshot, steps_done_in)
 from alexnet_lib.step import (GraphedStep, augmented_features, classifier_loss, eval_batch,
                               precision_of)
 
@@ -76,7 +76,8 @@ class Replica(RunData):
             torch.backends.cudnn.allow_tf32 = tf32
         RunData.__init__(self, cfg, world, self.device, for_training)
         # a resumed run and validation load every parameter from a snapshot: no initial draw
-        self.net = AlexNet(self.device, init=for_training and not cfg['resume_train'])
+        self.net = AlexNet(self.device, init=for_training and not cfg['resume_train'],
+                           n_classes=cfg['n_classes'])
         self.features_fn, self.classifier_fn = augmented_features, classifier_loss
         self.update_fn = sgd_step_
         self.compiled = (self.device.type == 'cuda' if cfg['compile'] == 'auto'
@@ -186,7 +187,7 @@ class Replica(RunData):
                                + (f" | train error {float(errors) / self.batch:.4f}"
                                   if cfg['print_train_error'] else '')
                                + f" | {since_print * self.global_batch / (now - t_print):.0f} img/s"
-                               f" | time per 20 iter {20 * (now - t_print) / since_print:.3f} s")
+                               f" | {(now - t_print) / since_print:.3f} s per iter")
                         if bar is not None:
                             bar.write(msg)
                         else:
@@ -216,6 +217,7 @@ class Replica(RunData):
         (96% of them) are complete first, and with average: gradients they travel to the other
         replicas while the convolutional layers' backward runs."""
         cfg, net, ex = self.cfg, self.net, self.exchanger
+        arch = net.arch
         feats = self.features_fn(net.layer_params[:FIRST_FC], images, self.mean, offsets, mirror,
                                  self.amp_dtype)
         cut = feats.detach().requires_grad_()
@@ -225,13 +227,13 @@ class Replica(RunData):
         average_gradients = ex is not None and cfg['average'] == 'gradients'
         if average_gradients:
             wire = torch.bfloat16 if cfg['exchange_dtype'] == 'bf16' else torch.float32
-            pending = ex.start_average_(net.grad[FC_WEIGHTS], wire)
+            pending = ex.start_average_(net.grad[arch.fc_weights], wire)
         feats.backward(cut.grad)
         if average_gradients:
-            for part in NOT_FC_WEIGHTS:
+            for part in arch.not_fc_weights:
                 ex.average_(net.grad[part], wire)
             pending.wait()
-        self.update_fn(net.params, net.grad, net.momentum, lr, N_WEIGHTS, cfg['momentum'],
+        self.update_fn(net.params, net.grad, net.momentum, lr, arch.n_weights, cfg['momentum'],
                        cfg['weight_decay'], cfg['use_momentum'], cfg['use_nesterov_momentum'])
         if ex and cfg['average'] == 'weights' and (step + 1) % cfg['exchange_freq'] == 0:
             ex.average_(net.state)
@@ -290,14 +292,16 @@ class Replica(RunData):
         where = (f"the last good snapshot is epoch {last} in {wd}; lower the learning rate it "
                  f"holds ({lr_file(wd, last)}) and resume with resume_train=True "
                  f"load_epoch={last}" if last is not None else
-                 "no snapshot was written yet; start again with a lower learning_rate")
+                 "no snapshot was written yet; start again with a lower learning_rate "
+                 "(and overwrite=True)")
         when = (f"at iteration {iteration} (epoch {epoch})" if iteration is not None
                 else f"after epoch {epoch}")
         raise TrainingStopped(f"the {what} became {value} {when}; stopped instead of training "
                               f"on garbage: {where}")
 
     def validate(self, loader):
-        """(top-1 error, top-5 error, mean loss, images) over every validation image."""
+        """(top-1 error, top-5 error, mean loss, images) over every validation image; top-5
+        is None with 5 classes or fewer."""
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)
         requests = self.val_requests()
         with loader.feed([r[:3] for r in requests]) as feed:
@@ -312,7 +316,9 @@ class Replica(RunData):
         if self.exchanger:
             sums = self.exchanger.all_sum(sums)
         loss, top1, top5, count = sums
-        return top1 / count, top5 / count, loss / count, int(count)
+        # top-5 says something only with more than 5 classes
+        top5 = top5 / count if self.cfg['n_classes'] > 5 else None
+        return top1 / count, top5, loss / count, int(count)
 
     # -- the run ----------------------------------------------------------------------------
     def resume_or_start(self):
@@ -347,6 +353,8 @@ class Replica(RunData):
         write_metrics(os.path.join(wd, 'metrics.csv'), epoch, row)
         if epoch % self.cfg['snapshot_freq'] == 0:
             save_snapshot(wd, epoch, self.net, lr_next)
+            if self.cfg['keep_snapshots'] != 'all':
+                prune_snapshots(wd, self.cfg['keep_snapshots'], [r[0] for r in record])
 
 
 def write_metrics(path, epoch, row):
@@ -356,7 +364,10 @@ def write_metrics(path, epoch, row):
         with open(path, newline='') as f:
             rows = [r for r in csv.DictReader(f) if r.get('epoch', '').isdigit()
                     and int(r['epoch']) < epoch]
-    rows.append(dict(zip(METRICS_FIELDS, [epoch] + list(row))))
+    # the learning rate is float32: written as float32 prints it, 0.01 not 0.009999999776482582
+    lr, *rest = row
+    rows.append(dict(zip(METRICS_FIELDS, [epoch, str(np.float32(lr))] +
+                         ['' if v is None else v for v in rest])))
 
     def write(tmp):
         with open(tmp, 'w', newline='') as f:
@@ -378,7 +389,8 @@ def train(cfg, rank=0, world=1, device=None, exchanger=None, progress=True):
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
     if exchanger:
         exchanger.check_identical(rep.net.state, 'parameters and momentum')
-    rep.log(f"training on {rep.device} x{world}: {len(rep.train_files)} batch files, "
+    n_files = len(rep.train_files)
+    rep.log(f"training on {rep.device} x{world}: {n_files} batch file{'s' * (n_files != 1)}, "
             f"{rep.steps_per_epoch} steps of {rep.global_batch} images per "
             f"epoch, precision {rep.precision}")
     if rep.compiled:
@@ -396,8 +408,9 @@ def train(cfg, rank=0, world=1, device=None, exchanger=None, progress=True):
             record.append([top1, val_loss])
             lr_next = float(np.float32(adjust_learning_rate(cfg, epoch, lr,
                                                             [r[0] for r in record])))
+            top5_text = f" top-5 error {top5:.4f}" if top5 is not None else ''
             rep.log(f"epoch {epoch}: train loss {train_loss:.4f} | validation top-1 error "
-                    f"{top1:.4f} top-5 error {top5:.4f} loss {val_loss:.4f} ({n} images) | "
+                    f"{top1:.4f}{top5_text} loss {val_loss:.4f} ({n} images) | "
                     f"{ips:.0f} img/s | lr {lr:g}")
             if rep.lead:
                 rep.end_of_epoch(epoch, lr_next, record,

@@ -50,18 +50,21 @@ def make_record(train_names, train_batches, val_names, val_batches, batch_size=2
             'val_list_sha1': fingerprint(val_names)}
 
 
-def record_path(folder):
-    return os.path.join(folder, RECORD_NAME)
+TRAINED_ON = 'trained_on.json'   # a run's weights_dir: the record of the data it trains on
 
 
-def write_record(folder, record):
+def record_path(folder, name=RECORD_NAME):
+    return os.path.join(folder, name)
+
+
+def write_record(folder, record, name=RECORD_NAME):
     """The record, atomically, into ``folder``."""
     text = json.dumps({k: record[k] for k in FIELDS}, indent=1) + '\n'
 
     def write(tmp):
         with open(tmp, 'w') as f:
             f.write(text)
-    atomic_write(record_path(folder), write)
+    atomic_write(record_path(folder, name), write)
 
 
 def remove_record(folder):
@@ -73,9 +76,9 @@ def remove_record(folder):
         pass
 
 
-def read_record(folder):
+def read_record(folder, name=RECORD_NAME):
     """The record of ``folder``, or None when it has none; DataError when it is malformed."""
-    path = record_path(folder)
+    path = record_path(folder, name)
     try:
         with open(path) as f:
             record = json.load(f)
@@ -120,6 +123,16 @@ def check_together(folders):
                           f"written by preprocessing ({_describe(groups[0][0])}): they come "
                           f"from different preprocessing runs; point them at one run's folders")
     return groups[0][0]
+
+
+def check_trained_on(weights_dir, record, keys):
+    """The data of ``keys`` (their shared record) is the data the run in weights_dir trained
+    on, when both are known."""
+    trained = read_record(weights_dir, TRAINED_ON)
+    if trained is not None and record is not None and trained != record:
+        raise ConfigError(f"the run in {weights_dir} trained on another preprocessing output "
+                          f"({_describe(trained)}) than {_keys(keys)} ({_describe(record)}); "
+                          f"point them at the data it trained on")
 
 
 def _keys(keys):

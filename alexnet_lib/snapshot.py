@@ -108,19 +108,31 @@ def _remove_stale_temporaries(weights_dir, epoch):
             pass
 
 
-def load_params(weights_dir, epoch):
-    """{name: array} of snapshot ``epoch``, every file checked for presence and shape."""
-    missing = [param_file(weights_dir, p.name, epoch) for p in PARAMS
+def load_params(weights_dir, epoch, params=PARAMS):
+    """{name: array} of snapshot ``epoch``, every file checked for presence and shape (params:
+    the network's, alex_net.PARAMS for the original's 1,000 classes)."""
+    missing = [param_file(weights_dir, p.name, epoch) for p in params
                if not os.path.exists(param_file(weights_dir, p.name, epoch))]
-    if len(missing) == len(PARAMS):
+    if len(missing) == len(params):
         raise SnapshotError(f"no snapshot {epoch} in {weights_dir} (no "
                             f"{os.path.basename(missing[0])} nor any other of its files): "
                             f"{_what_is_there(weights_dir)}")
     if missing:
         raise SnapshotError(f"snapshot {epoch} in {weights_dir} is incomplete: missing "
                             f"{', '.join(os.path.basename(m) for m in missing)}")
+    _check_classes(weights_dir, epoch, params[-1])
     return {p.name: load_array(param_file(weights_dir, p.name, epoch), p.original_shape,
-                               'parameter') for p in PARAMS}
+                               'parameter') for p in params}
+
+
+def _check_classes(weights_dir, epoch, last_bias):
+    """A snapshot of a network with another number of classes: say so, in the config's words."""
+    path = param_file(weights_dir, last_bias.name, epoch)
+    a = load_array(path, what='parameter')
+    if a.ndim == 1 and a.shape != last_bias.original_shape:
+        raise SnapshotError(f"snapshot {epoch} in {weights_dir} has {a.shape[0]} classes "
+                            f"({os.path.basename(path)}), the network {last_bias.shape[0]}: set "
+                            f"n_classes={a.shape[0]}")
 
 
 def _what_is_there(weights_dir):
@@ -141,21 +153,39 @@ def steps_done_in(weights_dir, epoch):
 def load_snapshot(weights_dir, epoch, net, with_momentum=True):
     """Load parameters (and momentum) of snapshot ``epoch`` into ``net``; returns its lr, or
     None when only parameters were asked for."""
+    params = net.arch.params
     if with_momentum and not os.path.exists(lr_file(weights_dir, epoch)) and \
-            os.path.exists(param_file(weights_dir, PARAMS[0].name, epoch)):
+            os.path.exists(param_file(weights_dir, params[0].name, epoch)):
         raise SnapshotError(
             f"snapshot {epoch} in {weights_dir} is incomplete: its lr file (written last) is "
             f"missing, so writing it was interrupted; {_what_is_there(weights_dir)}")
-    arrays = load_params(weights_dir, epoch)
+    arrays = load_params(weights_dir, epoch, params)
     momentum = None
     if with_momentum:
         momentum = [load_array(mom_file(weights_dir, k, epoch), p.original_shape, 'momentum')
-                    for k, p in enumerate(PARAMS)]
+                    for k, p in enumerate(params)]
     net.load_original(arrays, momentum)
     if not with_momentum:
         return None
     lr = load_array(lr_file(weights_dir, epoch), (), 'learning-rate')
     return float(lr)
+
+
+def prune_snapshots(weights_dir, keep, val_errors):
+    """Keep the last ``keep`` complete snapshots and the one with the best validation error
+    (val_errors[e - 1] is epoch e's); delete the others, each lr file first so that a snapshot
+    being deleted is never taken for a complete one."""
+    epochs = complete_snapshots(weights_dir)
+    scored = [e for e in epochs if e <= len(val_errors)]
+    best = min(scored, key=lambda e: val_errors[e - 1]) if scored else None
+    for e in epochs[:-keep]:
+        if e == best:
+            continue
+        names = re.compile(rf'(((W|b|W0|W1|b0|b1)_\d+|mom_\d+)_{e}|progress_{e})\.npy')
+        os.unlink(lr_file(weights_dir, e))
+        for f in os.listdir(weights_dir):
+            if names.fullmatch(f):
+                os.unlink(os.path.join(weights_dir, f))
 
 
 def complete_snapshots(weights_dir):

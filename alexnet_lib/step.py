@@ -56,7 +56,7 @@ def eval_batch(layer_params, images, labels, mean_hwc, amp_dtype):
     """Sum of loss, top-1 errors and top-5 errors of a validation minibatch."""
     logits = test_logits(layer_params, images, mean_hwc, amp_dtype)
     loss = F.cross_entropy(logits, labels, reduction='sum')
-    top5 = logits.topk(5, dim=1).indices
+    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
     top1_err = (top5[:, 0] != labels).sum()
     top5_err = (top5 != labels[:, None]).all(1).sum()
     return torch.stack([loss, top1_err.float(), top5_err.float()])
