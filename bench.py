@@ -8,7 +8,8 @@
         average=gradients --parallel-only           # scaling: 1, 2 and 4 GPUs at 128 per GPU
 
 For {1 GPU, 2 GPUs (when present)} x {parallel loading, serial loading} it trains from the
-configured batch files (train_folder; the files are visited cyclically) with the real training
+configured batch files (train_folder, by default the quickstart's toy data of spec_toy.yaml;
+the files are visited cyclically) with the real training
 loop, and prints seconds per 20 iterations of the global batch, images/s, the peak GPU memory
 of a trainer and the share of time spent waiting for data. In the same run: the model step alone
 on data already on the GPU, this network written plainly in eager PyTorch (nn.Conv2d & co,
@@ -24,7 +25,7 @@ import time
 
 import torch
 
-from alexnet_lib.config import ConfigError, help_text, load_config
+from alexnet_lib.config import DATA_KEYS, ConfigError, help_text, load_config
 
 REPORT = {'1 GPU, parallel loading': 39.72, '1 GPU, serial loading': 49.11,
           '2 GPUs, parallel loading': 23.39, '2 GPUs, serial loading': 28.92}
@@ -166,6 +167,13 @@ def main(argv):
     if a.cpu:
         base += ['batch_size=8']
     try:
+        if not any(o.split('=', 1)[0] in DATA_KEYS for o in overrides):
+            # speed needs batch files, not a particular data set: the quickstart's toy data
+            toy = load_config('spec_1gpu.yaml', ['spec_toy.yaml'])
+            base += [f'{k}={toy[k]}' for k in DATA_KEYS]
+            print(f"bench: batch files of spec_toy.yaml ({toy['train_folder']}); give "
+                  f"train_folder=... val_folder=... label_folder=... mean_file=... for others",
+                  file=sys.stderr)
         cfg1 = load_config('spec_1gpu.yaml', base + (['gpu=cpu'] if a.cpu else []) + overrides)
         counts = ([int(c) for c in a.gpu_counts.split(',')] if a.gpu_counts else [a.max_gpus])
         counts = [2] if a.cpu else [min(c, gpus) for c in counts if c >= 2 and gpus >= 2]

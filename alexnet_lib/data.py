@@ -155,10 +155,20 @@ def crop_mirror(images, mean_hwc, offsets, mirror):
     return x.permute(0, 3, 1, 2)
 
 
+PREPROCESSING_BATCH = 256   # images per batch file written by preprocessing
+
+
+def spare_labels(rows):
+    """How many labels a label file may hold beyond the images of batch files of these sizes:
+    the original's preprocessing dropped the last partial batch of 256 but kept its labels, so
+    when every file is full up to 255 more; when the last file is partial, nothing was dropped
+    and none."""
+    return PREPROCESSING_BATCH - 1 if all(r == PREPROCESSING_BATCH for r in rows) else 0
+
+
 def load_labels(label_folder, name, need, spare, n_classes, what):
     """A label file for ``need`` images: at least one label per image, and at most ``spare``
-    more (the original's rule: the labels of the last partial batch, which the batch files
-    leave out, may be present)."""
+    more (spare_labels)."""
     path = os.path.join(label_folder, name)
     labels = load_npy(path, 'label file', 'run preprocessing (make_labels.py) or fix label_folder')
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
@@ -196,7 +206,7 @@ class RunData:
         self.val_rows = [batch_rows(f) for f in self.val_files]
         n_classes = cfg['n_classes']
         self.val_labels = load_labels(cfg['label_folder'], 'val_labels.npy', sum(self.val_rows),
-                                      max(self.val_rows) - 1, n_classes, 'validation')
+                                      spare_labels(self.val_rows), n_classes, 'validation')
         self.mean = mean_image_hwc(cfg['mean_file'], device)
         if self.record is not None:
             self._check_record('val_folder', sum(self.val_rows), 'val_images',
@@ -219,8 +229,8 @@ class RunData:
                 f"batch_size {self.batch} x {self.world} replica(s) = {self.global_batch} is more "
                 f"than the {self.train_images} training images in {cfg['train_folder']}")
         self.train_labels = load_labels(cfg['label_folder'], 'train_labels.npy',
-                                        self.train_images, self.file_rows - 1, n_classes,
-                                        'training')
+                                        self.train_images, spare_labels([self.file_rows]),
+                                        n_classes, 'training')
         if self.record is not None:
             self._check_record('train_folder', self.train_images, 'train_images',
                                len(self.train_labels), self.record['train_batches'] *

@@ -168,9 +168,9 @@ def start_block(cfg, data, world, what, keep):
     n_snapshots = cfg['n_epochs'] // cfg['snapshot_freq']
     kept = n_snapshots if keep == 'all' else min(n_snapshots, keep + 1)
     lines.append(f"weights_dir: {cfg['weights_dir']} ({src('weights_dir')}): {what}")
-    lines.append(f"  a snapshot takes {size / 1e6:.0f} MB; this run keeps up to {kept} "
-                 f"({kept * size / 1e9:.1f} GB; keep_snapshots: {keep}, the last ones and the "
-                 f"best)")
+    lines.append(f"  a snapshot takes {size / 2**20:.0f} MiB; this run keeps up to {kept} "
+                 f"({kept * size / 2**30:.1f} GiB; keep_snapshots: {keep}, the last ones and "
+                 f"the best)")
     return lines
 
 
