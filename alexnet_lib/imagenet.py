@@ -6,16 +6,23 @@ devkit, reports, errors.
     paths['train_batch_dir']     # .../data/toy/train_hkl_b256_b_256
 
 Every script turns a PrepError into one line ``error: ...`` on stderr and exit status 1
-(``run_main``); anything else is a bug and keeps its traceback.
+(``run_main``); anything else is a bug and keeps its traceback. Every file preprocessing writes
+goes through the writers here (write_file_atomic, save_npy, write_text_atomic, write_record;
+make_hkl.py's batches too), so that a full disk or a file-size limit is one line naming it.
 """
+import errno
+import io
 import os
+import signal
+import sys
 
 import numpy as np
 import yaml
 
-from alexnet_lib import errors
+from alexnet_lib import errors, provenance
 from alexnet_lib.errors import UserError
-from alexnet_lib.files import atomic_write, save_npy
+from alexnet_lib.files import atomic_write
+from alexnet_lib.images import IMAGE_SUFFIXES, is_image_name  # noqa: F401 (shared from here too)
 
 PREPROCESSING = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              'preprocessing')    # the scripts and their paths.yaml
@@ -26,7 +33,6 @@ TOY_IMAGES = 2560  # `make_hkl.py toy`: the first 2560 train and 2560 validation
 PATH_KEYS = ('train_img_dir', 'val_img_dir', 'tar_root_dir', 'tar_train_dir', 'tar_val_dir',
              'misc_dir', 'meta_clsloc_mat', 'val_label_file', 'valtxt_filename',
              'traintxt_filename')
-IMAGE_SUFFIXES = ('.jpeg', '.jpg', '.png')  # compared in lower case; ImageNet uses .JPEG
 SHUFFLED_TRAIN_FILE = 'shuffled_train_filenames.npy'
 SHUFFLE_SEED = 1
 
@@ -42,9 +48,88 @@ class PrepError(UserError):
 
 
 def run_main(main):
-    """Run ``main()``: a PrepError is one line ``error: ...`` and exit status 1, Ctrl-C 130."""
+    """Run ``main()``: a PrepError is one line ``error: ...`` and exit status 1, Ctrl-C 130.
+    A write over a file-size limit (ulimit -f) fails with EFBIG, like a full disk, instead of
+    killing the process with SIGXFSZ (the decoding processes inherit this)."""
+    if hasattr(signal, 'SIGXFSZ'):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     errors.run_main(main, interrupted="interrupted: complete batch files are kept; run the "
                                       "same command again to continue")
+
+
+def notice(text):
+    print(f"notice: {text}", file=sys.stderr)
+
+
+def plural(n, word, words=None):
+    """'1 file', '2 files'."""
+    return f"{n} {word}" if n == 1 else f"{n} {words or word + 's'}"
+
+
+# ---------------------------------------------------------------- writing files
+
+# why a write fails, and what to do, for the causes a user can fix
+_WRITE_CAUSES = {
+    errno.ENOSPC: ("the disk is full", "free some space (or set another tar_root_dir / misc_dir)"),
+    errno.EFBIG: ("over the file-size limit (ulimit -f)", "raise the limit (ulimit -f unlimited)"),
+    errno.EDQUOT: ("the disk quota is used up", "free some space within the quota"),
+}
+
+
+def write_failure(path, e, what='file'):
+    """The PrepError of an OSError ``e`` while writing ``path``: one line naming the file, the
+    cause (a full disk, a file-size limit, ...) and what to do. The file itself is not kept:
+    every write here goes to a temporary file that is renamed only when complete."""
+    reason = e.strerror or str(e) or type(e).__name__
+    cause = _WRITE_CAUSES.get(e.errno)
+    if cause is None:
+        return PrepError(f"cannot write {what} {path}: {reason}")
+    return PrepError(f"cannot write {what} {path} ({reason}): {cause[0]}; {cause[1]} and run "
+                     f"the same command again: complete files are kept")
+
+
+def write_file_atomic(path, data, what='file'):
+    """``data`` (bytes or a buffer) as the file ``path``, atomically, with plain writes: a
+    failure is an OSError with its errno (numpy's own writes lose it), turned into a PrepError
+    naming the file (write_failure)."""
+    def write(tmp):
+        with open(tmp, 'wb') as f:
+            f.write(data)
+    try:
+        atomic_write(path, write)
+    except OSError as e:
+        raise write_failure(path, e, what) from None
+
+
+def save_npy(path, array):
+    """np.save, atomically, without pickles; a failed write is a PrepError naming the file."""
+    memory = io.BytesIO()
+    np.save(memory, np.asarray(array), allow_pickle=False)
+    with memory.getbuffer() as data:
+        write_file_atomic(path, data)
+
+
+def write_text_atomic(path, text):
+    write_file_atomic(path, text.encode())
+
+
+def write_record(folder, record):
+    """provenance.write_record; a failed write is a PrepError naming the file."""
+    try:
+        provenance.write_record(folder, record)
+    except OSError as e:
+        raise write_failure(provenance.record_path(folder), e) from None
+
+
+def remove_records(*folders):
+    """Before preprocessing changes these folders: a record must never describe a
+    half-rewritten output."""
+    for folder in folders:
+        try:
+            provenance.remove_record(folder)
+        except OSError as e:
+            raise PrepError(f"cannot remove {provenance.record_path(folder)}: "
+                            f"{e.strerror or e}") from None
 
 
 # ---------------------------------------------------------------- paths.yaml
@@ -114,14 +199,39 @@ def require_file(paths, key, hint=''):
 
 # ---------------------------------------------------------------- file lists
 
-def is_image_name(name):
-    return not name.startswith('.') and name.lower().endswith(IMAGE_SUFFIXES)
+def _scan(folder):
+    """(image file names, sub-folder names, other names) of ``folder``, each sorted. Images are
+    told by their names (IMAGE_SUFFIXES, in any case); os.scandir knows the folders without a
+    stat per file on most file systems."""
+    images, folders, others = [], [], []
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir():
+                    folders.append(entry.name)
+                elif is_image_name(entry.name):
+                    images.append(entry.name)
+                else:
+                    others.append(entry.name)
+    except OSError as e:
+        raise PrepError(f"cannot read folder {folder}: {e.strerror or e}") from None
+    return sorted(images), sorted(folders), sorted(others)
+
+
+def _notice_not_images(key, folder, names):
+    """One line for the files of ``folder`` that are left out because they are not images."""
+    suffixes = ', '.join(('.jpeg', '.jpg', '.png', '.bmp', '.webp'))
+    notice(f"{key} {folder}: {plural(len(names), 'file')} not named as an image ({suffixes}, "
+           f"... in any case) {'is' if len(names) == 1 else 'are'} left out, e.g. {names[0]}")
+
+
+def _more(items, what):
+    return f" ({len(items)} {what} in all)" if len(items) > 1 else ''
 
 
 def list_class_folders(train_img_dir):
     """Sorted names of the class folders (WNIDs) of the training tree."""
-    folders = sorted(name for name in os.listdir(train_img_dir)
-                     if os.path.isdir(os.path.join(train_img_dir, name)))
+    folders = _scan(train_img_dir)[1]
     if not folders:
         raise PrepError(f"train_img_dir {train_img_dir} holds no class folders "
                         f"(expected n01440764/, n01443537/, ...)")
@@ -129,26 +239,50 @@ def list_class_folders(train_img_dir):
 
 
 def list_train_images(train_img_dir):
-    """All training images as sorted 'wnid/name' paths relative to train_img_dir."""
-    files = []
-    for wnid in list_class_folders(train_img_dir):
-        folder = os.path.join(train_img_dir, wnid)
-        files += [f'{wnid}/{name}' for name in os.listdir(folder) if is_image_name(name)]
+    """All training images as sorted 'wnid/name' paths relative to train_img_dir.
+
+    A class folder holds its images only, as ImageNet's do: a folder inside one is a PrepError
+    naming it (its images would otherwise be lost without a word). Files that are not images by
+    their names (not IMAGE_SUFFIXES), in the class folders or beside them, are left out with one
+    notice line that counts them and names one."""
+    _, wnids, others = _scan(train_img_dir)
+    if not wnids:
+        raise PrepError(f"train_img_dir {train_img_dir} holds no class folders "
+                        f"(expected n01440764/, n01443537/, ...)")
+    files, nested = [], []
+    for wnid in wnids:
+        images, folders, other = _scan(os.path.join(train_img_dir, wnid))
+        files += [f'{wnid}/{name}' for name in images]
+        nested += [f'{wnid}/{name}/' for name in folders]
+        others += [f'{wnid}/{name}' for name in other]
+    if nested:
+        wnid = nested[0].split('/')[0]
+        raise PrepError(f"train_img_dir {train_img_dir}: the class folder {wnid}/ holds a folder, "
+                        f"{nested[0]}{_more(nested, 'such folders')}; a class folder holds only "
+                        f"its images ({wnid}/{wnid}_10026.JPEG, ...) and folders in it are not "
+                        f"read: move their images up into the class folder, or remove them")
     if not files:
         raise PrepError(f"train_img_dir {train_img_dir}: its class folders hold no images")
+    if others:
+        _notice_not_images('train_img_dir', train_img_dir, others)
     return sorted(files)
 
 
 def list_val_images(val_img_dir):
-    """The validation image names, sorted (ILSVRC2012_val_00000001.JPEG, ...)."""
-    names = sorted(name for name in os.listdir(val_img_dir)
-                   if is_image_name(name) and os.path.isfile(os.path.join(val_img_dir, name)))
+    """The validation image names, sorted (ILSVRC2012_val_00000001.JPEG, ...). They lie directly
+    in val_img_dir: a folder in it is a PrepError naming it; files that are not images by their
+    names are left out with one notice line."""
+    names, folders, others = _scan(val_img_dir)
+    if folders:
+        raise PrepError(f"val_img_dir {val_img_dir} holds a folder, {folders[0]}/"
+                        f"{_more(folders, 'folders')}: the validation images must lie directly "
+                        f"in it, as ILSVRC2012_img_val.tar unpacks (ILSVRC2012_val_00000001.JPEG, "
+                        f"...), not in class folders or other folders: move them out, or point "
+                        f"val_img_dir at the flat folder")
     if not names:
-        hint = ''
-        if any(os.path.isdir(os.path.join(val_img_dir, n)) for n in os.listdir(val_img_dir)):
-            hint = ' (it holds folders: validation images must lie directly in it, not in ' \
-                   'class folders)'
-        raise PrepError(f"val_img_dir {val_img_dir} holds no images{hint}")
+        raise PrepError(f"val_img_dir {val_img_dir} holds no images")
+    if others:
+        _notice_not_images('val_img_dir', val_img_dir, others)
     return names
 
 
@@ -170,12 +304,11 @@ def load_shuffled_train_list(paths):
     return names.tolist()
 
 
-def get_shuffled_train_list(paths):
-    """The training images in training order: sorted, shuffled once with seed 1 (as the
-    original: np.random.seed(1); np.random.shuffle), saved to misc_dir and reused from there.
-    A saved list that does not match the training tree is an error, not silently reused."""
-    train_dir = require_dir(paths, 'train_img_dir')
-    files = list_train_images(train_dir)
+def train_order(paths, files):
+    """(training order, whether it is new): the order saved in misc_dir, checked against
+    ``files`` (the sorted training images), or a new one: sorted, shuffled once with seed 1 (as
+    the original: np.random.seed(1); np.random.shuffle). Writes nothing (save_train_order
+    does). A saved order that does not match the training tree is an error, not reused."""
     path = shuffled_train_file(paths)
     if os.path.exists(path):
         shuffled = load_shuffled_train_list(paths)
@@ -184,16 +317,17 @@ def get_shuffled_train_list(paths):
             extra = sorted(set(shuffled) - set(files))[:1]
             example = (f"it lacks {missing[0]}" if missing else
                        f"{extra[0]} is not in the tree" if extra else "it repeats a file")
-            raise PrepError(f"{path} lists {len(shuffled)} images but train_img_dir {train_dir} "
-                            f"holds {len(files)} ({example}): delete it and the batch folders "
-                            f"to start over")
-        print(f"training order: reusing {path}")
-        return shuffled
+            raise PrepError(f"{path} lists {len(shuffled)} images but train_img_dir "
+                            f"{paths['train_img_dir']} holds {len(files)} ({example}): delete it "
+                            f"and the batch folders to start over")
+        return shuffled, False
     order = np.asarray(files)
     np.random.RandomState(SHUFFLE_SEED).shuffle(order)
-    save_npy(path, order)
-    print(f"training order: {len(files)} images shuffled with seed {SHUFFLE_SEED}, saved to {path}")
-    return order.tolist()
+    return order.tolist(), True
+
+
+def save_train_order(paths, order):
+    save_npy(shuffled_train_file(paths), np.asarray(order))
 
 
 # ---------------------------------------------------------------- skipped-image reports
@@ -307,11 +441,3 @@ def read_devkit_synsets(meta_file):
         out[wnid] = (class_id, words or '')
     return out
 
-
-# ---------------------------------------------------------------- atomic writes
-
-def write_text_atomic(path, text):
-    def write(tmp):
-        with open(tmp, 'w') as f:
-            f.write(text)
-    atomic_write(path, write)

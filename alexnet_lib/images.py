@@ -19,6 +19,9 @@ several times cheaper to decode.
 
 A file that cannot be decoded completely (truncated, corrupt, not an image) raises
 ImageDecodeError naming the file; it never gives a partial or black image.
+
+Which files are images, by name (preprocessing lists a folder with it): IMAGE_SUFFIXES, the
+formats PIL reads that photographs come in, compared in lower case; is_image_name(name).
 """
 import numpy as np
 from PIL import Image
@@ -29,6 +32,12 @@ SIZE = 256
 RESAMPLE = Image.Resampling.BILINEAR
 
 _GREY_16BIT = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
+
+# The names of image files: every format of PIL's that pictures come in (ImageNet's are .JPEG,
+# others' .jpg, .png, .bmp, .webp, ...), compared in lower case. The content still decides the
+# format when the file is read.
+IMAGE_SUFFIXES = ('.jpeg', '.jpg', '.jpe', '.jfif', '.png', '.bmp', '.dib', '.webp', '.gif',
+                  '.tif', '.tiff', '.ppm', '.pgm', '.pbm', '.pnm')
 
 
 class ImageDecodeError(UserError):
@@ -46,6 +55,12 @@ def _to_rgb_or_grey(img):
     if img.mode in ('1', 'LA', 'La', 'F'):
         return img.convert('L')
     return img.convert('RGB')  # RGBA, RGBX, CMYK, P, PA, YCbCr, LAB, HSV, ...
+
+
+def is_image_name(name):
+    """Whether a file name is an image's: one of IMAGE_SUFFIXES, in any case, and not hidden
+    (macOS's ._name.JPEG files are not images)."""
+    return not name.startswith('.') and name.lower().endswith(IMAGE_SUFFIXES)
 
 
 def load_image_256(path):

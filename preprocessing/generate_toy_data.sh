@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Preprocess a quick subset: the first 2560 training images (in the shuffled order) and the
-# first 2560 validation images, i.e. 10 batches each; label lists and label files as for the
-# full run (the label files cover every image, so they also fit the toy batches).
+# first 2560 validation images, i.e. 10 batches each; label lists as for the full run, label
+# files of exactly that subset (less any images --skip-bad left out), and no more.
 #
 #   preprocessing/generate_toy_data.sh                      # paths from preprocessing/paths.yaml
 #   preprocessing/generate_toy_data.sh data/toy_imagenet/paths.yaml

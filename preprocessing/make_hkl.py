@@ -15,10 +15,21 @@ Writes, as the original preprocessing did:
                                             the last batch may be short
   {misc_dir}/img_mean.npy                   float32 (3, 256, 256): the mean of the training
                                             batch images (channel first, as the original)
+  preprocessing.json in both batch folders and misc_dir: the same record of this output
+                                            (alexnet_lib/provenance.py), written last, when
+                                            both splits and the mean are complete; removed
+                                            first, before anything changes
 
 Every core decodes (a process pool; --workers N for fewer). A batch file appears only when it is
 complete, so the run can be stopped at any moment; running the same command again skips the
 complete batches (and reads them back for the mean).
+
+Class folders hold images only: a folder inside one (or inside val_img_dir) stops the run
+with an error naming it; files not named as images (.jpeg, .jpg, .png, .bmp, .webp, ... in any
+case: IMAGE_SUFFIXES of alexnet_lib/images.py) are left out with one notice line.
+
+A full disk or a file-size limit stops the run with an error naming the file; no half-written
+file is kept under a batch's name.
 
 An image that cannot be decoded stops the run with an error naming it. With --skip-bad such
 images are left out instead and listed in {misc_dir}/skipped_train_images.txt or
@@ -26,6 +37,7 @@ skipped_val_images.txt; later batches move up to fill the gap, and make_labels.p
 same images out of the label files. While a report exists, its images stay left out.
 """
 import argparse
+import io
 import math
 import os
 import queue
@@ -37,12 +49,15 @@ import numpy as np
 from tqdm import tqdm
 
 
-from alexnet_lib.batch_files import BatchFileError, batch_rows, read_rows, write_batch
-from alexnet_lib.imagenet import (BATCH_SIZE, TOY_IMAGES, PrepError, available_cores,
-                                  add_paths_argument, get_shuffled_train_list, list_val_images,
-                                  load_paths, read_skipped, require_dir, run_main,
-                                  save_npy, skipped_report_file, write_skipped)
+from alexnet_lib.batch_files import IMAGE_SHAPE, BatchFileError, batch_rows, read_rows
+from alexnet_lib.imagenet import (BATCH_SIZE, TOY_IMAGES, PrepError, add_paths_argument,
+                                  available_cores, list_train_images, list_val_images,
+                                  load_paths, read_skipped, remove_records, require_dir,
+                                  run_main, save_npy, save_train_order, shuffled_train_file,
+                                  skipped_report_file, train_order, write_file_atomic, write_record,
+                                  write_skipped)
 from alexnet_lib.images import ImageDecodeError, load_image_256
+from alexnet_lib.provenance import RECORD_NAME, make_record
 
 
 def n_batches_text(n):
@@ -63,13 +78,31 @@ def existing_batches(folder):
     return out
 
 
-def remove_leftover_tmp_files(folder):
-    """Half-written batches of an interrupted run (write_batch's NNNN.hkl.tmpPID files)."""
+def remove_leftover_tmp_files(folder, quiet=False):
+    """Half-written batches of an interrupted run (write_batch_file's NNNN.hkl.tmpPID files)."""
     leftovers = [n for n in os.listdir(folder) if '.hkl.tmp' in n]
     for name in leftovers:
         os.unlink(os.path.join(folder, name))
-    if leftovers:
+    if leftovers and not quiet:
         print(f"  removed {len(leftovers)} half-written file(s) of an interrupted run")
+
+
+def write_batch_file(path, images):
+    """One batch file, atomically (the file exists only when complete), as hickle writes it.
+
+    HDF5 builds the file in memory and a plain write puts it on the disk, so that a full disk
+    or a file-size limit is a PrepError naming the file. (When HDF5 itself meets a failed
+    write, its flush and close fail again with RuntimeErrors, it prints more of them as its
+    objects are freed and it may crash at exit.)"""
+    import h5py
+    import hickle
+    images = np.ascontiguousarray(images, dtype=np.uint8)
+    assert images.ndim == 4 and images.shape[1:] == IMAGE_SHAPE, images.shape
+    memory = io.BytesIO()
+    with h5py.File(memory, 'w') as h5:
+        hickle.dump(images, h5)
+    with memory.getbuffer() as data:
+        write_file_atomic(path, data, 'batch file')
 
 
 # ---------------------------------------------------------------- work done in the pool
@@ -111,9 +144,9 @@ def run_task(task):
     if bad:
         return 'bad', k, bad
     try:
-        write_batch(out_path, images)
-    except OSError as e:
-        return 'io_error', k, f"cannot write batch file {out_path}: {e}"
+        write_batch_file(out_path, images)
+    except PrepError as e:
+        return 'io_error', k, str(e)
     return 'ok', k, len(image_paths), batch_sum(images) if want_sum else None
 
 
@@ -192,10 +225,29 @@ def run_tasks(pool, workers, tasks, name, done, sums, skip_bad):
     return bad
 
 
+def plan_batches(name, files, skipped, out_dir, drop_last):
+    """(the images of the batches in their order, the number of batches) of one split, less
+    the ``skipped`` images. A PrepError when there is not one batch, or when ``out_dir`` holds
+    batch files beyond them (a larger run's)."""
+    plan = [f for f in files if f not in skipped]
+    n_batches = len(plan) // BATCH_SIZE if drop_last else math.ceil(len(plan) / BATCH_SIZE)
+    if n_batches == 0:
+        raise PrepError(f"{name}: {len(plan)} images are fewer than one batch of {BATCH_SIZE}")
+    existing = existing_batches(out_dir) if os.path.isdir(out_dir) else {}
+    extra = sorted(k for k in existing if k >= n_batches)
+    if extra:
+        raise PrepError(f"{out_dir} holds {os.path.basename(existing[extra[0]])}, beyond the "
+                        f"{n_batches} batches this run makes (left from a larger run?): "
+                        f"delete the folder or choose another tar_root_dir")
+    return plan, n_batches
+
+
 def make_split(pool, workers, name, files, src_dir, out_dir, report_file, drop_last, sums,
                skip_bad):
-    """Write the batches of one split; return {batch index: n_images}. With a BatchSums
-    ``sums``, add the sum of every batch's images to it (complete batches are read back)."""
+    """Write the batches of one split; return ({batch index: n_images}, the images the batches
+    were cut from, in their order: those of a dropped last partial batch included). With a
+    BatchSums ``sums``, add the sum of every batch's images to it (complete batches are read
+    back)."""
     os.makedirs(out_dir, exist_ok=True)
     remove_leftover_tmp_files(out_dir)
     skipped = read_skipped(report_file)
@@ -203,16 +255,8 @@ def make_split(pool, workers, name, files, src_dir, out_dir, report_file, drop_l
         print(f"  leaving out {len(skipped)} image(s) listed in {report_file}")
     done = {}
     while True:
-        plan = [f for f in files if f not in skipped]
-        n_batches = len(plan) // BATCH_SIZE if drop_last else math.ceil(len(plan) / BATCH_SIZE)
-        if n_batches == 0:
-            raise PrepError(f"{name}: {len(plan)} images are fewer than one batch of {BATCH_SIZE}")
+        plan, n_batches = plan_batches(name, files, skipped, out_dir, drop_last)
         existing = existing_batches(out_dir)
-        extra = sorted(k for k in existing if k >= n_batches)
-        if extra:
-            raise PrepError(f"{out_dir} holds {os.path.basename(existing[extra[0]])}, beyond the "
-                            f"{n_batches} batches this run makes (left from a larger run?): "
-                            f"delete the folder or choose another tar_root_dir")
         tasks = []
         for k in range(n_batches):
             if k in done:
@@ -238,9 +282,17 @@ def make_split(pool, workers, name, files, src_dir, out_dir, report_file, drop_l
         n_make = sum(t[0] == 'make' for t in tasks)
         print(f"{name}: {len(plan)} images -> {n_batches_text(n_batches)} in {out_dir} "
               f"({n_batches - n_make} complete, {n_make} to make)")
-        bad_results = run_tasks(pool, workers, tasks, name, done, sums, skip_bad)
+        try:
+            bad_results = run_tasks(pool, workers, tasks, name, done, sums, skip_bad)
+        except BaseException:
+            # a failed write or Ctrl-C: stop the other writers and take away their
+            # half-written files (the complete batches stay)
+            pool.terminate()
+            pool.join()
+            remove_leftover_tmp_files(out_dir, quiet=True)
+            raise
         if not bad_results:
-            return done
+            return done, plan
         newly_bad = {}
         for _, k, items in bad_results:
             for i, message in items:
@@ -288,25 +340,48 @@ def main():
     val_dir = require_dir(paths, 'val_img_dir')
     print(f"make_hkl.py {args.mode}: paths from {paths['paths_file']}, {args.workers} worker(s)")
 
-    train_files = get_shuffled_train_list(paths)
-    val_files = list_val_images(val_dir)
+    # everything that can be refused is refused before anything changes
+    order, new_order = train_order(paths, list_train_images(train_dir))
+    train_files, val_files = order, list_val_images(val_dir)
     if args.mode == 'toy':
         train_files, val_files = train_files[:TOY_IMAGES], val_files[:TOY_IMAGES]
+    train_out, val_out, misc_dir = paths['train_batch_dir'], paths['val_batch_dir'], \
+        paths['misc_dir']
+    splits = (('train', train_files, train_out, True), ('val', val_files, val_out, False))
+    for name, files, out_dir, drop_last in splits:
+        plan_batches(name, files, read_skipped(skipped_report_file(paths, name)), out_dir,
+                     drop_last)
+
+    # from here on the outputs change: their record goes first, and comes back at the end
+    remove_records(train_out, val_out, misc_dir)
+    order_file = shuffled_train_file(paths)
+    if new_order:
+        save_train_order(paths, order)
+        print(f"training order: {len(order)} images shuffled with seed 1, saved to {order_file}")
+    else:
+        print(f"training order: reusing {order_file}")
 
     with Pool(args.workers, initializer=ignore_sigint) as pool:
         sums = BatchSums()
-        make_split(pool, args.workers, 'train', train_files, train_dir, paths['train_batch_dir'],
-                   skipped_report_file(paths, 'train'), drop_last=True, sums=sums,
-                   skip_bad=args.skip_bad)
-        mean_file = os.path.join(paths['misc_dir'], 'img_mean.npy')
+        _, train_plan = make_split(pool, args.workers, 'train', train_files, train_dir, train_out,
+                                   skipped_report_file(paths, 'train'), drop_last=True,
+                                   sums=sums, skip_bad=args.skip_bad)
+        mean_file = os.path.join(misc_dir, 'img_mean.npy')
         save_npy(mean_file, sums.mean())
         print(f"train: {n_batches_text(sums.n_batches)}; mean of their {sums.n_images} images -> "
               f"{mean_file}")
 
-        done = make_split(pool, args.workers, 'val', val_files, val_dir, paths['val_batch_dir'],
-                          skipped_report_file(paths, 'val'), drop_last=False, sums=None,
-                          skip_bad=args.skip_bad)
+        done, val_plan = make_split(pool, args.workers, 'val', val_files, val_dir, val_out,
+                                    skipped_report_file(paths, 'val'), drop_last=False,
+                                    sums=None, skip_bad=args.skip_bad)
         print(f"val: {n_batches_text(len(done))}, {sum(done.values())} images")
+
+    record = make_record(train_plan, sums.n_batches, val_plan, len(done), BATCH_SIZE)
+    for folder in (train_out, val_out, misc_dir):
+        write_record(folder, record)
+    print(f"record of this output ({record['train_images']} training images in the order the "
+          f"batches were cut from, {record['val_images']} validation images) -> {RECORD_NAME} "
+          f"in both batch folders and {misc_dir}")
 
 
 if __name__ == '__main__':

@@ -19,11 +19,13 @@ which is not the devkit's id order. Writes:
 
   traintxt_filename  (misc/train.txt)   lines 'n01440764/n01440764_10026.JPEG 0', sorted
   valtxt_filename    (misc/val.txt)     lines 'ILSVRC2012_val_00000001.JPEG 65', sorted
-  {misc_dir}/synset_words.txt           line i: 'WNID words' of label i
+  {misc_dir}/synset_words.txt           line i: 'WNID words' of label i ('WNID' alone, with a
+                                        notice, when the devkit has no words for the class)
 
 Stops with a one-line error when the synsets file is not a devkit's, when a training folder is
-not the WNID of a devkit class, when the ground truth does not have one line per validation
-image, or when a line is not such a class's id.
+not the WNID of a devkit class, when a class folder holds a folder (or val_img_dir does), when
+the ground truth does not have one line per validation image, or when a line is not such a
+class's id. Files that are not images by their names are left out with one notice line.
 Use a meta file and a ground-truth file from the same devkit: their ids must agree.
 """
 import argparse
@@ -32,8 +34,8 @@ import os
 
 from alexnet_lib.imagenet import (PrepError, add_paths_argument, list_class_folders,
                                   list_train_images, list_val_images, load_paths,
-                                  read_devkit_synsets, require_dir, require_file, run_main,
-                                  write_text_atomic)
+                                  notice, read_devkit_synsets, require_dir, require_file,
+                                  run_main, write_text_atomic)
 
 
 def read_ground_truth(gt_file, n_val, val_dir):
@@ -91,7 +93,15 @@ def main():
     write_text_atomic(paths['traintxt_filename'], ''.join(train_lines))
     write_text_atomic(paths['valtxt_filename'], ''.join(val_lines))
     words_file = os.path.join(paths['misc_dir'], 'synset_words.txt')
-    write_text_atomic(words_file, ''.join(f"{w} {synsets[w][1]}\n" for w in wnids))
+    words = {w: ' '.join(synsets[w][1].split()) for w in wnids}
+    nameless = [w for w in wnids if not words[w]]
+    if nameless:  # the names only serve printing predictions: the WNID still names the class
+        which = ('its classes' if len(nameless) == len(wnids) else
+                 f"{len(nameless)} of its {len(wnids)} classes (e.g. {nameless[0]})")
+        notice(f"devkit file {meta_file} has no 'words' (class names) for {which}: "
+               f"{words_file} names them by WNID alone")
+    write_text_atomic(words_file, ''.join(f"{w} {words[w]}\n" if words[w] else f"{w}\n"
+                                          for w in wnids))
     print(f"make_train_val_txt.py: {len(wnids)} classes; {len(train_lines)} train images -> "
           f"{paths['traintxt_filename']}; {len(val_lines)} validation images -> "
           f"{paths['valtxt_filename']}; class names -> {words_file}")

@@ -1,6 +1,8 @@
 """End-to-end tests of preprocessing/: the real scripts (and shell scripts) in subprocesses, on
 trees with every quirk of the real ImageNet (tests/preproc_tree.py), checked image by image."""
 import os
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,10 +16,12 @@ from PIL import Image
 from conftest import default_sigint
 
 from preproc_tree import (DEVKIT_IDS, DEVKITS, NODES, PALETTE, RGBA_COLOUR, WNIDS, build_tree,
-                          truncate, write_meta)
+                          truncate, write_image, write_meta)
 
-from alexnet_lib.batch_files import list_batch_files
-from alexnet_lib.images import ImageDecodeError, load_image_256
+from alexnet_lib import provenance
+from alexnet_lib.batch_files import batch_rows, list_batch_files
+from alexnet_lib.config import ConfigError
+from alexnet_lib.images import IMAGE_SUFFIXES, ImageDecodeError, is_image_name, load_image_256
 from alexnet_lib.imagenet import PrepError, load_paths, read_devkit_synsets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,6 +49,48 @@ def error_line(result):
     errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
     assert len(errors) == 1, result.stderr
     return errors[0]
+
+
+def load(path):
+    return np.load(path, allow_pickle=False)
+
+
+def shuffled_order(paths):
+    return load(os.path.join(paths['misc_dir'], 'shuffled_train_filenames.npy')).tolist()
+
+
+def record_folders(paths):
+    """The four folders that carry a preprocessing record, by the config key naming each."""
+    return {'train_folder': paths['train_batch_dir'], 'val_folder': paths['val_batch_dir'],
+            'label_folder': paths['labels_dir'], 'mean_file': paths['misc_dir']}
+
+
+def records(paths):
+    return {key: provenance.read_record(folder) for key, folder in record_folders(paths).items()}
+
+
+def assert_record_describes(paths, train_names, val_names):
+    """The four folders carry one record, and it describes the batches and labels written:
+    ``train_names`` the training order the batches were cut from, ``val_names`` the
+    validation images of the batches."""
+    found = records(paths)
+    record = found['train_folder']
+    assert record is not None and all(r == record for r in found.values()), found
+    assert provenance.check_together(record_folders(paths)) == record
+    train_files = list_batch_files(paths['train_batch_dir'])
+    val_files = list_batch_files(paths['val_batch_dir'])
+    assert record['batch_size'] == 256
+    assert record['train_images'] == len(train_names)
+    assert record['train_order_sha1'] == provenance.fingerprint(train_names)
+    assert record['train_batches'] == len(train_files) == len(train_names) // 256
+    assert all(batch_rows(f) == 256 for f in train_files)
+    assert record['val_images'] == len(val_names) == sum(batch_rows(f) for f in val_files)
+    assert record['val_list_sha1'] == provenance.fingerprint(val_names)
+    assert record['val_batches'] == len(val_files)
+    labels = paths['labels_dir']
+    assert len(load(os.path.join(labels, 'train_labels.npy'))) == record['train_images']
+    assert len(load(os.path.join(labels, 'val_labels.npy'))) == record['val_images']
+    return record
 
 
 def read_batches(folder):
@@ -144,6 +190,16 @@ def test_labels_follow_the_batches(done):
     assert train_labels.dtype == np.int64 and val_labels.dtype == np.int64
 
 
+def test_the_four_folders_carry_the_record_of_what_was_written(done):
+    tree, paths, _, result = done
+    order = shuffled_order(paths)
+    assert len(order) == 600  # 2 batches, the 88 of the dropped partial batch in the record
+    record = assert_record_describes(paths, order, tree.val_names)
+    assert record['train_images'] == 600 and record['train_batches'] == 2
+    assert record['val_images'] == 300 and record['val_batches'] == 2
+    assert 'preprocessing.json' in result.stdout
+
+
 def test_caffe_style_lists(done):
     tree, paths, _, _ = done
     with open(paths['traintxt_filename']) as f:
@@ -218,6 +274,7 @@ def test_rerun_skips_complete_batches_and_ignores_leftover_tmp_files(done):
         name = order[256 + i]
         assert_row_is_image(rows[i], os.path.join(tree.train_dir, name), tree.kind[name])
     np.testing.assert_array_equal(np.load(mean_file, allow_pickle=False), mean_before)
+    assert_record_describes(paths, order, tree.val_names)
 
 
 def test_stale_batches_beyond_the_run_are_refused(done):
@@ -225,9 +282,11 @@ def test_stale_batches_beyond_the_run_are_refused(done):
     extra = os.path.join(paths['val_batch_dir'], '0002.hkl')
     with open(os.path.join(paths['val_batch_dir'], '0001.hkl'), 'rb') as f, open(extra, 'wb') as g:
         g.write(f.read())
+    before = records(paths)
     try:
         line = error_line(run(['make_hkl.py', '--paths', yaml_path, '--workers', '2'], REPO))
         assert '0002.hkl' in line
+        assert records(paths) == before  # refused before anything changed: the record stays
     finally:
         os.unlink(extra)
 
@@ -261,6 +320,35 @@ def test_ctrl_c_then_rerun_finishes_the_same_batches(tmp_path):
     mean = np.load(os.path.join(paths['misc_dir'], 'img_mean.npy'), allow_pickle=False)
     np.testing.assert_allclose(mean, rows.mean(axis=0, dtype=np.float64).transpose(2, 0, 1),
                                rtol=0, atol=1e-4)
+    ok(run(['make_train_val_txt.py', '--paths', yaml_path], REPO))
+    ok(run(['make_labels.py', '--paths', yaml_path], REPO))
+    record = assert_record_describes(paths, order, tree.val_names)
+
+    # a rerun that is interrupted takes the record away from every folder it changes, so
+    # that none describes a half-rewritten output
+    for path in list_batch_files(paths['train_batch_dir'])[1:]:
+        os.unlink(path)
+    second = os.path.join(paths['train_batch_dir'], '0001.hkl')
+    proc = subprocess.Popen([sys.executable, os.path.join(PREP, 'make_hkl.py'), '--paths',
+                             yaml_path, '--workers', '1'], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
+    while not os.path.exists(second) and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert len(list_batch_files(paths['train_batch_dir'])) < 4
+    found = records(paths)
+    assert found['train_folder'] is found['val_folder'] is found['mean_file'] is None, found
+    assert found['label_folder'] == record  # make_labels.py's, of the run before
+    with pytest.raises(ConfigError, match='train_folder, val_folder and mean_file have no '
+                                          'preprocessing.json, but label_folder was written'):
+        provenance.check_together(record_folders(paths))
+    line = error_line(run(['make_labels.py', '--paths', yaml_path], REPO))
+    assert 'preprocessing.json' in line and 'run make_hkl.py first' in line
+
+    ok(run(['make_hkl.py', '--paths', yaml_path, '--workers', '2'], REPO))
+    assert assert_record_describes(paths, order, tree.val_names) == record
 
 
 # ---------------------------------------------------------------- unreadable images
@@ -324,10 +412,15 @@ def test_skip_bad_leaves_images_out_of_batches_and_labels(bad_tree):
     val_labels = np.load(os.path.join(paths['labels_dir'], 'val_labels.npy'))
     assert val_labels.tolist() == [label for _, label in val_good]
 
+    # the record: the order less the image left out, the dropped partial batch included
+    assert_record_describes(paths, good, [n for n, _ in val_good])
+    assert '(1 file)' in result.stdout and '(1 files)' not in result.stdout
+
     # a re-run, with or without --skip-bad, keeps leaving them out and redoes nothing
     result = ok(run(['make_hkl.py', '--paths', yaml_path, '--workers', '2'], REPO))
     assert '(2 complete, 0 to make)' in result.stdout
     assert '(1 complete, 0 to make)' in result.stdout
+    assert_record_describes(paths, good, [n for n, _ in val_good])
 
 
 # ---------------------------------------------------------------- configuration errors
@@ -387,7 +480,8 @@ def test_make_labels_before_make_hkl_says_what_to_run(small_tree):
     yaml_path = tree.write_paths_yaml(tmp / 'paths.yaml', tmp / 'out')
     ok(run(['make_train_val_txt.py', '--paths', yaml_path], tmp))
     line = error_line(run(['make_labels.py', '--paths', yaml_path], tmp))
-    assert 'shuffled_train_filenames.npy' in line and 'make_hkl.py' in line
+    assert 'train_hkl_b256_b_256 has no preprocessing.json' in line
+    assert 'run make_hkl.py first' in line
 
 
 # ---------------------------------------------------------------- the two devkits
@@ -596,6 +690,8 @@ def test_toy_imagenet_tree_and_generate_toy_data(tmp_path):
     label_of_id = {id_of[w]: label for label, w in enumerate(wnids)}
     assert val_labels.tolist() == [label_of_id[i] for i in gt]
     assert len(np.load(os.path.join(paths['labels_dir'], 'train_labels.npy'))) == 1400
+    # fewer than 2560 images: the toy subset is every image, the record says so
+    assert_record_describes(paths, shuffled_order(paths), val_names)
     # colour matters: the images are not grey
     assert np.abs(train[0][..., 0].astype(int) - train[0][..., 1]).mean() > 10
 
@@ -612,3 +708,216 @@ def test_default_paths_yaml_points_at_the_quickstart_toy_data():
     # and the toy builder's tree goes where it reads
     assert paths['meta_clsloc_mat'] == os.path.join(data, 'toy_imagenet', 'devkit', 'data',
                                                     'meta_clsloc.mat')
+
+
+# ---------------------------------------------------------------- toy and full records
+
+def test_a_toy_run_records_and_labels_its_subset_and_a_mix_with_a_full_run_is_refused(tmp_path):
+    """2600 training images: the toy run takes the first 2560 of the order (10 batches), the
+    full run all 2600 (the same 10 batches, 40 dropped). Each run's four folders carry its own
+    record; a toy run's labels and mean next to a full run's batches are refused."""
+    tree = build_tree(tmp_path / 'imagenet', per_class=(900, 900, 800), n_val=20, quirks=False)
+    yaml_path = tree.write_paths_yaml(tmp_path / 'paths.yaml', tmp_path / 'out')
+    paths = load_paths(yaml_path)
+    ok(run(['generate_toy_data.sh', yaml_path, '--workers', '2'], tmp_path))
+    order = shuffled_order(paths)
+    assert len(order) == 2600
+    toy = assert_record_describes(paths, order[:2560], tree.val_names)
+    assert toy['train_images'] == 2560 and toy['train_batches'] == 10
+    train_labels = load(os.path.join(paths['labels_dir'], 'train_labels.npy'))
+    assert train_labels.tolist() == [tree.train_label[n] for n in order[:2560]]  # no more
+    toy_labels, toy_misc = tmp_path / 'toy_labels', tmp_path / 'toy_misc'
+    shutil.copytree(paths['labels_dir'], toy_labels)
+    shutil.copytree(paths['misc_dir'], toy_misc)
+
+    result = ok(run(['generate_data.sh', yaml_path, '--workers', '2'], tmp_path))
+    assert '(10 complete, 0 to make)' in result.stdout  # the toy batches serve the full run
+    full = assert_record_describes(paths, order, tree.val_names)
+    assert full['train_images'] == 2600 and full['train_batches'] == 10
+    assert full['train_order_sha1'] != toy['train_order_sha1']
+    train_labels = load(os.path.join(paths['labels_dir'], 'train_labels.npy'))
+    assert train_labels.tolist() == [tree.train_label[n] for n in order]
+
+    mixed = dict(record_folders(paths), label_folder=str(toy_labels), mean_file=str(toy_misc))
+    with pytest.raises(ConfigError) as refused:
+        provenance.check_together(mixed)
+    message = str(refused.value)
+    assert message.startswith('train_folder, val_folder, label_folder and mean_file come from '
+                              'different preprocessing outputs')
+    assert 'train_folder and val_folder from one (2600 training images' in message
+    assert 'label_folder and mean_file from one (2560 training images' in message
+
+    # labels made from other lists than the batches' are refused, naming both
+    report = os.path.join(paths['misc_dir'], 'skipped_train_images.txt')
+    with open(report, 'w') as f:
+        f.write(f'{order[3]}\tleft out by hand\n')
+    line = error_line(run(['make_labels.py', '--paths', yaml_path], tmp_path))
+    assert line.startswith(f"error: the training order of {paths['misc_dir']}/shuffled_train_"
+                           f"filenames.npy less the images of {report} (2599 images, sha1 ")
+    assert f"is not the order the training batches were cut from ({paths['train_batch_dir']}/" \
+           f"preprocessing.json: 2600 images, sha1 {full['train_order_sha1'][:8]}): run " \
+           f"make_hkl.py again" in line
+    os.unlink(report)
+    os.unlink(os.path.join(paths['misc_dir'], 'preprocessing.json'))
+    line = error_line(run(['make_labels.py', '--paths', yaml_path], tmp_path))
+    assert line == (f"error: {paths['misc_dir']}/preprocessing.json is missing: make_hkl.py did "
+                    f"not finish, or the folders come from different runs: run make_hkl.py "
+                    f"again, then make_labels.py")
+
+
+# ---------------------------------------------------------------- what is an image, folders
+
+def test_the_image_suffixes_are_formats_pil_reads(tmp_path):
+    opens = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    assert set(IMAGE_SUFFIXES) <= opens
+    assert {'.jpeg', '.jpg', '.png', '.bmp', '.webp'} <= set(IMAGE_SUFFIXES)
+    assert all(s == s.lower() for s in IMAGE_SUFFIXES)
+    assert is_image_name('a.JPEG') and is_image_name('b.WebP') and is_image_name('c.Bmp')
+    assert not is_image_name('._a.JPEG') and not is_image_name('notes.txt')
+    rgb = (np.arange(40 * 30 * 3) % 251).astype(np.uint8).reshape(30, 40, 3)
+    for fmt, ext in (('BMP', '.bmp'), ('WEBP', '.webp'), ('PNG', '.PNG')):
+        path = tmp_path / f'x{ext}'
+        Image.fromarray(rgb).save(path, fmt, **({'lossless': True} if fmt == 'WEBP' else {}))
+        expected = np.asarray(Image.fromarray(rgb).resize((256, 256),
+                                                          Image.Resampling.BILINEAR))
+        np.testing.assert_array_equal(load_image_256(path), expected)
+
+
+def test_every_image_format_is_taken_and_a_folder_in_a_class_folder_stops(tmp_path):
+    """.bmp, .webp and .Jpg images are preprocessed like the JPEGs; a folder inside a class
+    folder or inside val_img_dir stops the run naming it; other files are counted in one
+    notice line per folder tree."""
+    tree = build_tree(tmp_path / 'imagenet', per_class=(170, 170, 169), n_val=30, quirks=False)
+    rng = np.random.RandomState(5)
+    extras = {'n01440764/n01440764_9001.bmp': 'BMP', 'n01443537/n01443537_9002.WEBP': 'WEBP',
+              'n02102040/n02102040_9003.Jpg': 'JPEG'}
+    for rel, fmt in extras.items():
+        write_image(os.path.join(tree.train_dir, rel), 'rgb', rng)  # a JPEG ...
+        with Image.open(os.path.join(tree.train_dir, rel)) as img:
+            img.load()
+        img.save(os.path.join(tree.train_dir, rel), fmt)              # ... in its own format
+        tree.train_label[rel] = WNIDS.index(rel.split('/')[0])
+        tree.kind[rel] = 'rgb'
+    val_extras = {'ILSVRC2012_val_00000031.webp': 'WEBP', 'ILSVRC2012_val_00000032.bmp': 'BMP'}
+    for name, fmt in val_extras.items():
+        Image.fromarray(rng.randint(0, 256, (40, 50, 3)).astype(np.uint8)).save(
+            os.path.join(tree.val_dir, name), fmt)
+        tree.val_names.append(name)
+        tree.val_label.append(2)
+    with open(tree.gt, 'a') as f:
+        f.write(f"{DEVKIT_IDS[WNIDS[2]]}\n" * 2)
+    for path in (os.path.join(tree.train_dir, 'README.txt'),
+                 os.path.join(tree.train_dir, WNIDS[1], 'Thumbs.db'),
+                 os.path.join(tree.val_dir, 'LOC_val_solution.csv')):
+        with open(path, 'w') as f:
+            f.write('not an image\n')
+    yaml_path = tree.write_paths_yaml(tmp_path / 'paths.yaml', tmp_path / 'out')
+    paths = load_paths(yaml_path)
+
+    nested = os.path.join(tree.train_dir, WNIDS[0], 'extra')
+    os.makedirs(nested)
+    write_image(os.path.join(nested, f'{WNIDS[0]}_9100.JPEG'), 'rgb', rng)
+    for script in ('make_train_val_txt.py', 'make_hkl.py'):
+        line = error_line(run([script, '--paths', yaml_path], tmp_path))
+        assert f"the class folder {WNIDS[0]}/ holds a folder, {WNIDS[0]}/extra/;" in line
+        assert tree.train_dir in line and 'move their images up' in line
+    assert not os.path.exists(paths['train_batch_dir'])
+    os.rename(nested, os.path.join(tree.val_dir, 'extra'))  # valprep.sh-style folders
+    os.makedirs(os.path.join(tree.val_dir, WNIDS[1]))
+    for script in ('make_train_val_txt.py', 'make_hkl.py'):
+        line = error_line(run([script, '--paths', yaml_path], tmp_path))
+        assert line.startswith(f'error: val_img_dir {tree.val_dir} holds a folder, extra/ '
+                               f'(2 folders in all): the validation images must lie directly')
+    shutil.rmtree(os.path.join(tree.val_dir, 'extra'))
+    os.rmdir(os.path.join(tree.val_dir, WNIDS[1]))
+
+    ok(run(['make_train_val_txt.py', '--paths', yaml_path], tmp_path))
+    result = ok(run(['make_hkl.py', '--paths', yaml_path, '--workers', '2'], tmp_path))
+    notices = [line for line in result.stderr.splitlines() if line.startswith('notice: ')]
+    assert notices == [
+        f"notice: train_img_dir {tree.train_dir}: 2 files not named as an image (.jpeg, .jpg, "
+        f".png, .bmp, .webp, ... in any case) are left out, e.g. README.txt",
+        f"notice: val_img_dir {tree.val_dir}: 1 file not named as an image (.jpeg, .jpg, "
+        f".png, .bmp, .webp, ... in any case) is left out, e.g. LOC_val_solution.csv"]
+    ok(run(['make_labels.py', '--paths', yaml_path], tmp_path))
+
+    order = shuffled_order(paths)
+    assert sorted(order) == tree.train_files() and len(order) == 512
+    rows = np.concatenate(read_batches(paths['train_batch_dir']))
+    for rel in extras:
+        assert_row_is_image(rows[order.index(rel)], os.path.join(tree.train_dir, rel), 'rgb')
+    val_rows = np.concatenate(read_batches(paths['val_batch_dir']))
+    assert len(val_rows) == 32
+    for name in val_extras:
+        assert_row_is_image(val_rows[tree.val_names.index(name)],
+                            os.path.join(tree.val_dir, name), 'rgb')
+    assert load(os.path.join(paths['labels_dir'], 'train_labels.npy')).tolist() == \
+        [tree.train_label[n] for n in order]
+    assert load(os.path.join(paths['labels_dir'], 'val_labels.npy')).tolist() == tree.val_label
+    assert_record_describes(paths, order, tree.val_names)
+
+
+# ---------------------------------------------------------------- a devkit without words
+
+def test_a_devkit_without_words_gives_the_wnids_alone_with_a_notice(small_tree):
+    tree, tmp = small_tree
+    rows = [(np.array([[class_id]], np.uint16), wnid, np.array([[0]], np.uint8),
+             np.zeros((1, 0), np.uint16)) for wnid, class_id in sorted(DEVKIT_IDS.items())]
+    save_synsets(tree.meta, ['ILSVRC2014_ID', 'WNID', 'num_children', 'children'], rows)
+    yaml_path = tree.write_paths_yaml(tmp / 'paths.yaml', tmp / 'out')
+    result = ok(run(['make_train_val_txt.py', '--paths', yaml_path], tmp))
+    words_file = os.path.join(load_paths(yaml_path)['misc_dir'], 'synset_words.txt')
+    notices = [line for line in result.stderr.splitlines() if line.startswith('notice: ')]
+    assert notices == [f"notice: devkit file {tree.meta} has no 'words' (class names) for its "
+                       f"classes: {words_file} names them by WNID alone"]
+    with open(words_file) as f:
+        assert f.read() == ''.join(f'{w}\n' for w in WNIDS)
+
+
+# ---------------------------------------------------------------- a full disk, a size limit
+
+def size_limited(limit, ignore_sigxfsz=True):
+    """preexec_fn: the child may write files of at most ``limit`` bytes (ulimit -f). With
+    SIGXFSZ ignored a longer write fails with EFBIG; at its default the script must ignore it
+    itself, or the signal kills it."""
+    def preexec():
+        if ignore_sigxfsz:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return preexec
+
+
+@pytest.mark.parametrize('script, limit, culprit, ignore_sigxfsz', [
+    ('make_train_val_txt.py', 1000, 'misc/train.txt', True),
+    ('make_hkl.py', 10_000, 'misc/shuffled_train_filenames.npy', True),
+    ('make_hkl.py', 1 << 20, 'train_hkl_b256_b_256/0000.hkl', True),
+    ('make_hkl.py', 1 << 20, 'train_hkl_b256_b_256/0000.hkl', False),
+    ('make_labels.py', 1000, 'labels/train_labels.npy', True),
+])
+def test_a_file_size_limit_is_one_line_naming_the_file(tmp_path, script, limit, culprit,
+                                                        ignore_sigxfsz):
+    tree = build_tree(tmp_path / 'imagenet', per_class=(100, 100, 100), n_val=10, quirks=False)
+    yaml_path = tree.write_paths_yaml(tmp_path / 'paths.yaml', tmp_path / 'out')
+    paths = load_paths(yaml_path)
+    if script == 'make_labels.py':
+        ok(run(['make_train_val_txt.py', '--paths', yaml_path], tmp_path))
+        ok(run(['make_hkl.py', '--paths', yaml_path, '--workers', '2'], tmp_path))
+    cmd = [sys.executable, os.path.join(PREP, script), '--paths', yaml_path]
+    if script == 'make_hkl.py':
+        cmd += ['--workers', '2']
+    result = subprocess.run(cmd, cwd=str(tmp_path), env=ENV, capture_output=True, text=True,
+                            timeout=300, preexec_fn=size_limited(limit, ignore_sigxfsz))
+    line = error_line(result)
+    path = str(tmp_path / 'out' / culprit)
+    assert line.startswith(f"error: cannot write {'batch ' if path.endswith('.hkl') else ''}"
+                           f"file {path} (File too large): over the file-size limit "
+                           f"(ulimit -f); raise the limit (ulimit -f unlimited) and run the "
+                           f"same command again"), line
+    for noise in ('Traceback', 'Exception ignored', 'RuntimeError', 'HDF5'):
+        assert noise not in result.stderr, result.stderr
+    # nothing half-written under a complete file's name, nothing left over, no record
+    assert not os.path.exists(path)
+    left = [os.path.join(d, n) for d, _, names in os.walk(tmp_path / 'out') for n in names]
+    assert not [p for p in left if '.tmp' in p], left
+    folder = paths['labels_dir'] if script == 'make_labels.py' else paths['train_batch_dir']
+    assert provenance.read_record(folder) is None
