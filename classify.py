@@ -1,6 +1,6 @@
 """Classify images with a snapshot: top-5 classes, their probabilities and names.
 
-    python classify.py IMAGE [IMAGE ...] [key=value ...] [extra.yaml ...]
+    python classify.py IMAGE|FOLDER [...] [key=value ...] [extra.yaml ...]
     python classify.py cat.jpg dog.png gpu=cpu weights_dir=pretrained/alexnet/weights \
         load_epoch=65 mean_file=pretrained/alexnet/weights/img_mean.npy \
         meta_clsloc_mat=ILSVRC2014_devkit/data/meta_clsloc.mat
@@ -9,6 +9,11 @@
 The configuration is the usual one (config.yaml + spec_1gpu.yaml + yaml files + key=value):
 weights_dir and load_epoch choose the snapshot, mean_file the mean image, gpu the device,
 precision the arithmetic, batch_size how many images go through the network at once.
+
+A folder stands for the images inside it (not in its subfolders), in sorted order: the files
+whose names preprocessing takes for images (alexnet_lib.imagenet.is_image_name: .jpg, .jpeg,
+.png, ... in any case, not hidden); the other files are listed as skipped. A folder without
+any image is an error.
 
 Each image is read with alexnet_lib.images.load_image_256 (any format preprocessing reads:
 JPEG, PNG, greyscale, CMYK, alpha, ...; decided by content, not name), exactly as the batch
@@ -48,22 +53,24 @@ from alexnet_lib.step import precision_of, test_logits
 from alexnet_lib.snapshot import load_snapshot
 from alexnet_lib.files import DataError
 from alexnet_lib.images import load_image_256
+from alexnet_lib.imagenet import is_image_name
 
 OWN_KEYS = ('meta_clsloc_mat', 'synset_words')
 TOP = 5
-USAGE = ("usage: python classify.py IMAGE [IMAGE ...] [key=value ...] "
+USAGE = ("usage: python classify.py IMAGE|FOLDER [...] [key=value ...] "
          "[meta_clsloc_mat=PATH | synset_words=PATH]")
 
 
 def split_args(argv):
     """(images, this script's own settings, config words). A word ending in .yaml/.yml is a
-    config file, an existing file an image, 'key=value' a setting, anything else an image."""
+    config file, an existing file or folder an image (or folder of them), 'key=value' a
+    setting, anything else an image."""
     images, own, config_words = [], {}, []
     for a in argv:
         key = re.match(r'^([A-Za-z_]\w*)=', a)
         if a.endswith(('.yaml', '.yml')):
             config_words.append(a)
-        elif os.path.isfile(a) or not key:
+        elif os.path.exists(a) or not key:
             images.append(a)
         elif key.group(1) in OWN_KEYS:
             own[key.group(1)] = a.split('=', 1)[1]
@@ -119,10 +126,42 @@ def probabilities(net, images, mean_hwc, amp_dtype):
     return torch.softmax(test_logits(net.layer_params, images, mean_hwc, amp_dtype), dim=1)
 
 
-def classify(cfg, images, own):
-    for path in images:
-        if not os.path.isfile(path):
+def image_files(args):
+    """(the image files, notes on what was skipped): a folder stands for the images inside it,
+    sorted. Raises DataError for a path that does not exist or a folder without images."""
+    files, notes = [], []
+    for path in args:
+        if os.path.isdir(path):
+            try:
+                entries = sorted(os.listdir(path))
+            except OSError as e:
+                raise DataError(f"cannot list folder {path}: {e.strerror or e}") from None
+            found = [n for n in entries
+                     if is_image_name(n) and os.path.isfile(os.path.join(path, n))]
+            if not found:
+                why = (f"nothing in it is a file named .jpg, .jpeg, .png, ...: {_some(entries)}"
+                       if entries else "it is empty")
+                raise DataError(f"folder {path} holds no image ({why}): give image files or a "
+                                "folder of them")
+            skipped = [n for n in entries if n not in found]
+            note = f"{path}: {len(found)} image{'s' if len(found) > 1 else ''}"
+            if skipped:
+                note += f" (skipped {len(skipped)}, not image files: {_some(skipped)})"
+            notes.append(note)
+            files.extend(os.path.join(path, n) for n in found)
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
             raise DataError(f"image {path} not found")
+    return files, notes
+
+
+def _some(names, n=5):
+    return ', '.join(names[:n]) + (', ...' if len(names) > n else '')
+
+
+def classify(cfg, images, own):
+    images, notes = image_files(images)
     names, source = class_names(own, cfg['mean_file'])
     device = resolve_device(cfg['gpu'])
     amp_dtype = torch.bfloat16 if precision_of(cfg, device) == 'bf16' else None
@@ -131,6 +170,8 @@ def classify(cfg, images, own):
     load_snapshot(cfg['weights_dir'], cfg['load_epoch'], net, with_momentum=False)
     print(f"snapshot {cfg['load_epoch']} of {cfg['weights_dir']}, mean {cfg['mean_file']}, "
           f"names {'from ' + source if source else 'unknown (labels only)'}")
+    for note in notes:
+        print(note)
     results = []
     for start in range(0, len(images), cfg['batch_size']):
         chunk = images[start:start + cfg['batch_size']]

@@ -23,11 +23,13 @@ epoch, and so does 1000/100 (5000 would leave no full minibatch at all).
 import argparse
 import gzip
 import json
+import math
 import os
 import pickle
 import sys
 import tempfile
 import time
+import zlib
 
 import numpy as np
 
@@ -64,6 +66,10 @@ def _numpy_frombuffer():
     return numeric._frombuffer
 
 
+class _Refused(pickle.UnpicklingError):
+    """A global the restricted unpickler does not admit."""
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """Builds NumPy arrays (as pickled by Python 2 or 3) and plain containers; refuses every
     other global, so a pickle cannot run code while it is read."""
@@ -78,22 +84,44 @@ class RestrictedUnpickler(pickle.Unpickler):
         if module == '_codecs' and name == 'encode':   # how Python 3 writes bytes at protocol 2
             import _codecs
             return _codecs.encode
-        raise pickle.UnpicklingError(f'refusing to load {module}.{name}: this file may only hold '
-                                     'NumPy arrays')
+        raise _Refused(f'refusing to load {module}.{name}: this file may only hold NumPy arrays')
+
+
+MNIST_FORMAT = ('--dataset must be the gzip pickle mnist.pkl.gz of ((train_x, train_y), '
+                '(valid_x, valid_y), (test_x, test_y))')
 
 
 def load_mnist_pickle(path):
-    """((train_x, train_y), (valid_x, valid_y), (test_x, test_y)) from an mnist.pkl.gz."""
-    opener = gzip.open if _is_gzip(path) else open
+    """((train_x, train_y), (valid_x, valid_y), (test_x, test_y)) from an mnist.pkl.gz (a pickle
+    that is not compressed is read too). Raises DatasetError naming the file."""
+    gz = _is_gzip(path)
     try:
-        with opener(path, 'rb') as f:
+        with (gzip.open if gz else open)(path, 'rb') as f:
             obj = RestrictedUnpickler(f, encoding='latin1').load()
-    except pickle.UnpicklingError as e:
+    except _Refused as e:
         raise DatasetError(f'{path}: {e}') from None
-    except (EOFError, OSError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise DatasetError(f'{path}: not a readable MNIST pickle '
-                           f'({type(e).__name__}: {e})') from None
-    return check_dataset(obj, path)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        if gz:
+            raise DatasetError(f'{path} is a damaged or truncated gzip file ({_why(e)}): '
+                               f'{MNIST_FORMAT}') from None
+        raise DatasetError(f'{path} is neither gzip-compressed nor a pickle: '
+                           f'{MNIST_FORMAT}') from None
+    except Exception:    # whatever the bytes make the unpickler stumble on
+        what = ('gzip-compressed but holds no pickle' if gz else
+                'neither gzip-compressed nor a pickle')
+        raise DatasetError(f'{path} is {what}: {MNIST_FORMAT}') from None
+    try:
+        return check_dataset(obj, path)
+    except DatasetError as e:
+        if gz:
+            raise
+        why = str(e)[len(f'{path}: '):]
+        raise DatasetError(f'{path} is a pickle that is not gzip-compressed nor MNIST ({why}): '
+                           f'{MNIST_FORMAT}') from None
+
+
+def _why(e):
+    return f'{type(e).__name__}: {e}' if str(e) else type(e).__name__
 
 
 def _is_gzip(path):
@@ -212,16 +240,28 @@ def error_rate(flat, x, y, cfg):
 # ----------------------------------------------------------------------------------------------
 # training
 
-def train(cfg, rank=0, world=1, exchanger=None, log=print):
+def cpu_command(one_process):
+    """How to run this script on the CPU, for the messages about devices."""
+    return ("'python dual_mlp.py cpu --one-process'" if one_process else
+            "'python dual_mlp.py cpu cpu'") + ' to run on the CPU'
+
+
+def device_of(cfg, rank):
+    return resolve_device(cfg['devices'][rank], 'device',
+                          cpu_hint=cpu_command(cfg.get('one_process', False)))
+
+
+def train(cfg, rank=0, world=1, exchanger=None, log=print, data=None):
     """Train; with world == 2 this is process `rank` of the pair (exchanger given), with
-    world == 1 the one-process reference. Returns (flat parameters on the CPU, result dict)."""
+    world == 1 the one-process reference. data: load_data's result (default: loaded here).
+    Returns (flat parameters on the CPU, result dict)."""
     import torch
-    device = resolve_device(cfg['devices'][rank], 'device')
+    device = device_of(cfg, rank)
     if device.type == 'cuda':
         torch.cuda.set_device(device)
     else:    # a 'cpu' device is half the machine, in either mode: the comparison stays fair
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-    (tx, ty), (vx, vy), (sx, sy) = load_data(cfg['dataset'])
+    (tx, ty), (vx, vy), (sx, sy) = data or load_data(cfg['dataset'])
     to = lambda a: torch.from_numpy(a).to(device)
     tx, ty, vx, vy, sx, sy = map(to, (tx, ty, vx, vy, sx, sy))
     flat = to(init_params(cfg['n_hidden'], cfg['seed']))
@@ -283,7 +323,7 @@ def _worker(rank, world, cfg_json):
     """One of the two processes (started by launch.spawn)."""
     from alexnet_lib import exchange
     cfg = json.loads(cfg_json)
-    device = resolve_device(cfg['devices'][rank], 'device')
+    device = device_of(cfg, rank)
     log = (lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None)
     kind = cfg['exchange']
     if kind == 'auto':
@@ -309,80 +349,164 @@ def _write_outputs(cfg, flat, result):
     atomic_write(cfg['result_file'], write)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('devices', nargs='*',
-                    help='two GPU indices, or cpu cpu (default: 0 1 with two GPUs, else cpu cpu)')
-    ap.add_argument('--dataset', help='mnist.pkl.gz (default: the embedded scikit-learn digits)')
-    ap.add_argument('--epochs', type=int, default=DEFAULTS['epochs'])
-    ap.add_argument('--batch-size', type=int, default=None,
-                    help='minibatch per process (default 5000; 100 with the embedded digits)')
-    ap.add_argument('--lr', type=float, default=DEFAULTS['lr'])
+class UsageError(ValueError):
+    """A bad command-line value: one line on stderr, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose own errors (an unknown option, a word that is no number) are one line."""
+
+    def error(self, message):
+        raise UsageError(f'{message} (python dual_mlp.py --help lists the options)')
+
+
+def build_parser():
+    ap = _Parser(prog='dual_mlp.py', description=__doc__,
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('devices', nargs='*', metavar='DEVICE',
+                    help='two GPU indices (0 1), or cpu cpu; one with --one-process (default: '
+                         '0 1 with two GPUs, else cpu cpu)')
+    ap.add_argument('--dataset', metavar='FILE',
+                    help='the gzip pickle mnist.pkl.gz of the deeplearning.net tutorial '
+                         '(default: the embedded scikit-learn digits)')
+    ap.add_argument('--epochs', type=int, default=DEFAULTS['epochs'],
+                    help=f"passes over the training set, at least 1 (default {DEFAULTS['epochs']})")
+    ap.add_argument('--batch-size', type=int, default=None, metavar='N',
+                    help=f"minibatch of each process, at least 1; an epoch needs two "
+                         f"(default {DEFAULTS['batch_size']}; {EMBEDDED_BATCH} with the "
+                         f"embedded digits)")
+    ap.add_argument('--lr', type=float, default=DEFAULTS['lr'],
+                    help=f"learning rate of the plain SGD, positive (default {DEFAULTS['lr']})")
     ap.add_argument('--one-process', action='store_true',
                     help='train in one process on the first device, applying the averaged update '
                          'of each pair of minibatches (the reference; the one-GPU timing)')
     ap.add_argument('--exchange', default='auto', choices=['auto', 'p2p', 'host', 'gloo', 'nccl'],
-                    help='auto: p2p between GPUs, host memory otherwise')
-    ap.add_argument('--port', type=int, default=None, help='rendezvous port (default: a free one)')
-    ap.add_argument('--timeout', type=float, default=120.0, help='seconds to wait for the peer')
-    ap.add_argument('--save-params', metavar='FILE.npy', help='save the final flat parameters')
-    args = ap.parse_args(argv)
+                    help='how the two processes average their parameters: p2p (peer copies '
+                         'between GPUs), host (shared host memory), gloo or nccl '
+                         '(torch.distributed; nccl needs GPUs); auto: p2p between GPUs, host '
+                         'otherwise (default auto)')
+    ap.add_argument('--port', type=int, default=None,
+                    help='rendezvous port of the two processes, 1..65535 (default: a free one)')
+    ap.add_argument('--timeout', type=float, default=120.0, metavar='SECONDS',
+                    help='how long a process waits for its peer (default 120)')
+    ap.add_argument('--save-params', metavar='FILE.npy',
+                    help='save the final parameters there, one flat float32 array '
+                         '[W1, b1, W2, b2] (default: not saved)')
+    return ap
 
+
+def check_args(args):
+    """The command line's values, checked before anything starts: (devices, batch size or None
+    for the default). Raises UsageError."""
     devices = args.devices
     if not devices:
         import torch
         devices = ['0', '1'] if torch.cuda.device_count() >= 2 else ['cpu', 'cpu']
         print('devices: {} (none given)'.format(' '.join(devices)))
     if len(devices) != (1 if args.one_process and len(devices) == 1 else 2):
-        ap.error('give two devices (GPU indices or cpu), or one with --one-process')
+        raise UsageError(f"give two devices (GPU indices, or cpu cpu), or one with "
+                         f"--one-process; got {len(devices)}: {' '.join(devices) or 'none'}")
+    if args.epochs < 1:
+        raise UsageError(f'--epochs {args.epochs}: must be at least 1')
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f'--batch-size {args.batch_size}: must be at least 1 (leave it out for '
+                         f"the default: {DEFAULTS['batch_size']}, {EMBEDDED_BATCH} with the "
+                         'embedded digits)')
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise UsageError(f'--lr {args.lr:g}: must be a positive number (default '
+                         f"{DEFAULTS['lr']})")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise UsageError(f'--timeout {args.timeout:g}: must be a positive number of seconds')
+    if args.port is not None and not 1 <= args.port <= 65535:
+        raise UsageError(f'--port {args.port}: must be a port number 1..65535 (leave it out for '
+                         'a free one)')
+    if args.dataset is not None:
+        if os.path.isdir(args.dataset):
+            raise UsageError(f'--dataset {args.dataset} is a folder: give the file mnist.pkl.gz')
+        if not os.path.isfile(args.dataset):
+            raise UsageError(f'--dataset {args.dataset}: no such file')
+    if args.save_params:
+        folder = os.path.dirname(os.path.abspath(args.save_params))
+        if not os.path.isdir(folder):
+            raise UsageError(f'--save-params {args.save_params}: folder {folder} does not exist '
+                             '(create it first)')
     for d in devices:
         try:
             parse_device(d, 'device')
         except ConfigError as e:
-            ap.error(str(e))
-    if args.epochs < 1:
-        ap.error('--epochs must be at least 1')
-    if args.dataset is None:
-        a, b, c = EMBEDDED_SPLIT
-        print('dataset: embedded scikit-learn digits (1797 real 8x8 images upscaled to 28x28, '
-              f'{a}/{b}/{c} train/valid/test); use --dataset mnist.pkl.gz for MNIST')
-        batch_size = args.batch_size or EMBEDDED_BATCH
-        if args.batch_size is None:
-            print(f'batch size {batch_size:d} (10 minibatches an epoch, as the original had with '
-                  'MNIST and 5000)')
-    else:
-        if not os.path.isfile(args.dataset):
-            ap.error(f'--dataset {args.dataset}: no such file')
-        print(f'dataset: {args.dataset}')
-        batch_size = args.batch_size or DEFAULTS['batch_size']
-    if batch_size < 1 or args.lr <= 0:
-        ap.error('--batch-size and --lr must be positive')
+            raise UsageError(str(e)) from None
+    if (not args.one_process and args.exchange == 'nccl'
+            and any(parse_device(d) == 'cpu' for d in devices)):
+        raise UsageError(f"--exchange nccl needs two GPUs, and the devices are "
+                         f"{' '.join(devices)}: use --exchange host or gloo (or leave it out)")
+    for d in devices[:1] if args.one_process else devices:
+        try:
+            resolve_device(d, 'device', cpu_hint=cpu_command(args.one_process))
+        except ConfigError as e:
+            raise UsageError(str(e)) from None
+    return devices
+
+
+def check_batch_size(batch_size, n_train):
+    """An epoch is pairs of minibatches: at least one pair must fit the training set."""
+    if 2 * batch_size > n_train:
+        raise UsageError(f'--batch-size {batch_size}: {n_train} training images make '
+                         f'{n_train // batch_size} minibatch(es) of {batch_size}, and an epoch '
+                         f'needs at least 2; use --batch-size {n_train // 2} or less')
+
+
+def main(argv=None):
+    try:
+        return _main(argv)
+    except UsageError as e:
+        print(f'dual_mlp: {e}', file=sys.stderr)
+        return 2
+
+
+def _main(argv):
+    args = build_parser().parse_args(argv)
+    devices = check_args(args)
+    data = None
+    try:
+        if args.dataset is None:
+            a, b, c = EMBEDDED_SPLIT
+            print('dataset: embedded scikit-learn digits (1797 real 8x8 images upscaled to '
+                  f'28x28, {a}/{b}/{c} train/valid/test); use --dataset mnist.pkl.gz for MNIST')
+            batch_size, n_train = args.batch_size or EMBEDDED_BATCH, a
+            if args.batch_size is None:
+                print(f'batch size {batch_size:d} (10 minibatches an epoch, as the original had '
+                      'with MNIST and 5000)')
+        else:
+            print(f'dataset: {args.dataset}')
+            data = load_mnist_pickle(args.dataset)   # a bad file is reported here, not by a worker
+            batch_size = args.batch_size or DEFAULTS['batch_size']
+            n_train = len(data[0][0])
+    except DatasetError as e:
+        print(f'dual_mlp: {e}', file=sys.stderr)
+        return 1
+    check_batch_size(batch_size, n_train)
 
     cfg = dict(DEFAULTS, epochs=args.epochs, batch_size=batch_size, lr=args.lr,
                dataset=args.dataset, devices=devices, exchange=args.exchange,
-               timeout=args.timeout, save_params=args.save_params)
+               timeout=args.timeout, save_params=args.save_params,
+               one_process=args.one_process)
     sys.stdout.flush()
     from alexnet_lib import launch
     try:
-        if args.dataset is not None and not args.one_process:
-            load_mnist_pickle(args.dataset)        # a bad file is reported here, not by a worker
         if args.one_process:
             print(f'one process on {parse_device(devices[0])}, averaging the updates of each '
                   'pair of minibatches')
-            flat, result = train(cfg, 0, 1, None, lambda s: print(s, flush=True))
+            flat, result = train(cfg, 0, 1, None, lambda s: print(s, flush=True), data)
             if args.save_params:
                 np.save(args.save_params, flat.numpy())
         else:
+            del data                                   # each worker reads its own
             with tempfile.TemporaryDirectory(prefix='dual_mlp-') as tmp:
                 cfg['result_file'] = os.path.join(tmp, 'result.json')
                 cfg['port'] = args.port or launch.free_port()
                 launch.spawn(_worker, 2, args=(json.dumps(cfg),))
                 with open(cfg['result_file']) as f:
                     result = json.load(f)
-    except DatasetError as e:
-        print(f'dual_mlp: {e}', file=sys.stderr)
-        return 2
     except launch.WorkerFailed as e:
         print(f'dual_mlp: {e}', file=sys.stderr)
         return 1

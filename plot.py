@@ -4,7 +4,8 @@
     python plot.py models -o curves.png
 
 Reads WEIGHTS_DIR/metrics.csv (written by train.py every epoch); a run of the original code,
-which has only val_record.npy ([val_error, val_loss] per epoch), is plotted from that.
+which has only val_record.npy ([val_error, val_loss] per epoch), is plotted from that. A run
+that has not finished its first epoch has nothing to plot: one line says so (exit status 1).
 """
 import argparse
 import csv
@@ -14,21 +15,62 @@ import sys
 import numpy as np
 
 
+class NoCurves(Exception):
+    """The folder has no curves to plot; the message says why and what to do."""
+
+
 def read_curves(weights_dir):
-    """{column: list of floats} per epoch, from metrics.csv or else val_record.npy."""
+    """{column: list of floats} per epoch, from metrics.csv or else val_record.npy. Raises
+    NoCurves when neither holds an epoch."""
+    if not os.path.isdir(weights_dir):
+        raise NoCurves(f"folder {weights_dir} does not exist: give the weights_dir of a run")
     path = os.path.join(weights_dir, 'metrics.csv')
-    if os.path.exists(path):
-        with open(path, newline='') as f:
-            rows = list(csv.DictReader(f))
-        if rows:
-            return {k: [float(r[k]) for r in rows] for k in rows[0]}
     rec_path = os.path.join(weights_dir, 'val_record.npy')
+    if os.path.exists(path):
+        curves = _read_metrics(path)
+        if curves:
+            return curves
     if os.path.exists(rec_path):
-        rec = np.load(rec_path, allow_pickle=False).reshape(-1, 2)
-        return {'epoch': list(range(1, len(rec) + 1)), 'val_top1_error': rec[:, 0].tolist(),
-                'val_loss': rec[:, 1].tolist()}
-    raise FileNotFoundError(f"{weights_dir} has neither metrics.csv nor val_record.npy: "
-                            f"is it a weights_dir of a run that finished an epoch?")
+        try:
+            rec = np.load(rec_path, allow_pickle=False).reshape(-1, 2)
+        except (OSError, ValueError, EOFError) as e:
+            raise NoCurves(f"cannot read {rec_path}: {e}") from None
+        if len(rec):
+            return {'epoch': list(range(1, len(rec) + 1)), 'val_top1_error': rec[:, 0].tolist(),
+                    'val_loss': rec[:, 1].tolist()}
+    if os.path.exists(path):
+        raise NoCurves(f"{path} holds no epoch yet (train.py writes a row after each epoch): "
+                       "plot again once the run has finished its first epoch")
+    if os.path.exists(rec_path):
+        raise NoCurves(f"{rec_path} holds no epoch yet: plot again once the run has finished "
+                       "its first epoch")
+    raise NoCurves(f"{weights_dir} has neither metrics.csv nor val_record.npy: is it a "
+                   "weights_dir of a run that finished an epoch?")
+
+
+def _read_metrics(path):
+    """metrics.csv's columns as lists of floats (an empty cell, a value not measured: NaN, which
+    the plot leaves out); {} when it has no row."""
+    try:
+        with open(path, newline='') as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise NoCurves(f"cannot read {path}: {e}") from None
+    if not rows:
+        return {}
+    if 'epoch' not in reader.fieldnames:
+        raise NoCurves(f"{path} has no 'epoch' column (its header: "
+                       f"{','.join(reader.fieldnames)}): is it train.py's metrics.csv?")
+    curves = {k: [] for k in reader.fieldnames}
+    for line, row in enumerate(rows, 2):
+        for k in reader.fieldnames:
+            try:
+                curves[k].append(float(row[k]) if row[k] not in ('', None) else np.nan)
+            except (TypeError, ValueError):
+                raise NoCurves(f"{path}, line {line}: {k} is {row[k]!r}, not a number "
+                               "(a damaged file: remove that line)") from None
+    return curves
 
 
 def plot(weights_dir, out):
@@ -62,9 +104,13 @@ def main(argv):
     a = ap.parse_args(argv)
     try:
         out = plot(a.weights_dir, a.output or os.path.join(a.weights_dir, 'plot.png'))
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except NoCurves as e:
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1)
+        raise SystemExit(1) from None
+    except OSError as e:
+        print(f"error: cannot write {e.filename or 'the plot'}: {e.strerror or e}",
+              file=sys.stderr)
+        raise SystemExit(1) from None
     print(f"wrote {out}")
 
 

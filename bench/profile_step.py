@@ -5,28 +5,35 @@ variant times Replica.train_step, the training loop's own step,
 on one batch already on the device (the configured data give the mean and labels). Run from the
 repository root on a GPU:
 
-    python3 bench_results/profile_step.py base! patches torchpool   # "!" adds a kernel table
-    B=2 DEV=cpu python3 bench_results/profile_step.py eager   # a CPU check of the script
+    python3 bench/profile_step.py 'base!' patches torchpool   # "!" adds a kernel table
+    B=2 DEV=cpu python3 bench/profile_step.py eager spec_toy.yaml   # a CPU check of the script
+
+Words with "=" or ending in .yaml are configuration (key=value, yaml files), merged over
+config.yaml + spec_1gpu.yaml as in train.py; the data they name give the mean and labels
+(spec_toy.yaml: the quickstart's toy data, once quickstart.sh has made it).
+
+A variant is parts joined by "+" (base+ro): base (the compiled step as it is), eager (not
+compiled), lrnslice (LRN as a sum of five channel-shifted slices, in float32), patches (conv1
+as one matrix product of its patches), torchpool (inductor's own max pool), ro
+(mode=reduce-overhead), mat (mode=max-autotune-no-cudagraphs). Environment: B the batch
+(default 256), DEV the device (default cuda:0).
 """
+import argparse
 import os
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
-
-import alex_net
-import layers
-from alexnet_lib import loop as train_loop
-from alexnet_lib.config import load_config
-from alexnet_lib.data import dropout_masks
+VARIANT_PARTS = ('base', 'eager', 'lrnslice', 'patches', 'torchpool', 'ro', 'mat')
 
 B = int(os.environ.get('B', 256))
-dev = torch.device(os.environ.get('DEV', 'cuda:0'))
+dev = None     # the torch.device, set by main
+orig = {}      # the functions the variants patch, as the code has them
 
 
 def lrn_fp32_slices(x):
     """The same LRN formula, the window sum over five channel-shifted slices, in float32."""
+    import torch.nn.functional as F
+    import layers
     xf = x.float()
     sq = xf * xf
     C = x.shape[1]
@@ -47,11 +54,20 @@ def conv_by_patches(x, W, stride):
     return y.view(B, Ho, Wo, O).permute(0, 3, 1, 2)
 
 
-orig = dict(lrn=alex_net.lrn, conv_by_blocks=layers.conv_by_blocks, max_pool=layers.max_pool)
+CONFIG_WORDS = []    # key=value and yaml files of the command line
 
 
 def setup(variant):
     """Apply the variant's patches; returns the training step of a Replica built on them."""
+    import torch
+    import torch.nn.functional as F
+    import alex_net
+    import layers
+    from alexnet_lib import loop as train_loop
+    from alexnet_lib.config import load_config
+    if not orig:
+        orig.update(lrn=alex_net.lrn, conv_by_blocks=layers.conv_by_blocks,
+                    max_pool=layers.max_pool)
     torch._dynamo.reset()
     alex_net.lrn = orig['lrn']
     layers.conv_by_blocks, layers.max_pool = orig['conv_by_blocks'], orig['max_pool']
@@ -70,9 +86,10 @@ def setup(variant):
         elif v not in ('base', 'eager'):
             raise SystemExit(f"unknown variant {v}")
     # the real step (train_loop.Replica.train_step), on the configured data's mean and labels
-    cfg = load_config('spec_1gpu.yaml', [f'gpu={dev}', f'batch_size={B}',
-                                         f"compile={'eager' not in variant}"])
+    cfg = load_config('spec_1gpu.yaml', CONFIG_WORDS + [f'gpu={dev}', f'batch_size={B}',
+                                                        f"compile={'eager' not in variant}"])
     rep = train_loop.Replica(cfg)
+    rep.n_classes = cfg['n_classes']     # for this script's labels
     if mode:
         rep.features_fn = torch.compile(train_loop.augmented_features, mode=mode)
         rep.classifier_fn = torch.compile(train_loop.classifier_loss, mode=mode)
@@ -80,11 +97,13 @@ def setup(variant):
 
 
 def run(variant, iters=40, warmup=12, profile=False):
+    import torch
+    from alexnet_lib.data import dropout_masks
     t_c = time.time()
     rep = setup(variant)
     g = torch.Generator(device=dev).manual_seed(0)
     images = torch.randint(0, 256, (B, 256, 256, 3), dtype=torch.uint8, device=dev, generator=g)
-    labels = torch.randint(0, 1000, (B,), device=dev)
+    labels = torch.randint(0, rep.n_classes, (B,), device=dev)
 
     def one(step):
         offs = torch.randint(0, 30, (B, 2), device=dev)
@@ -130,10 +149,35 @@ def run(variant, iters=40, warmup=12, profile=False):
     return ips
 
 
-if __name__ == '__main__':
-    variants = sys.argv[1:] or ['base']
+def check_variant(text):
+    parts = text.rstrip('!').split('+')
+    bad = [p for p in parts if p not in VARIANT_PARTS]
+    if bad:
+        return (f"unknown variant part {bad[0]!r} in {text!r}: use "
+                f"{', '.join(VARIANT_PARTS)}, joined by '+'")
+    return None
+
+
+def main(argv=None):
+    global dev
+    ap = argparse.ArgumentParser(prog='bench/profile_step.py', description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('words', nargs='*', metavar='VARIANT[!] | key=value | FILE.yaml',
+                    help="variants to time, in turn (default: base; a trailing '!' adds the "
+                         "table of GPU kernels), and configuration")
+    args = ap.parse_args(argv)
+    variants = []
+    for w in args.words:
+        if '=' in w or w.endswith(('.yaml', '.yml')):
+            CONFIG_WORDS.append(w)
+        elif check_variant(w):
+            ap.error(check_variant(w))
+        else:
+            variants.append(w)
+    import torch
+    dev = torch.device(os.environ.get('DEV', 'cuda:0'))
     res = {}
-    for v in variants:
+    for v in variants or ['base']:
         prof_it = v.endswith('!')
         v = v.rstrip('!')
         try:
@@ -143,3 +187,7 @@ if __name__ == '__main__':
     print("\nsummary")
     for v, ips in res.items():
         print(f"  {v:32s} {ips:9.0f} img/s")
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -113,8 +113,8 @@ def test_malicious_pickle_is_refused(tmp_path):
     with pytest.raises(dual_mlp.DatasetError,
                        match=r'refusing to load (__builtin__|builtins)\.eval'):
         dual_mlp.load_mnist_pickle(path)
-    # the command line says so and exits 2 before starting any worker
-    assert dual_mlp.main(['cpu', 'cpu', '--dataset', evil]) == 2
+    # the command line says so and exits 1 (a bad file) before starting any worker
+    assert dual_mlp.main(['cpu', 'cpu', '--dataset', evil]) == 1
     assert not marker.exists()
 
 
@@ -136,6 +136,97 @@ def test_not_a_pickle_is_a_clear_error(tmp_path):
     path = _write_gz(tmp_path / 'junk.pkl.gz', b'this is not a pickle')
     with pytest.raises(dual_mlp.DatasetError, match='junk.pkl.gz'):
         dual_mlp.load_mnist_pickle(path)
+
+
+def _main(args, capsys):
+    """dual_mlp.main(args) in this process: (exit status, stdout, the non-empty stderr lines)."""
+    capsys.readouterr()
+    try:
+        rc = dual_mlp.main(args)
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, [x for x in err.splitlines() if x.strip()]
+
+
+def _one_line(rc, out, lines, status):
+    assert rc == status, (rc, out[-2000:], lines)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith('dual_mlp: ') and 'Traceback' not in lines[0], lines
+    assert 'validation error' not in out, out      # refused before any training
+    return lines[0]
+
+
+@pytest.mark.parametrize('args,words', [
+    (['--batch-size', '0'], ['--batch-size', '0', 'at least 1']),
+    (['--batch-size', '-5'], ['--batch-size', '-5', 'at least 1']),
+    (['--batch-size', '600'], ['--batch-size', '600', '1000 training images', '500']),
+    (['--epochs', '0'], ['--epochs', '0', 'at least 1']),
+    (['--epochs', '-1'], ['--epochs', '-1', 'at least 1']),
+    (['--epochs', 'ten'], ['--epochs', 'ten']),
+    (['--lr', '0'], ['--lr', '0', 'positive']),
+    (['--lr', '-0.1'], ['--lr', '-0.1', 'positive']),
+    (['--lr', 'nan'], ['--lr', 'nan', 'positive']),
+    (['--lr', 'inf'], ['--lr', 'inf', 'positive']),
+    (['--timeout', '0'], ['--timeout', '0', 'positive']),
+    (['--port', '0'], ['--port', '0', '1..65535']),
+    (['--port', '70000'], ['--port', '70000', '1..65535']),
+    (['--exchange', 'nccl'], ['nccl', 'GPU', 'host']),
+    (['cpu'], ['two devices', '--one-process']),
+])
+def test_a_bad_option_value_is_one_line_and_no_training(args, words, capsys):
+    if args[0] != 'cpu':
+        args = ['cpu', 'cpu'] + args
+    line = _one_line(*_main(args, capsys), status=2)
+    for w in words:
+        assert w in line, (w, line)
+
+
+@pytest.mark.skipif('__import__("torch").cuda.is_available()', reason='a machine without GPUs')
+@pytest.mark.parametrize('args,hint', [
+    (['0', '1'], "'python dual_mlp.py cpu cpu'"),
+    (['0', '--one-process'], "'python dual_mlp.py cpu --one-process'"),
+])
+def test_gpus_asked_for_without_gpus_give_the_command_for_the_cpu(args, hint, capsys):
+    line = _one_line(*_main(args, capsys), status=2)
+    assert hint in line and 'no CUDA GPU is visible' in line, line
+    assert 'device=cpu' not in line, line
+
+
+@pytest.mark.parametrize('name,content', [
+    ('text.txt', b'hello, these are notes\n' * 20),
+    ('random.bin', np.random.RandomState(0).bytes(3000)),
+    ('dict.pkl', pickle.dumps({'a': 1}, protocol=2)),
+    ('empty.pkl', b''),
+    ('gz-text.pkl.gz', gzip.compress(b'hello, these are notes\n' * 20)),
+    ('cut.pkl.gz', gzip.compress(pickle.dumps(_fake_mnist(), protocol=2))[:500]),
+], ids=lambda v: v if isinstance(v, str) else '')
+def test_a_file_that_is_not_the_gzip_pickle_is_one_line_naming_it(tmp_path, name, content,
+                                                                   capsys):
+    path = tmp_path / name
+    path.write_bytes(content)
+    line = _one_line(*_main(['cpu', 'cpu', '--dataset', str(path)], capsys), status=1)
+    assert str(path) in line and 'gzip pickle mnist.pkl.gz' in line, line
+
+
+def test_a_dataset_that_is_a_folder_or_missing_is_one_line(tmp_path, capsys):
+    for path, words in ((tmp_path, 'is a folder'), (tmp_path / 'nowhere.pkl.gz', 'no such file')):
+        line = _one_line(*_main(['cpu', 'cpu', '--dataset', str(path)], capsys), status=2)
+        assert str(path) in line and words in line, line
+
+
+def test_help_explains_every_option(capsys):
+    parser = dual_mlp.build_parser()
+    for action in parser._actions:
+        assert action.help and action.help.strip(), action.option_strings or action.dest
+    with pytest.raises(SystemExit) as e:
+        dual_mlp.main(['--help'])
+    assert e.value.code == 0
+    out = ' '.join(capsys.readouterr().out.split())
+    for option in ('--dataset', '--epochs', '--batch-size', '--lr', '--one-process',
+                   '--exchange', '--port', '--timeout', '--save-params'):
+        assert option in out, option
+    assert '(default 10)' in out and '(default 0.13)' in out, out
 
 
 def test_embedded_digits_have_the_mnist_format():

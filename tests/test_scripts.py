@@ -14,6 +14,7 @@ SCRIPTS = CONFIG_SCRIPTS + [
     'preprocessing/make_train_val_txt.py', 'preprocessing/make_hkl.py',
     'preprocessing/make_labels.py', 'preprocessing/make_toy_imagenet.py',
     'preprocessing/bench_preprocess.py', 'bench/bench_loader.py', 'bench/bench_precision.py',
+    'bench/profile_step.py',
     'quickstart.sh', 'run_tests.sh', 'setup.sh', 'preprocessing/generate_data.sh',
     'preprocessing/generate_toy_data.sh', 'bench/gpu_session.sh']
 
@@ -47,6 +48,32 @@ def test_every_script_answers_help(helps, script):
         line = next(x for x in out.splitlines() if x.strip().startswith('exchange = '))
         assert 'p2p' in line and 'nccl' in line, line
         assert 'batch_size = ' in out
+
+
+def test_every_python_script_in_the_repository_is_checked():
+    """A new script is not forgotten: every tracked .py file with a __main__ block outside
+    tests/ is in SCRIPTS."""
+    r = subprocess.run(['git', 'ls-files', '*.py'], cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip('not a git checkout')
+    found = []
+    for rel in r.stdout.split():
+        if rel.startswith('tests/') or not os.path.isfile(os.path.join(ROOT, rel)):
+            continue
+        with open(os.path.join(ROOT, rel), encoding='utf-8') as f:
+            if "if __name__ == '__main__'" in f.read():
+                found.append(rel)
+    assert 'bench/profile_step.py' in found
+    missing = sorted(set(found) - set(SCRIPTS))
+    assert not missing, f"scripts not in SCRIPTS: {missing}"
+
+
+def test_profile_step_says_how_to_run_it(helps):
+    out = helps['bench/profile_step.py', '--help'].stdout
+    assert 'bench_results/profile_step.py' not in out, out
+    assert 'python3 bench/profile_step.py' in out, out
+    for word in ('base', 'eager', 'torchpool', 'DEV=cpu'):
+        assert word in out, word
 
 
 # the original's files (its keys and defaults; paths on its authors' /scratch)
