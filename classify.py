@@ -1,4 +1,5 @@
-"""Classify images with a snapshot: top-5 classes, their probabilities and names.
+"""Classify images with a snapshot: top-5 classes (all of them with 5 or fewer, n_classes),
+their probabilities and names.
 
     python classify.py IMAGE|FOLDER [...] [key=value ...] [extra.yaml ...]
     python classify.py cat.jpg dog.png gpu=cpu weights_dir=pretrained/alexnet/weights \
@@ -46,9 +47,10 @@ import numpy as np
 import torch
 
 from alex_net import AlexNet, N_CLASSES
-from alexnet_lib.config import help_text, load_config, resolve_device
+from alexnet_lib.config import help_text, load_config, require_data, resolve_device
 from alexnet_lib.data import mean_image_hwc
 from alexnet_lib.errors import run_main
+from alexnet_lib.provenance import check_trained_on, read_record
 from alexnet_lib.step import precision_of, test_logits
 from alexnet_lib.snapshot import load_snapshot
 from alexnet_lib.files import DataError
@@ -90,7 +92,7 @@ def names_from_devkit(meta_file):
     return [f"{w} {synsets[w][1]}".strip() for w in classes]
 
 
-def names_from_words_file(path):
+def names_from_words_file(path, n_classes):
     """Label i -> line i ('WNID words') of a synset words file."""
     try:
         with open(path, encoding='utf-8') as f:
@@ -101,21 +103,21 @@ def names_from_words_file(path):
         raise DataError(f"cannot read synset words file {path}: {e}") from None
     while lines and not lines[-1].strip():
         lines.pop()
-    if len(lines) > N_CLASSES:
+    if len(lines) > n_classes:
         raise DataError(f"synset words file {path} has {len(lines)} lines; the network has "
-                         f"{N_CLASSES} classes (line i names label i)")
+                         f"{n_classes} classes (line i names label i; n_classes sets them)")
     return [line.strip() for line in lines]
 
 
-def class_names(own, mean_file):
+def class_names(own, mean_file, n_classes):
     """(names list or None, where they came from)."""
     if 'meta_clsloc_mat' in own:
         return names_from_devkit(own['meta_clsloc_mat']), own['meta_clsloc_mat']
     if 'synset_words' in own:
-        return names_from_words_file(own['synset_words']), own['synset_words']
+        return names_from_words_file(own['synset_words'], n_classes), own['synset_words']
     beside = os.path.join(os.path.dirname(mean_file), 'synset_words.txt')
     if os.path.isfile(beside):
-        return names_from_words_file(beside), beside
+        return names_from_words_file(beside, n_classes), beside
     return None, None
 
 
@@ -162,11 +164,15 @@ def _some(names, n=5):
 
 def classify(cfg, images, own):
     images, notes = image_files(images)
-    names, source = class_names(own, cfg['mean_file'])
+    require_data(cfg, ('mean_file',))
+    # the mean must be the one the run trained with, when both are recorded
+    check_trained_on(cfg['weights_dir'], read_record(os.path.dirname(cfg['mean_file'])),
+                     ('mean_file',))
+    names, source = class_names(own, cfg['mean_file'], cfg['n_classes'])
     device = resolve_device(cfg['gpu'])
     amp_dtype = torch.bfloat16 if precision_of(cfg, device) == 'bf16' else None
     mean = mean_image_hwc(cfg['mean_file'], device)
-    net = AlexNet(device, init=False)
+    net = AlexNet(device, init=False, n_classes=cfg['n_classes'])
     load_snapshot(cfg['weights_dir'], cfg['load_epoch'], net, with_momentum=False)
     print(f"snapshot {cfg['load_epoch']} of {cfg['weights_dir']}, mean {cfg['mean_file']}, "
           f"names {'from ' + source if source else 'unknown (labels only)'}")
@@ -177,7 +183,7 @@ def classify(cfg, images, own):
         chunk = images[start:start + cfg['batch_size']]
         batch = torch.from_numpy(np.stack([load_image_256(p) for p in chunk])).to(device)
         probs = probabilities(net, batch, mean, amp_dtype).cpu()
-        top_p, top_i = probs.topk(TOP, dim=1)
+        top_p, top_i = probs.topk(min(TOP, cfg['n_classes']), dim=1)
         for path, ps, ls in zip(chunk, top_p.tolist(), top_i.tolist()):
             top5 = [{"label": l, "probability": p,
                      "name": names[l] if names and l < len(names) else None}

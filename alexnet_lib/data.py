@@ -181,7 +181,8 @@ def load_labels(label_folder, name, need, spare, n_classes, what):
                          f"folder come from different preprocessing runs")
     if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
         raise DataError(f"label file {path!r} holds labels {labels.min()}..{labels.max()}, "
-                         f"outside 0..{n_classes - 1} of n_classes={n_classes}: set n_classes")
+                         f"outside 0..{n_classes - 1} (n_classes: {n_classes}): set n_classes "
+                         f"to the number of classes, or fix the labels")
     return torch.from_numpy(labels.astype(np.int64))
 
 

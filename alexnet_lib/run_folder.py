@@ -84,8 +84,9 @@ def plan_start(weights_dir, resume_train, load_epoch, n_epochs, overwrite):
 
 def finished_message(weights_dir, load_epoch, n_epochs):
     """Resuming a snapshot that already ends the run: nothing to train, and how to train more."""
-    if load_epoch < n_epochs or steps_done_in(weights_dir, load_epoch) is not None:
-        return None
+    if load_epoch < n_epochs or load_epoch not in complete_snapshots(weights_dir) or \
+            steps_done_in(weights_dir, load_epoch) is not None:
+        return None         # more to train, or a snapshot that resuming will report
     return (f"nothing to train: snapshot {load_epoch} in {weights_dir} already ends this run "
             f"(n_epochs: {n_epochs}); to train more, raise n_epochs "
             f"(n_epochs={load_epoch + 10} resume_train=True load_epoch={load_epoch})")

@@ -94,6 +94,15 @@ class World:
             train_labels(os.path.join(d, 'train_labels.npy'))
         return d
 
+    def label_folder_with(self, case, name, labels):
+        """A copy of the good label folder with one file replaced."""
+        d = os.path.join(self.dir(case), 'labels')
+        os.makedirs(d, exist_ok=True)
+        for f in ('train_labels.npy', 'val_labels.npy'):
+            shutil.copy(os.path.join(self.labels, f), d)
+        np.save(os.path.join(d, name), labels)
+        return d
+
     def batch_folder(self, case, write):
         d = os.path.join(self.dir(case), 'train')
         os.makedirs(d, exist_ok=True)
@@ -262,6 +271,48 @@ CASES = [
     Case('bad-argument', 'config', 'a word that is neither `key=value` nor a yaml file: '
          '`n_epochs 2`', lambda w, c: (T, w.train_args(c, 'n_epochs', '2')),
          ("unexpected argument 'n_epochs': give settings as key=value",), rc=2),
+    Case('weight-decay', 'config', 'a negative weight decay: `weight_decay=-1`',
+         lambda w, c: (T, w.train_args(c, 'weight_decay=-1')),
+         ("weight_decay: -1.0 must be 0 or more",), rc=2),
+    Case('lr-step-negative', 'config', 'an epoch before the first: `lr_step=[-5]`',
+         lambda w, c: (T, w.train_args(c, 'lr_step=[-5]')),
+         ("lr_step: [-5] must hold epochs (1 or more)",), rc=2),
+    Case('lr-step-number', 'config', 'a number where a list of epochs belongs: `lr_step=1`',
+         lambda w, c: (T, w.train_args(c, 'lr_step=1')),
+         ("lr_step: 1 is a number, not a list of epochs: write lr_step=[1]",), rc=2),
+    # -- a run's data and folder ---------------------------------------------------------------
+    Case('no-data', 'a run', 'a configuration that names no data: `python train.py`',
+         lambda w, c: (T, ['gpu=cpu', f'weights_dir={w.dir(c)}/w']),
+         ("train_folder, val_folder, label_folder, mean_file not set: point them at your "
+          "preprocessing output",), rc=2),
+    Case('mixed-outputs', 'a run', 'the labels of another preprocessing output',
+         lambda w, c: (T, _mixed_outputs(w, c)),
+         ("train_folder, val_folder, mean_file and label_folder come from different "
+          "preprocessing outputs",), rc=2),
+    Case('long-labels', 'a run', 'a validation label file longer than its images (8 labels '
+         'for 4 images in one partial file)',
+         lambda w, c: (T, w.train_args(c, label_folder=_long_val_labels(w, c))),
+         ("val_labels.npy' has 8 labels, but the validation batch files hold 4 images",)),
+    Case('label-classes', 'a run', 'labels beyond n_classes: labels 0..9 with `n_classes=3`',
+         lambda w, c: (T, w.train_args(c, 'n_classes=3')),
+         ("outside 0..2 (n_classes: 3): set n_classes to the number of classes",)),
+    Case('snapshot-classes', 'a run', 'validate.py with `n_classes=3` on a snapshot of 1000 '
+         'classes', lambda w, c: ('validate.py', w.data + ['gpu=cpu', f'weights_dir={w.snap}',
+                                                           'load_epoch=1', 'n_classes=3']),
+         ("has 1000 classes (b_7_1.npy), the network 3: set n_classes=1000",)),
+    Case('weights-dir-file', 'a run', 'a weights_dir that is a file',
+         lambda w, c: (T, w.train_args(c, weights_dir=_a_file(w, c))),
+         ("runs cannot be written: it is a file, not a folder; choose another weights_dir",)),
+    Case('another-run', 'a run', "a new run into another run's weights_dir",
+         lambda w, c: (T, w.train_args(c, weights_dir=w.snapshot_copy(c))),
+         ("already holds another run (snapshot 1): resume it (resume_train=True load_epoch=1, "
+          "or resume_train=auto), write to another weights_dir, or replace it with "
+          "overwrite=True",)),
+    Case('live-run', 'a run', 'a second run into the weights_dir of a live run',
+         lambda w, c: (T, w.train_args(c, 'overwrite=True',
+                                       weights_dir=_locked_by_a_live_run(w, c))),
+         ("is in use by a live run (pid 1 on", "wait for it to end or choose another "
+          "weights_dir")),
     # -- batch files ---------------------------------------------------------------------------
     Case('no-train-folder', 'batch files', 'a training folder that does not exist',
          lambda w, c: (T, w.train_args(c, train_folder=os.path.join(w.dir(c), 'nowhere'))),
@@ -311,7 +362,7 @@ CASES = [
     Case('label-range', 'labels', 'a label outside 0..999',
          lambda w, c: (T, w.train_args(c, label_folder=w.label_folder(
              c, lambda p: np.save(p, np.array([0, 1, 2, 3, 4, 5, 6, 1000]))))),
-         ("train_labels.npy' holds labels outside 0..999",)),
+         ("train_labels.npy' holds labels 0..1000, outside 0..999 (n_classes: 1000)",)),
     Case('float-labels', 'labels', 'float labels',
          lambda w, c: (T, w.train_args(c, label_folder=w.label_folder(
              c, lambda p: np.save(p, np.zeros(8))))),
@@ -370,22 +421,44 @@ CASES = [
          lambda w, c: ('classify.py', _classify_args(
              w, _image(w, c, 'notes.jpg', b'these are notes, not pixels\n'))),
          ("cannot read image", "notes.jpg")),
+    Case('no-images-in-folder', 'images', 'classify.py on a folder without images',
+         lambda w, c: ('classify.py', _classify_args(w, _folder(w, c, 'photos'))),
+         ("folder", "photos holds no image (it is empty)",)),
     Case('missing-image', 'images', 'classify.py on an image that does not exist',
          lambda w, c: ('classify.py', _classify_args(w, os.path.join(w.dir(c), 'gone.png'))),
          ("image", "gone.png not found")),
+    Case('plot-no-epoch', 'plots', 'plot.py on a run whose metrics.csv has only its header',
+         lambda w, c: ('plot.py', [_header_only_run(w, c)]),
+         ("metrics.csv holds no epoch yet",)),
     # -- preprocessing, MNIST, release ---------------------------------------------------------
     Case('paths-key', 'preprocessing', 'preprocessing/paths.yaml without `misc_dir`',
          lambda w, c: ('preprocessing/make_hkl.py', ['--paths', _paths_yaml_without_misc(w, c)]),
          ("paths.yaml has no key 'misc_dir'",), mode='script'),
+    Case('folder-in-class-folder', 'preprocessing', 'a folder inside a class folder of '
+         'train_img_dir', lambda w, c: ('preprocessing/make_hkl.py',
+                                        ['--paths', _folder_in_a_class_folder(w, c)]),
+         ("holds a folder", "/extra/; a class folder holds only its images"), mode='script'),
+    Case('mnist-batch-size', 'MNIST pickle', 'dual_mlp.py --batch-size 0',
+         lambda w, c: ('dual_mlp.py', ['cpu', 'cpu', '--batch-size', '0']),
+         ("--batch-size 0: must be at least 1",), rc=2),
+    Case('mnist-no-cuda', 'MNIST pickle', 'dual_mlp.py 0 1 on a machine without GPUs',
+         lambda w, c: ('dual_mlp.py', ['0', '1']),
+         ("no CUDA GPU is visible; use 'python dual_mlp.py cpu cpu' to run on the CPU",), rc=2,
+         skip=NO_CUDA),
+    Case('mnist-not-gzip', 'MNIST pickle', 'dual_mlp.py --dataset with a text file',
+         lambda w, c: ('dual_mlp.py', ['cpu', 'cpu', '--dataset', _image(
+             w, c, 'notes.txt', b'not a data set\n')]),
+         ("notes.txt is neither gzip-compressed nor a pickle: --dataset must be the gzip pickle "
+          "mnist.pkl.gz",), rc=1),
     Case('evil-pickle', 'MNIST pickle', 'dual_mlp.py --dataset with a pickle that runs a command',
          lambda w, c: ('dual_mlp.py', ['cpu', 'cpu', '--dataset', _mnist(
              w, c, _RunsCommand(os.path.join(w.dir(c), 'pwned')))]),
-         ("refusing to load", "system: this file may only hold NumPy arrays"), rc=2,
+         ("refusing to load", "system: this file may only hold NumPy arrays"), rc=1,
          mode='script'),
     Case('mnist-shape', 'MNIST pickle', 'dual_mlp.py --dataset with 783-column images',
          lambda w, c: ('dual_mlp.py', ['cpu', 'cpu', '--dataset', _mnist(
              w, c, (_mnist_rows(20, 783), _mnist_rows(10), _mnist_rows(10)))]),
-         ("train x should be a float32 array of shape (n, 784)",), rc=2),
+         ("train x should be a float32 array of shape (n, 784)",), rc=1),
     Case('release-checksum', 'release zip', 'pretrained/import_params.py on a zip whose sha1 '
          'is not the release\'s', lambda w, c: ('pretrained/import_params.py', [
              _release_zip(w, c), os.path.join(w.dir(c), 'weights')]),
@@ -401,6 +474,63 @@ ELSEWHERE = [
     ('tests/test_preprocessing.py', 'test_wnid_absent_from_the_devkit_is_named'),
     ('tests/test_proc_load.py', 'test_script_without_startup_line_exits'),
 ]
+
+
+def _recorded(root, order):
+    """A dataset whose four folders carry the record preprocessing writes."""
+    from alexnet_lib.provenance import make_record, write_record
+    data = make_dataset(root, n_train_files=1, file_rows=8, val_sizes=(4,))
+    o = dict(a.split('=', 1) for a in data)
+    record = make_record([f'{order}{i}.JPEG' for i in range(8)], 1,
+                         [f'v{i}.JPEG' for i in range(4)], 1, batch_size=8)
+    for folder in (o['train_folder'], o['val_folder'], o['label_folder'],
+                   os.path.dirname(o['mean_file'])):
+        write_record(folder, record)
+    return o
+
+
+def _mixed_outputs(w, c):
+    """train.py's arguments: one preprocessing output, with the labels of another."""
+    one = _recorded(os.path.join(w.dir(c), 'one'), 'a')
+    two = _recorded(os.path.join(w.dir(c), 'two'), 'b')
+    return w.train_args(c, **dict(one, label_folder=two['label_folder']))
+
+
+def _a_file(w, c):
+    path = os.path.join(w.dir(c), 'runs')
+    with open(path, 'w') as f:
+        f.write('a file where the run folder should be\n')
+    return path
+
+
+def _locked_by_a_live_run(w, c):
+    """A weights_dir whose lock names a live process: pid 1 on this host."""
+    import socket
+    d = os.path.join(w.dir(c), 'w')
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, '.run.lock'), 'w') as f:
+        f.write(f'1 {socket.gethostname()}\n')
+    return d
+
+
+def _folder_in_a_class_folder(w, c):
+    from preproc_tree import build_tree
+    tree = build_tree(os.path.join(w.dir(c), 'tree'), per_class=(3, 3, 3), n_val=4,
+                      quirks=False)
+    os.makedirs(os.path.join(tree.train_dir, sorted(os.listdir(tree.train_dir))[0], 'extra'))
+    return tree.paths_file
+
+
+def _header_only_run(w, c):
+    d = _folder(w, c, 'run')
+    with open(os.path.join(d, 'metrics.csv'), 'w') as f:
+        f.write('epoch,lr,train_loss,val_top1_error,val_top5_error,val_loss,images_per_s,'
+                'wall_time_s\n')
+    return d
+
+
+def _long_val_labels(w, c):
+    return w.label_folder_with(c, 'val_labels.npy', np.arange(8) % 10)
 
 
 def _folder(w, c, name):

@@ -35,9 +35,12 @@ def snapshot(d, epoch=1):
             + [np.load(os.path.join(d, f'mom_{k}_{epoch}.npy')) for k in range(len(PARAMS))])
 
 
-def assert_close(a, b, tol=1e-3):
+def assert_close(a, b, tol=3e-3):
     """Snapshots a and b made the same change from the original initialisation (and zero
-    momentum) up to float noise (conftest.assert_same_change)."""
+    momentum) up to float noise (conftest.assert_same_change). The noise: conv1's weight
+    gradient sums 4 x 55 x 55 products per replica against 8 x 55 x 55 in one replica; on a
+    2-core AVX-512 VM a few of its smallest changes came out 1.03e-3 of the largest apart, the
+    same in every run; a missed exchange is off by tens of percent."""
     init = alex_net.original_init()
     assert_same_change(a, b, [init[p.name] for p in PARAMS] + [0.0] * len(PARAMS), tol)
 
