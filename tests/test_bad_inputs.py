@@ -296,21 +296,21 @@ CASES = [
     Case('label-classes', 'a run', 'labels beyond n_classes: labels 0..9 with `n_classes=3`',
          lambda w, c: (T, w.train_args(c, 'n_classes=3')),
          ("outside 0..2 (n_classes: 3): set n_classes to the number of classes",)),
-    Case('snapshot-classes', 'a run', 'validate.py with `n_classes=3` on a snapshot of 1000 '
+    Case('snapshot-classes', 'a run', 'validate.py with `n_classes=10` on a snapshot of 1000 '
          'classes', lambda w, c: ('validate.py', w.data + ['gpu=cpu', f'weights_dir={w.snap}',
-                                                           'load_epoch=1', 'n_classes=3']),
-         ("has 1000 classes (b_7_1.npy), the network 3: set n_classes=1000",)),
+                                                           'load_epoch=1', 'n_classes=10']),
+         ("has 1000 classes (b_7_1.npy), the network 10: set n_classes=1000",)),
     Case('weights-dir-file', 'a run', 'a weights_dir that is a file',
-         lambda w, c: (T, w.train_args(c, weights_dir=_a_file(w, c))),
+         lambda w, c: (T, w.train_args(c, f'weights_dir={_a_file(w, c)}')),
          ("runs cannot be written: it is a file, not a folder; choose another weights_dir",)),
     Case('another-run', 'a run', "a new run into another run's weights_dir",
-         lambda w, c: (T, w.train_args(c, weights_dir=w.snapshot_copy(c))),
+         lambda w, c: (T, w.train_args(c, f'weights_dir={w.snapshot_copy(c)}')),
          ("already holds another run (snapshot 1): resume it (resume_train=True load_epoch=1, "
           "or resume_train=auto), write to another weights_dir, or replace it with "
           "overwrite=True",)),
     Case('live-run', 'a run', 'a second run into the weights_dir of a live run',
          lambda w, c: (T, w.train_args(c, 'overwrite=True',
-                                       weights_dir=_locked_by_a_live_run(w, c))),
+                                       f'weights_dir={_locked_by_a_live_run(w, c)}')),
          ("is in use by a live run (pid 1 on", "wait for it to end or choose another "
           "weights_dir")),
     # -- batch files ---------------------------------------------------------------------------
@@ -409,7 +409,7 @@ CASES = [
          ("snapshot 1 in", "is incomplete: its lr file (written last) is missing, so writing it "
           "was interrupted"), mode='script'),
     Case('no-momentum', 'snapshots', 'resuming from a snapshot that lacks a momentum file',
-         lambda w, c: (T, w.train_args(c, 'resume_train=True', 'load_epoch=1',
+         lambda w, c: (T, w.train_args(c, 'resume_train=True', 'load_epoch=1', 'n_epochs=2',
                                        f'weights_dir={_snap_without(w, c, "mom_3_1.npy")}')),
          ("missing momentum file", "mom_3_1.npy")),
     # -- images (classify.py) ------------------------------------------------------------------
@@ -473,6 +473,17 @@ ELSEWHERE = [
     ('tests/test_pretrained.py', 'test_misshaped_wrong_dtype_and_pickled_files_are_named'),
     ('tests/test_preprocessing.py', 'test_wnid_absent_from_the_devkit_is_named'),
     ('tests/test_proc_load.py', 'test_script_without_startup_line_exits'),
+    ('tests/test_run_folder.py', 'test_weights_dir_on_a_read_only_mount_is_one_line_at_once'),
+    ('tests/test_run_folder.py',
+     'test_another_projects_config_yaml_is_named_with_where_it_was_found'),
+    ('tests/test_run_folder.py', 'test_validation_refuses_data_other_than_the_runs'),
+    ('tests/test_run_folder.py', 'test_resume_auto_resumes_the_latest_snapshot_or_starts_afresh'),
+    ('tests/test_run_folder.py', 'test_one_yaml_drives_both_training_scripts'),
+    ('tests/test_preprocessing.py',
+     'test_every_image_format_is_taken_and_a_folder_in_a_class_folder_stops'),
+    ('tests/test_preprocessing.py',
+     'test_a_devkit_without_words_gives_the_wnids_alone_with_a_notice'),
+    ('tests/test_preprocessing.py', 'test_a_file_size_limit_is_one_line_naming_the_file'),
 ]
 
 
@@ -518,7 +529,8 @@ def _folder_in_a_class_folder(w, c):
     tree = build_tree(os.path.join(w.dir(c), 'tree'), per_class=(3, 3, 3), n_val=4,
                       quirks=False)
     os.makedirs(os.path.join(tree.train_dir, sorted(os.listdir(tree.train_dir))[0], 'extra'))
-    return tree.paths_file
+    return tree.write_paths_yaml(os.path.join(w.dir(c), 'paths.yaml'),
+                                 os.path.join(w.dir(c), 'out'))
 
 
 def _header_only_run(w, c):
@@ -727,6 +739,28 @@ ELSEWHERE_TEXT = [
     'release files of the wrong shape or dtype, or pickled (import_params.py names each)',
     'a training folder (WNID) absent from the devkit (make_train_val_txt.py names it)',
     'proc_load.py started by hand, without its start-up line',
+    'weights_dir on a read-only mount: `error: weights_dir …/w cannot be written: Read-only '
+    'file system; choose another weights_dir` (exit 1, within seconds of the start)',
+    "another project's `config.yaml` in the current folder with a key this one lacks: `config "
+    "error: unknown key 'learning_rat' in …/config.yaml (found in the current folder); did you "
+    "mean 'learning_rate'?` (exit 2); with valid keys it is merged and the start block says "
+    "`…/config.yaml (found in the current folder)`",
+    'validate.py with data other than the run trained on: `config error: the run in …/w trained '
+    'on another preprocessing output (…) than val_folder, label_folder and mean_file (…); point '
+    'them at the data it trained on` (exit 2)',
+    'resuming a run that already has its n_epochs: `nothing to train: snapshot 2 in …/w already '
+    'ends this run (n_epochs: 2); to train more, raise n_epochs (n_epochs=12 '
+    'resume_train=True load_epoch=2)` (exit 0)',
+    'a yaml with `gpu:` given to train_2gpu.py: `notice: gpu (in …/mine.yaml) ignored: '
+    'train_2gpu.py takes its devices from gpus (or gpu0 and gpu1)`, and the run trains',
+    'other files beside the images of a class folder: `notice: train_img_dir …/train: 2 files '
+    'not named as an image (.jpeg, .jpg, .png, .bmp, .webp, ... in any case) are left out, e.g. '
+    'README.txt` (a folder there stops the run: see the preprocessing rows)',
+    "a devkit without the `words` field: `notice: devkit file …/meta_clsloc.mat has no 'words' "
+    "(class names) for its classes: …/misc/synset_words.txt names them by WNID alone`",
+    'preprocessing under a file-size limit (`ulimit -f`): `error: cannot write batch file '
+    '…/0000.hkl (File too large): over the file-size limit (ulimit -f); raise the limit '
+    '(ulimit -f unlimited) and run the same command again: complete files are kept` (exit 1)',
 ]
 
 if __name__ == '__main__':
