@@ -32,6 +32,7 @@ CONFIG_KEYS = {
     'resume_train': 'bool_or_auto', 'load_epoch': 'int', 'overwrite': 'bool', 'n_epochs': 'int',
     'learning_rate': 'float',
     'lr_policy': ('step', 'auto'), 'lr_adapt_threshold': 'float', 'lr_step': 'int_list',
+    'lr_warmup_epochs': 'float',
     'use_data_layer': 'bool', 'rand_crop': 'bool', 'shuffle': 'bool', 'para_load': 'bool',
     'batch_crop_mirror': 'bool', 'prefetch': 'int', 'label_folder': 'data_path',
     'mean_file': 'data_path', 'n_classes': 'int',
@@ -339,6 +340,8 @@ def check_combination(cfg):
         raise ConfigError("use_nesterov_momentum: True needs use_momentum: True")
     if cfg['learning_rate'] <= 0:
         raise ConfigError(f"learning_rate: {cfg['learning_rate']} must be positive")
+    if cfg['lr_warmup_epochs'] < 0:
+        raise ConfigError(f"lr_warmup_epochs: {cfg['lr_warmup_epochs']} must be 0 or more")
     if cfg['weight_decay'] < 0:
         raise ConfigError(f"weight_decay: {cfg['weight_decay']} must be 0 or more")
     if any(e < 1 for e in cfg['lr_step']):
