@@ -26,7 +26,7 @@ import yaml
 
 from alexnet_lib.errors import UserError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the yaml files
+ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))  # the yaml files
 
 CONFIG_KEYS = {
     'resume_train': 'bool_or_auto', 'load_epoch': 'int', 'overwrite': 'bool', 'n_epochs': 'int',

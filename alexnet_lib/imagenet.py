@@ -24,7 +24,7 @@ from alexnet_lib.errors import UserError
 from alexnet_lib.files import atomic_write
 from alexnet_lib.images import IMAGE_SUFFIXES, is_image_name  # noqa: F401 (shared from here too)
 
-PREPROCESSING = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+PREPROCESSING = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))),
                              'preprocessing')    # the scripts and their paths.yaml
 BATCH_SIZE = 256
 BATCH_SUFFIX = f'_b{BATCH_SIZE}_b_{BATCH_SIZE}'  # the original's name for one set of full batches

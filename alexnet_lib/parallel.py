@@ -25,7 +25,7 @@ from alexnet_lib.batch_files import IMAGE_SHAPE
 from alexnet_lib.data import BatchLoader
 from alexnet_lib.errors import UserError
 
-LOADER_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+LOADER_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))),
                              'proc_load.py')
 CHUNK_ROWS = 32             # rows per read (6.3 MB) and per copy to the GPU
 READ_THREADS = min(8, os.cpu_count() or 1)
