@@ -26,13 +26,14 @@ import time
 import torch
 
 from alexnet_lib.config import DATA_KEYS, ConfigError, help_text, load_config
+from alexnet_lib.step import amp_dtype_of, autocast, precision_of
 
 REPORT = {'1 GPU, parallel loading': 39.72, '1 GPU, serial loading': 49.11,
           '2 GPUs, parallel loading': 23.39, '2 GPUs, serial loading': 28.92}
 
 
 def cyclic_requests(rep, n):
-    base = rep.train_requests(1)
+    base = rep.data.train_requests(1)
     return [base[i % len(base)] for i in range(n)]
 
 
@@ -51,8 +52,8 @@ def time_training(cfg, rank, world, device, exchanger, iters, warmup):
         rep.train_epoch(1, cfg['learning_rate'], loader, progress=False, requests=reqs[warmup:])
         elapsed = time.time() - t0   # train_epoch ends by reading its sums: the GPU is done
     return {'s_per_20_iter': 20 * elapsed / iters,
-            'images_per_s': iters * rep.global_batch / elapsed,
-            'global_batch': rep.global_batch,
+            'images_per_s': iters * rep.data.global_batch / elapsed,
+            'global_batch': rep.data.global_batch,
             'peak_gpu_mem_gb': torch.cuda.max_memory_allocated(rep.device) / 1e9 if cuda else None}
 
 
@@ -80,7 +81,7 @@ def time_model_step(cfg, device, iters, warmup):
     device: the model's own speed, no loading."""
     from alexnet_lib.loop import Replica
     rep = Replica(cfg, 0, 1, device)
-    path, lo, hi, _ = rep.train_requests(1)[0]
+    path, lo, hi, _ = rep.data.train_requests(1)[0]
     from alexnet_lib.batch_files import read_rows
     from alexnet_lib.data import SerialLoader
     images = torch.from_numpy(read_rows(path, lo, hi)).to(rep.device)
@@ -96,7 +97,8 @@ def time_model_step(cfg, device, iters, warmup):
     rep.train_epoch(1, cfg['learning_rate'], Resident(rep.device), progress=False,
                     requests=reqs[warmup:])
     elapsed = time.time() - t0
-    return {'s_per_20_iter': 20 * elapsed / iters, 'images_per_s': iters * rep.batch / elapsed}
+    return {'s_per_20_iter': 20 * elapsed / iters,
+            'images_per_s': iters * rep.data.batch / elapsed}
 
 
 def plain_alexnet():
@@ -124,8 +126,7 @@ def time_peer(model, device, batch, amp_dtype, iters, warmup, size=227):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
     def step():
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                            enabled=amp_dtype is not None):
+        with autocast(device.type, amp_dtype):
             loss = torch.nn.functional.cross_entropy(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -223,7 +224,7 @@ def main(argv):
         rows['model step alone (data on the device)'] = resident
     if not a.no_peers:
         device = torch.device(dev1)
-        amp = torch.bfloat16 if (device.type == 'cuda' and cfg1['precision'] != 'fp32') else None
+        amp = amp_dtype_of(precision_of(cfg1['precision'], device))   # the run's precision
         b = cfg1['batch_size']
         rows['peer: plain eager PyTorch of this network'] = time_peer(
             plain_alexnet(), device, b, amp, iters, warmup)

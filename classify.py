@@ -18,7 +18,7 @@ any image is an error.
 
 Each image is read with alexnet_lib.images.load_image_256 (any format preprocessing reads:
 JPEG, PNG, greyscale, CMYK, alpha, ...; decided by content, not name), exactly as the batch
-files hold it (RGB, 256x256), then goes through what validation does (loop.test_logits):
+files hold it (RGB, 256x256), then goes through what validation does (step.test_logits):
 minus the mean image, the centre 227x227 crop without mirror, the test-time network, then a
 softmax.
 
@@ -51,7 +51,7 @@ from alexnet_lib.config import help_text, load_config, require_data, resolve_dev
 from alexnet_lib.data import mean_image_hwc
 from alexnet_lib.errors import run_main
 from alexnet_lib.provenance import check_trained_on, read_record
-from alexnet_lib.step import precision_of, test_logits
+from alexnet_lib.step import amp_dtype_of, precision_of, test_logits
 from alexnet_lib.snapshot import load_snapshot
 from alexnet_lib.files import DataError
 from alexnet_lib.images import load_image_256
@@ -124,7 +124,7 @@ def class_names(own, mean_file, n_classes):
 @torch.no_grad()
 def probabilities(net, images, mean_hwc, amp_dtype):
     """Softmax of the test-time network on the centre crops of uint8 (B, 256, 256, 3) images:
-    the same forward as validation (loop.test_logits)."""
+    the same forward as validation (step.test_logits)."""
     return torch.softmax(test_logits(net.layer_params, images, mean_hwc, amp_dtype), dim=1)
 
 
@@ -170,7 +170,7 @@ def classify(cfg, images, own):
                      ('mean_file',))
     names, source = class_names(own, cfg['mean_file'], cfg['n_classes'])
     device = resolve_device(cfg['gpu'])
-    amp_dtype = torch.bfloat16 if precision_of(cfg, device) == 'bf16' else None
+    amp_dtype = amp_dtype_of(precision_of(cfg['precision'], device))
     mean = mean_image_hwc(cfg['mean_file'], device)
     net = AlexNet(device, init=False, n_classes=cfg['n_classes'])
     load_snapshot(cfg['weights_dir'], cfg['load_epoch'], net, with_momentum=False)

@@ -22,7 +22,8 @@ from alexnet_lib.loop import Replica
 
 def evaluate(cfg):
     rep = Replica(cfg, for_training=False)
-    check_trained_on(cfg['weights_dir'], rep.record, ('val_folder', 'label_folder', 'mean_file'))
+    check_trained_on(cfg['weights_dir'], rep.data.record,
+                     ('val_folder', 'label_folder', 'mean_file'))
     load_snapshot(cfg['weights_dir'], cfg['load_epoch'], rep.net, with_momentum=False)
     with rep.make_loader() as loader:
         top1, top5, loss, n = rep.validate(loader)

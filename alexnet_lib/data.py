@@ -15,11 +15,14 @@ ahead of time. Both have the same interface:
             ...                                   # next one is taken
 """
 import os
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from alexnet_lib.batch_files import IMAGE_SHAPE, batch_rows, list_batch_files, read_rows
+import alex_net
+from alexnet_lib.batch_files import (IMAGE_SHAPE, batch_rows, list_batch_files, read_rows,
+                                      replica_rows)
 from alexnet_lib.config import DATA_KEYS, ConfigError, require_data
 from alexnet_lib.files import DataError, load_npy
 
@@ -97,7 +100,15 @@ class SerialFeed:
 CROP = 227
 CENTRE = (256 - CROP) // 2   # 14
 MAX_OFFSET = 256 - CROP      # offsets 0..29 on each axis
-DROPOUT_UNITS = 4096
+
+
+class Batch(NamedTuple):
+    """One step's inputs on the training device: what a TrainStep takes."""
+    images: torch.Tensor     # uint8 (B, 256, 256, 3)
+    labels: torch.Tensor     # int64 (B,)
+    offsets: torch.Tensor    # int64 (B, 2): crop offsets
+    mirror: torch.Tensor     # bool (B,)
+    masks: torch.Tensor      # float (dropout layers, B, units): dropout keep-masks
 
 
 def step_draws(seed, epoch, step, n, rand_crop=True, batch_crop_mirror=False):
@@ -118,11 +129,14 @@ def step_draws(seed, epoch, step, n, rand_crop=True, batch_crop_mirror=False):
 
 
 def dropout_masks(mask_seed, n, lo, hi, device, dtype=torch.float32):
-    """Keep-masks (p=0.5) of fc6 and fc7 for the global batch of n, rows [lo, hi) of it:
-    a tensor (2, hi-lo, 4096) drawn on ``device`` from a generator seeded by mask_seed."""
+    """Keep-masks (p=0.5) of the dropout layers (fc6 and fc7) for the global batch of n, rows
+    [lo, hi) of it: a tensor (2, hi-lo, 4096) drawn on ``device`` from a generator seeded by
+    mask_seed."""
     g = torch.Generator(device=device)
     g.manual_seed(mask_seed)
-    keep = torch.rand((2, n, DROPOUT_UNITS), generator=g, device=device) < 0.5
+    units = alex_net.DROPOUT_UNITS
+    assert len(set(units)) == 1, units      # one tensor holds every layer's masks
+    keep = torch.rand((len(units), n, units[0]), generator=g, device=device) < 0.5
     return keep[:, lo:hi].to(dtype)
 
 
@@ -194,9 +208,10 @@ class RunData:
     says; data without a record (the original's preprocessing) is checked by its sizes alone,
     and ``record`` is None."""
 
-    def __init__(self, cfg, world=1, device='cpu', for_training=True):
+    def __init__(self, cfg, world=1, device='cpu', for_training=True, rank=0):
         from alexnet_lib.provenance import check_together
-        self.cfg, self.world = cfg, world
+        self.cfg, self.world, self.rank = cfg, world, rank
+        self.device = torch.device(device)
         keys = DATA_KEYS if for_training else ('val_folder', 'label_folder', 'mean_file')
         require_data(cfg, keys)
         self.record = check_together(
@@ -246,3 +261,49 @@ class RunData:
                 f"labels, but their preprocessing record says {want_batched} and "
                 f"{self.record[field]}: the folder was changed after preprocessing; run "
                 f"preprocessing again")
+
+    # -- the epoch plan: which rows each step reads, and its random draws ------------------------
+    def file_order(self, epoch):
+        n = len(self.train_files)
+        if not self.cfg['shuffle']:
+            return np.arange(n)
+        return np.random.default_rng([self.cfg['seed'], epoch, 1 << 20]).permutation(n)
+
+    def train_requests(self, epoch):
+        """(file, lo, hi, label offset) of each step of an epoch, this replica's rows: step t
+        is images [t * G, (t + 1) * G) of the epoch's files concatenated (G the global batch),
+        and replica r reads the r-th batch_size of them, which lie in one file."""
+        order = self.file_order(epoch)
+        out = []
+        for t in range(self.steps_per_epoch):
+            first = t * self.global_batch + self.rank * self.batch
+            fi = order[first // self.file_rows]
+            lo = first % self.file_rows
+            out.append((self.train_files[fi], lo, lo + self.batch, fi * self.file_rows))
+        return out
+
+    def val_requests(self):
+        """(file, lo, hi, label offset) covering this replica's share of every validation
+        image, in pieces of at most batch_size."""
+        out, start = [], 0
+        for path, n in zip(self.val_files, self.val_rows):
+            lo, hi = replica_rows(n, self.rank, self.world)
+            for a in range(lo, hi, self.batch):
+                out.append((path, a, min(a + self.batch, hi), start))
+            start += n
+        return out
+
+    def train_batch(self, images, request, epoch, step):
+        """The Batch of a training step: its images (on the device), this replica's labels and
+        its slice of the step's random draws, which are made for the whole global batch from a
+        generator seeded by (seed, epoch, step): a run trains the same way on 1 or N devices."""
+        cfg, dev = self.cfg, self.device
+        _, a, b, label_off = request
+        offsets, mirror, mask_seed = step_draws(cfg['seed'], epoch, step, self.global_batch,
+                                                cfg['rand_crop'], cfg['batch_crop_mirror'])
+        lo, hi = self.rank * self.batch, (self.rank + 1) * self.batch
+        return Batch(images,
+                     self.train_labels[label_off + a:label_off + b].to(dev, non_blocking=True),
+                     torch.from_numpy(offsets[lo:hi]).to(dev, non_blocking=True),
+                     torch.from_numpy(mirror[lo:hi]).to(dev, non_blocking=True),
+                     dropout_masks(mask_seed, self.global_batch, lo, hi, dev))

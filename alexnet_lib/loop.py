@@ -23,18 +23,17 @@ import time
 import numpy as np
 import torch
 
-from alex_net import AlexNet, FIRST_FC
-from alexnet_lib.batch_files import replica_rows
+from alex_net import AlexNet
 from alexnet_lib.config import resolve_device
-from alexnet_lib.data import RunData, SerialLoader, dropout_masks, step_draws
+from alexnet_lib.data import RunData, SerialLoader
 from alexnet_lib.errors import UserError
 from alexnet_lib.files import atomic_write
-from alexnet_lib.sgd import adjust_learning_rate, sgd_step_
+from alexnet_lib.sgd import adjust_learning_rate, warmup_factor
 from alexnet_lib.snapshot import (SnapshotError, latest_complete_snapshot, load_array,
                                   load_snapshot, lr_file, prune_snapshots, save_array,
                                   save_snapshot, steps_done_in)
-from alexnet_lib.step import (GraphedStep, augmented_features, classifier_loss, eval_batch,
-                              precision_of)
+from alexnet_lib.step import (Averaging, TrainStep, UpdateRule, amp_dtype_of, compile_cache,
+                              configure_device, eval_batch, precision_of)
 
 METRICS_FIELDS = ['epoch', 'lr', 'train_loss', 'val_top1_error', 'val_top5_error', 'val_loss',
                   'images_per_s', 'wall_time_s']
@@ -54,97 +53,62 @@ STOP_CHECK_EVERY = 10   # replicas agree on a SIGTERM at steps that are multiple
                         # and at the end of every epoch
 
 
-class Replica(RunData):
-    """One replica's data, network and training state."""
+class Replica:
+    """One replica of a run: its data (data.RunData: the files and the epoch plan), its network
+    and training step (step.TrainStep), and what a run does between steps: epochs, validation,
+    the learning-rate schedule, snapshots, preemption."""
 
     def __init__(self, cfg, rank=0, world=1, device=None, exchanger=None, log=None,
                  for_training=True):
-        self.rank = rank              # cfg and world: RunData below
+        self.cfg, self.rank, self.world = cfg, rank, world
         self.device = resolve_device(device or cfg['gpu'])
         if self.device.type == 'cuda':
             torch.cuda.set_device(self.device)
         self.exchanger = exchanger
         self.lead = rank == 0
         self.log = log or (lambda *a: print(*a, flush=True) if self.lead else None)
-        self.precision = precision_of(cfg, self.device)
-        self.amp_dtype = torch.bfloat16 if self.precision == 'bf16' else None
-        if self.device.type == 'cuda':
-            torch.backends.cudnn.benchmark = True
-            # TF32 matrix units for tf32, and for what bf16 autocast leaves in float32
-            tf32 = self.precision != 'fp32'
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-            torch.backends.cudnn.allow_tf32 = tf32
-        RunData.__init__(self, cfg, world, self.device, for_training)
+        self.precision = precision_of(cfg['precision'], self.device)
+        self.amp_dtype = amp_dtype_of(self.precision)
+        configure_device(self.device, self.precision)
+        self.data = RunData(cfg, world, self.device, for_training, rank)
         # a resumed run and validation load every parameter from a snapshot: no initial draw
         self.net = AlexNet(self.device, init=for_training and not cfg['resume_train'],
                            n_classes=cfg['n_classes'])
-        self.features_fn, self.classifier_fn = augmented_features, classifier_loss
-        self.update_fn = sgd_step_
         self.compiled = (self.device.type == 'cuda' if cfg['compile'] == 'auto'
                          else cfg['compile'])
-        if self.compiled:
-            # compiled code is cached across runs (PyTorch's inductor cache): only a first run
-            # compiles for long
-            os.environ.setdefault('TORCHINDUCTOR_CACHE_DIR', os.path.join(
-                os.path.expanduser('~'), '.cache', 'alexnet_lib', 'torchinductor'))
-            self.features_fn = torch.compile(augmented_features)
-            self.classifier_fn = torch.compile(classifier_loss)
-            self.update_fn = torch.compile(sgd_step_)
-        self.compile_started = time.time() if self.compiled else None
-        # one GPU, compiled: the whole step replays as one CUDA graph (no exchange inside it)
         graph = cfg['cuda_graph']
-        self.graphed = (GraphedStep(self) if self.device.type == 'cuda' and exchanger is None
-                        and (graph is True or (graph == 'auto' and self.compiled)) else None)
+        averaging = None if exchanger is None else Averaging(
+            exchanger, cfg['average'], cfg['exchange_freq'],
+            torch.bfloat16 if cfg['exchange_dtype'] == 'bf16' else torch.float32)
+        self.step = TrainStep(
+            self.net, self.data.mean,
+            UpdateRule(cfg['momentum'], cfg['weight_decay'], cfg['use_momentum'],
+                       cfg['use_nesterov_momentum']),
+            precision=self.precision, compiled=self.compiled,
+            graphed=graph is True or (graph == 'auto' and self.compiled), averaging=averaging)
+        self.compile_started = time.time() if self.compiled else None
+        self.warmup_steps = round(cfg['lr_warmup_epochs'] * self.data.steps_per_epoch) \
+            if for_training else 0
 
-    # -- data -------------------------------------------------------------------------------
     def make_loader(self):
         if not self.cfg['para_load']:
             return SerialLoader(self.device)
         from alexnet_lib.parallel import ParallelLoader
-        return ParallelLoader(self.device, max_rows=self.batch, prefetch=self.cfg['prefetch'])
-
-    def file_order(self, epoch):
-        n = len(self.train_files)
-        if not self.cfg['shuffle']:
-            return np.arange(n)
-        return np.random.default_rng([self.cfg['seed'], epoch, 1 << 20]).permutation(n)
-
-    def train_requests(self, epoch):
-        """(file, lo, hi, label offset) of each step of an epoch, this replica's rows: step t
-        is images [t * G, (t + 1) * G) of the epoch's files concatenated (G the global batch),
-        and replica r reads the r-th batch_size of them, which lie in one file."""
-        order = self.file_order(epoch)
-        out = []
-        for t in range(self.steps_per_epoch):
-            first = t * self.global_batch + self.rank * self.batch
-            fi = order[first // self.file_rows]
-            lo = first % self.file_rows
-            out.append((self.train_files[fi], lo, lo + self.batch, fi * self.file_rows))
-        return out
-
-    def val_requests(self):
-        """(file, lo, hi, label offset) covering this replica's share of every validation
-        image, in pieces of at most batch_size."""
-        out, start = [], 0
-        for path, n in zip(self.val_files, self.val_rows):
-            lo, hi = replica_rows(n, self.rank, self.world)
-            for a in range(lo, hi, self.batch):
-                out.append((path, a, min(a + self.batch, hi), start))
-            start += n
-        return out
+        return ParallelLoader(self.device, max_rows=self.data.batch,
+                              prefetch=self.cfg['prefetch'])
 
     # -- training ---------------------------------------------------------------------------
     def train_epoch(self, epoch, lr, loader, progress=True, requests=None, start_step=0,
                     stop=None):
-        """Train over the epoch's steps (or the given requests); returns the mean training
-        loss, train error and images/s over all replicas."""
-        cfg, dev = self.cfg, self.device
-        requests = self.train_requests(epoch) if requests is None else requests
+        """Train over the epoch's steps (or the given requests) at the epoch's rate lr (times
+        the warm-up's factor in the run's first steps); returns the mean training loss, train
+        error and images/s over all replicas."""
+        cfg, data = self.cfg, self.data
+        requests = data.train_requests(epoch) if requests is None else requests
         steps_in_epoch = len(requests)
         requests = requests[start_step:]
-        lo, hi = self.rank * self.batch, (self.rank + 1) * self.batch
-        loss_sum = torch.zeros((), device=dev)
-        err_sum = torch.zeros((), device=dev)
+        loss_sum = torch.zeros((), device=self.device)
+        err_sum = torch.zeros((), device=self.device)
         bar = None
         if progress and self.lead:
             from tqdm import tqdm
@@ -155,21 +119,18 @@ class Replica(RunData):
         since_print = 0
         try:
             with loader.feed([r[:3] for r in requests]) as feed:
-                for step, (_, a, b, label_off) in enumerate(requests, start_step):
-                    images = feed.take()
-                    offsets, mirror, mask_seed = step_draws(
-                        cfg['seed'], epoch, step, self.global_batch, cfg['rand_crop'],
-                        cfg['batch_crop_mirror'])
-                    labels = self.train_labels[label_off + a:label_off + b].to(
-                        dev, non_blocking=True)
-                    offs = torch.from_numpy(offsets[lo:hi]).to(dev, non_blocking=True)
-                    mirr = torch.from_numpy(mirror[lo:hi]).to(dev, non_blocking=True)
-                    masks = dropout_masks(mask_seed, self.global_batch, lo, hi, dev)
-                    loss, errors = self.train_step(images, labels, offs, mirr, masks, lr, step)
+                for step, request in enumerate(requests, start_step):
+                    iteration = n_prev + step - start_step      # from the run's first step
+                    self.step.set_lr(lr * warmup_factor(iteration, self.warmup_steps))
+                    batch = data.train_batch(feed.take(), request, epoch, step)
+                    loss, errors = self.step(batch, step)
                     feed.release()      # refilled once the step's GPU work, queued now, is done
-                    if self.compile_started is not None:
+                    if self.step.notice is not None:
+                        self.log(self.step.notice)
+                        self.step.notice = None
+                    if self.compile_started is not None and self.step.ready:
                         self.log_compile_time()
-                    loss_sum += loss.detach()
+                    loss_sum += loss
                     err_sum += errors
                     since_print += 1
                     # a stop at the epoch's last step waits for the epoch's end (train() checks
@@ -179,76 +140,41 @@ class Replica(RunData):
                         self.preempt(epoch, step + 1, lr)
                     if bar is not None:
                         bar.update(1)
-                    if (n_prev + step + 1) % cfg['print_freq'] == 0:
-                        cost = float(loss.detach())
-                        self.check_finite(cost, epoch, n_prev + step + 1)
-                        now = time.time()
-                        msg = (f"iter {n_prev + step + 1} | cost {cost:.4f}"
-                               + (f" | train error {float(errors) / self.batch:.4f}"
-                                  if cfg['print_train_error'] else '')
-                               + f" | {since_print * self.global_batch / (now - t_print):.0f} img/s"
-                               f" | {(now - t_print) / since_print:.3f} s per iter")
-                        if bar is not None:
-                            bar.write(msg)
-                        else:
-                            self.log(msg)
-                        t_print, since_print = now, 0
+                    if (iteration + 1) % cfg['print_freq'] == 0:
+                        self.print_progress(iteration + 1, epoch, loss, errors, since_print,
+                                            time.time() - t_print, bar)
+                        t_print, since_print = time.time(), 0
         finally:   # an error leaves no half-drawn progress bar before its message
             if bar is not None:
                 bar.close()
         elapsed = time.time() - t0
-        n = len(requests) * self.batch
-        totals = [float(loss_sum) * self.batch, float(err_sum), float(n)]
+        n = len(requests) * data.batch
+        totals = [float(loss_sum) * data.batch, float(err_sum), float(n)]
         if self.exchanger:
             totals = self.exchanger.all_sum(totals)
         train_loss = totals[0] / totals[2]
         self.check_finite(train_loss, epoch, n_prev + len(requests))
-        return train_loss, totals[1] / totals[2], len(requests) * self.global_batch / elapsed
+        return train_loss, totals[1] / totals[2], len(requests) * data.global_batch / elapsed
 
-    def train_step(self, images, labels, offsets, mirror, masks, lr, step):
-        """One minibatch: the graphed step when there is one, else step()."""
-        if self.graphed is not None:
-            return self.graphed(images, labels, offsets, mirror, masks, lr, step)
-        return self.step(images, labels, offsets, mirror, masks, lr, step)
-
-    def step(self, images, labels, offsets, mirror, masks, lr, step):
-        """Forward, backward, update and exchange of one minibatch; returns (loss, errors).
-        The backward pass is cut in two at the fc6 input: the fully connected layers' gradients
-        (96% of them) are complete first, and with average: gradients they travel to the other
-        replicas while the convolutional layers' backward runs."""
-        cfg, net, ex = self.cfg, self.net, self.exchanger
-        arch = net.arch
-        feats = self.features_fn(net.layer_params[:FIRST_FC], images, self.mean, offsets, mirror,
-                                 self.amp_dtype)
-        cut = feats.detach().requires_grad_()
-        loss, errors = self.classifier_fn(net.layer_params[FIRST_FC:], cut, labels, masks,
-                                          self.amp_dtype)
-        loss.backward()               # into the flat buffer net.grad, and cut.grad
-        average_gradients = ex is not None and cfg['average'] == 'gradients'
-        if average_gradients:
-            wire = torch.bfloat16 if cfg['exchange_dtype'] == 'bf16' else torch.float32
-            pending = ex.start_average_(net.grad[arch.fc_weights], wire)
-        feats.backward(cut.grad)
-        if average_gradients:
-            for part in arch.not_fc_weights:
-                ex.average_(net.grad[part], wire)
-            pending.wait()
-        self.update_fn(net.params, net.grad, net.momentum, lr, arch.n_weights, cfg['momentum'],
-                       cfg['weight_decay'], cfg['use_momentum'], cfg['use_nesterov_momentum'])
-        if ex and cfg['average'] == 'weights' and (step + 1) % cfg['exchange_freq'] == 0:
-            ex.average_(net.state)
-        # detached: no reference keeps this step's autograd graph (and the gradient
-        # accumulators it made on this stream) alive into the next step or a graph capture
-        return loss.detach(), errors
+    def print_progress(self, iteration, epoch, loss, errors, steps, seconds, bar):
+        cost = float(loss)
+        self.check_finite(cost, epoch, iteration)
+        msg = (f"iter {iteration} | cost {cost:.4f}"
+               + (f" | train error {float(errors) / self.data.batch:.4f}"
+                  if self.cfg['print_train_error'] else '')
+               + f" | {steps * self.data.global_batch / seconds:.0f} img/s"
+               f" | {seconds / steps:.3f} s per iter | lr {float(self.step.lr):g}")
+        if bar is not None:
+            bar.write(msg)
+        else:
+            self.log(msg)
 
     def log_compile_time(self):
-        """After the first compiled steps: how long compiling took (once)."""
-        if self.graphed is not None and self.graphed.warm < GraphedStep.WARMUP:
-            return                      # the graph is captured after the warm-up steps
+        """After the first compiled steps (and the graph's capture): how long it took (once)."""
         if self.device.type == 'cuda':
             torch.cuda.synchronize(self.device)
         self.log(f"compiled the training step in {time.time() - self.compile_started:.0f} s"
-                 + (" and captured it as a CUDA graph" if self.graphed is not None else ""))
+                 + (" and captured it as a CUDA graph" if self.step.graphed else ""))
         self.compile_started = None
 
     def agreed_stop(self, stop, step=None):
@@ -303,12 +229,12 @@ class Replica(RunData):
         """(top-1 error, top-5 error, mean loss, images) over every validation image; top-5
         is None with 5 classes or fewer."""
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)
-        requests = self.val_requests()
+        requests = self.data.val_requests()
         with loader.feed([r[:3] for r in requests]) as feed:
             for _, a, b, off in requests:
                 images = feed.take()
-                labels = self.val_labels[off + a:off + b].to(self.device)
-                totals += eval_batch(self.net.layer_params, images, labels, self.mean,
+                labels = self.data.val_labels[off + a:off + b].to(self.device)
+                totals += eval_batch(self.net.layer_params, images, labels, self.data.mean,
                                      self.amp_dtype)
                 feed.release()
         n = sum(b - a for _, a, b, _ in requests)
@@ -389,13 +315,15 @@ def train(cfg, rank=0, world=1, device=None, exchanger=None, progress=True):
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
     if exchanger:
         exchanger.check_identical(rep.net.state, 'parameters and momentum')
-    n_files = len(rep.train_files)
+    data = rep.data
+    n_files = len(data.train_files)
     rep.log(f"training on {rep.device} x{world}: {n_files} batch file{'s' * (n_files != 1)}, "
-            f"{rep.steps_per_epoch} steps of {rep.global_batch} images per "
-            f"epoch, precision {rep.precision}")
+            f"{data.steps_per_epoch} steps of {data.global_batch} images per "
+            f"epoch, precision {rep.precision}"
+            + (f", lr warm-up over {rep.warmup_steps} steps" if rep.warmup_steps else ''))
     if rep.compiled:
         rep.log(f"compiling the training step (torch.compile): about a minute on a first run, "
-                f"seconds once PyTorch's cache ({os.environ['TORCHINDUCTOR_CACHE_DIR']}) has it")
+                f"seconds once PyTorch's cache ({compile_cache()}) has it")
     with rep.make_loader() as loader:
         for epoch in range(first, cfg['n_epochs'] + 1):
             t0 = time.time()

@@ -1,15 +1,14 @@
 """Device experiment: where the compiled bf16 training step spends its time, and
-variants of it. The variants patch the functions that train_loop compiles; those that became
-the code in the second session (BENCHMARKS.md, notes) were taken out of this script. Each
-variant times Replica.train_step, the training loop's own step,
-on one batch already on the device (the configured data give the mean and labels). Run from the
-repository root on a GPU:
+variants of it. The variants patch the functions that the step compiles; those that became
+the code were taken out of this script (BENCHMARKS.md has their figures). Each variant times
+step.TrainStep, the training loop's own step, on one batch already on the device (the
+configured data give the mean; the labels are random). Run from the repository root on a GPU:
 
     python3 bench/profile_step.py 'base!' patches torchpool   # "!" adds a kernel table
     B=2 DEV=cpu python3 bench/profile_step.py eager spec_toy.yaml   # a CPU check of the script
 
 Words with "=" or ending in .yaml are configuration (key=value, yaml files), merged over
-config.yaml + spec_1gpu.yaml as in train.py; the data they name give the mean and labels
+config.yaml + spec_1gpu.yaml as in train.py; the data they name give the mean
 (spec_toy.yaml: the quickstart's toy data, once quickstart.sh has made it).
 
 A variant is parts joined by "+" (base+ro): base (the compiled step as it is), eager (not
@@ -58,12 +57,11 @@ CONFIG_WORDS = []    # key=value and yaml files of the command line
 
 
 def setup(variant):
-    """Apply the variant's patches; returns the training step of a Replica built on them."""
+    """Apply the variant's patches; returns a TrainStep built on them."""
     import torch
     import torch.nn.functional as F
     import alex_net
     import layers
-    from alexnet_lib import loop as train_loop
     from alexnet_lib.config import load_config
     if not orig:
         orig.update(lrn=alex_net.lrn, conv_by_blocks=layers.conv_by_blocks,
@@ -85,31 +83,37 @@ def setup(variant):
             mode = 'max-autotune-no-cudagraphs'
         elif v not in ('base', 'eager'):
             raise SystemExit(f"unknown variant {v}")
-    # the real step (train_loop.Replica.train_step), on the configured data's mean and labels
-    cfg = load_config('spec_1gpu.yaml', CONFIG_WORDS + [f'gpu={dev}', f'batch_size={B}',
-                                                        f"compile={'eager' not in variant}"])
-    rep = train_loop.Replica(cfg)
-    rep.n_classes = cfg['n_classes']     # for this script's labels
-    if mode:
-        rep.features_fn = torch.compile(train_loop.augmented_features, mode=mode)
-        rep.classifier_fn = torch.compile(train_loop.classifier_loss, mode=mode)
-    return rep
+    # the real step (step.TrainStep, as the training loop builds it) on the configured mean
+    cfg = load_config('spec_1gpu.yaml', CONFIG_WORDS + [f'gpu={dev}', f'batch_size={B}'])
+    from alex_net import AlexNet
+    from alexnet_lib.config import require_data
+    from alexnet_lib.data import mean_image_hwc
+    from alexnet_lib.step import TrainStep, UpdateRule, configure_device, precision_of
+    require_data(cfg, ('mean_file',))
+    precision = precision_of(cfg['precision'], dev)
+    configure_device(dev, precision)
+    compiled = 'eager' not in variant
+    net = AlexNet(dev, n_classes=cfg['n_classes'])
+    return TrainStep(net, mean_image_hwc(cfg['mean_file'], dev),
+                     UpdateRule(cfg['momentum'], cfg['weight_decay']), precision=precision,
+                     compiled=compiled, graphed=compiled and mode is None, compile_mode=mode)
 
 
 def run(variant, iters=40, warmup=12, profile=False):
     import torch
-    from alexnet_lib.data import dropout_masks
+    from alexnet_lib.data import Batch, dropout_masks
     t_c = time.time()
-    rep = setup(variant)
+    train_step = setup(variant)
+    train_step.set_lr(1e-3)
     g = torch.Generator(device=dev).manual_seed(0)
     images = torch.randint(0, 256, (B, 256, 256, 3), dtype=torch.uint8, device=dev, generator=g)
-    labels = torch.randint(0, rep.n_classes, (B,), device=dev)
+    labels = torch.randint(0, train_step.net.arch.n_classes, (B,), device=dev)
 
     def one(step):
         offs = torch.randint(0, 30, (B, 2), device=dev)
         mirr = torch.rand(B, device=dev) < 0.5
         masks = dropout_masks(step, B, 0, B, dev)
-        return rep.train_step(images, labels, offs, mirr, masks, 1e-3, step)[0]
+        return train_step(Batch(images, labels, offs, mirr, masks), step)[0]
 
     for s in range(warmup):
         one(s)

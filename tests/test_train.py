@@ -185,15 +185,15 @@ def test_every_training_image_once_per_epoch_in_order(small_dataset, tmp_path, w
     remainder of less than a step; replica r reads the r-th slice of each step."""
     cfg = cfg_for(small_dataset, tmp_path, f'batch_size={batch}', f'shuffle={shuffle}',
                   'resume_train=True')    # resume_train: no initial draw, nothing else loaded
-    reps = [train_loop.Replica(cfg, r, world, 'cpu') for r in range(world)]
-    rows = reps[0].file_rows
+    plans = [train_loop.Replica(cfg, r, world, 'cpu').data for r in range(world)]
+    rows = plans[0].file_rows
     for epoch in (1, 2):
-        order = reps[0].file_order(epoch)
-        per_rank = [rep.train_requests(epoch) for rep in reps]
+        order = plans[0].file_order(epoch)
+        per_rank = [plan.train_requests(epoch) for plan in plans]
         seen = []
         for step in zip(*per_rank):
             for path, lo, hi, label_off in step:
-                fi = reps[0].train_files.index(path)
+                fi = plans[0].train_files.index(path)
                 assert label_off == fi * rows and hi - lo == batch and hi <= rows
                 seen += [fi * rows + i for i in range(lo, hi)]
         want = [fi * rows + i for fi in order for i in range(rows)]
@@ -223,7 +223,7 @@ def first_step(cfg):
     start = arrays()
     with rep.make_loader() as loader:
         rep.train_epoch(1, cfg['learning_rate'], loader, progress=False,
-                        requests=rep.train_requests(1)[:1])
+                        requests=rep.data.train_requests(1)[:1])
     return start, arrays()
 
 
@@ -253,12 +253,13 @@ def reference_first_step(cfg, device):
     from alexnet_lib.batch_files import read_rows
     from alexnet_lib.data import crop_mirror, dropout_masks, mean_image_hwc, step_draws
     rep = train_loop.Replica(dict(cfg, gpu='cpu', compile=False), 0, 1)
-    path, lo, hi, label_off = rep.train_requests(1)[0]
+    data = rep.data
+    path, lo, hi, label_off = data.train_requests(1)[0]
     images = torch.from_numpy(read_rows(path, lo, hi))
-    labels = rep.train_labels[label_off + lo:label_off + hi]
-    offsets, mirror, mask_seed = step_draws(cfg['seed'], 1, 0, rep.global_batch, cfg['rand_crop'],
-                                            cfg['batch_crop_mirror'])
-    masks = dropout_masks(mask_seed, rep.global_batch, 0, hi - lo, device).cpu().double()
+    labels = data.train_labels[label_off + lo:label_off + hi]
+    offsets, mirror, mask_seed = step_draws(cfg['seed'], 1, 0, data.global_batch,
+                                            cfg['rand_crop'], cfg['batch_crop_mirror'])
+    masks = dropout_masks(mask_seed, data.global_batch, 0, hi - lo, device).cpu().double()
     mean = mean_image_hwc(cfg['mean_file'], 'cpu').double()
     x = crop_mirror(images, mean, torch.from_numpy(offsets), torch.from_numpy(mirror))
     net = AlexNet('cpu')
@@ -312,21 +313,26 @@ def test_compiled_and_eager_steps_against_float64(small_dataset, tmp_path, devic
 
 @pytest.mark.gpu
 def test_graphed_step_is_the_compiled_step(small_dataset, tmp_path):
-    """cuda_graph: True (the compiled step captured after its warm-up steps and replayed, a new
-    graph when the learning rate changes) trains as the compiled step does."""
+    """cuda_graph: True (the compiled step captured after its warm-up steps and replayed) trains
+    as the compiled step does, also when the learning rate changes on every step (a warm-up)
+    and between epochs: the rate is a tensor the graph reads, so one graph serves them all."""
     from alex_net import N_PARAMS, PARAMS
     ends = {}
     for graph in (False, True):
         cfg = cfg_for(small_dataset, tmp_path, 'gpu=cuda:0', 'precision=fp32', 'compile=True',
-                      f'cuda_graph={graph}', 'batch_size=4')
+                      f'cuda_graph={graph}', 'batch_size=4', 'lr_warmup_epochs=1')
         rep = train_loop.Replica(cfg, 0, 1)
         start = rep.net.state.cpu().numpy().copy()
         with rep.make_loader() as loader:
-            reqs = rep.train_requests(1)
-            rep.train_epoch(1, 0.01, loader, progress=False, requests=reqs[:6])
-            rep.train_epoch(1, 0.001, loader, progress=False, requests=reqs[:2])  # a new lr
+            reqs = rep.data.train_requests(1)
+            rep.train_epoch(1, 0.01, loader, progress=False, requests=reqs[:6])  # warming up
+            captured = rep.step.graph
+            rep.train_epoch(2, 0.001, loader, progress=False, requests=reqs[:2])  # a new lr
         if graph:
-            assert rep.graphed is not None and sorted(rep.graphed.graphs) == [0.001, 0.01]
+            assert captured is not None and rep.step.graph is captured
+            assert float(rep.step.lr) == pytest.approx(0.001)
+        else:
+            assert rep.step.graph is None
         state = rep.net.state.cpu().numpy()
         ends[graph] = [state[off + p.offset:off + p.offset + p.size] for off in (0, N_PARAMS)
                        for p in PARAMS]
@@ -363,3 +369,17 @@ def test_sigterm_finishes_the_step_snapshots_and_resume_matches(small_dataset, t
     assert torch.equal(rep.net.state, straight)
     assert not (tmp_path / 'progress_2.npy').exists()   # epoch 2's snapshot is complete now
     assert np.load(tmp_path / 'val_record.npy').shape == (2, 2)
+
+
+def test_warm_up_rates_follow_the_linear_ramp_step_by_step(small_dataset, tmp_path, capsys):
+    """lr_warmup_epochs: 1 over 4 steps per epoch: the real loop's steps train at 1/4, 2/4, 3/4
+    and 4/4 of the rate, then at the rate (the progress line reads the rate the step used, the
+    tensor its update reads); and the run's weights differ from a run without warm-up."""
+    cfg = cfg_for(small_dataset, tmp_path, 'n_epochs=2', 'print_freq=1', 'lr_warmup_epochs=1')
+    rep = train_loop.train(cfg, progress=False)
+    rates = [float(line.rsplit('| lr ', 1)[1]) for line in capsys.readouterr().out.splitlines()
+             if line.startswith('iter ')]
+    assert rates == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01, 0.01, 0.01])
+    plain = train_loop.train(cfg_for(small_dataset, tmp_path / 'plain', 'n_epochs=2'),
+                             progress=False)
+    assert not torch.equal(rep.net.state, plain.net.state)
