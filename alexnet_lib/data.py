@@ -1,4 +1,10 @@
-"""Training data on the device: which rows each step reads, serial loading, GPU augmentation.
+"""A run's data: its batch files, labels and mean image, checked (RunData); the epoch plan
+(which rows each step reads, in which order) and each step's Batch with its random draws (crop
+offsets, mirrors, dropout masks); and serial loading.
+
+    data = RunData(cfg, world, device, rank=r)
+    for request in data.train_requests(epoch):          # (batch file, lo, hi, label offset)
+        batch = data.train_batch(images, request, epoch, t)   # images: the request's rows
 
 The training loop gives a loader the requests ``(batch_file, lo, hi)`` of a pass and takes,
 for each, a uint8 tensor (hi-lo, 256, 256, 3) on the training device. ``SerialLoader`` (here,
@@ -153,20 +159,6 @@ def mean_image_hwc(mean_file, device):
     if not np.isfinite(m).all():
         raise DataError(f"mean file {mean_file!r} holds NaN or infinite values")
     return torch.from_numpy(np.ascontiguousarray(m.transpose(1, 2, 0), np.float32)).to(device)
-
-
-def crop_mirror(images, mean_hwc, offsets, mirror):
-    """Mean-subtracted 227x227 crops, mirrored where asked, as float (B, 3, 227, 227) whose
-    memory is channels-last. images: uint8 (B, 256, 256, 3) on the device; offsets (B, 2) and
-    mirror (B,) tensors on the device. The mean is subtracted before cropping, as the original
-    did, so crop and mirror apply to the mean too. One gather does all of it."""
-    ar = torch.arange(CROP, device=images.device)
-    rows = offsets[:, 0, None] + ar
-    cols = offsets[:, 1, None] + torch.where(mirror[:, None], CROP - 1 - ar, ar)
-    r, c = rows[:, :, None], cols[:, None, :]
-    b = torch.arange(images.shape[0], device=images.device)[:, None, None]
-    x = images[b, r, c].float() - mean_hwc[r, c]
-    return x.permute(0, 3, 1, 2)
 
 
 PREPROCESSING_BATCH = 256   # images per batch file written by preprocessing

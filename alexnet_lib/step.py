@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import alex_net
-from alexnet_lib.data import centre_draws, crop_mirror
+from alexnet_lib.data import CROP, centre_draws
 from alexnet_lib.sgd import sgd_step_
 
 
@@ -57,6 +57,20 @@ def configure_device(device, precision):
 
 
 # -- the step's pieces: functions of tensors ------------------------------------------------------
+
+def crop_mirror(images, mean_hwc, offsets, mirror):
+    """Mean-subtracted 227x227 crops, mirrored where asked, as float (B, 3, 227, 227) whose
+    memory is channels-last. images: uint8 (B, 256, 256, 3) on the device; offsets (B, 2) and
+    mirror (B,) tensors on the device. The mean is subtracted before cropping, as the original
+    did, so crop and mirror apply to the mean too. One gather does all of it."""
+    ar = torch.arange(CROP, device=images.device)
+    rows = offsets[:, 0, None] + ar
+    cols = offsets[:, 1, None] + torch.where(mirror[:, None], CROP - 1 - ar, ar)
+    r, c = rows[:, :, None], cols[:, None, :]
+    b = torch.arange(images.shape[0], device=images.device)[:, None, None]
+    x = images[b, r, c].float() - mean_hwc[r, c]
+    return x.permute(0, 3, 1, 2)
+
 
 def augmented_features(conv_params, images, mean_hwc, offsets, mirror, amp_dtype):
     """Augmentation and the convolutional layers of one minibatch: the fc6 input."""

@@ -88,7 +88,7 @@ def test_each_replica_slice_of_the_draws_is_the_global_draw():
 
 
 def test_crop_mirror_is_the_original_crop_of_image_minus_mean():
-    from alexnet_lib.data import crop_mirror
+    from alexnet_lib.step import crop_mirror
     rng = np.random.RandomState(0)
     img = rng.randint(0, 256, (2, 256, 256, 3)).astype(np.uint8)
     mean = rng.rand(256, 256, 3).astype(np.float32) * 255
@@ -251,7 +251,8 @@ def reference_first_step(cfg, device):
     them): the change of each parameter and of its momentum, in PARAMS order."""
     from alex_net import AlexNet, PARAMS, forward
     from alexnet_lib.batch_files import read_rows
-    from alexnet_lib.data import crop_mirror, dropout_masks, mean_image_hwc, step_draws
+    from alexnet_lib.data import dropout_masks, mean_image_hwc, step_draws
+    from alexnet_lib.step import crop_mirror
     rep = train_loop.Replica(dict(cfg, gpu='cpu', compile=False), 0, 1)
     data = rep.data
     path, lo, hi, label_off = data.train_requests(1)[0]
