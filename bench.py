@@ -168,7 +168,8 @@ def main(argv):
     if a.cpu:
         base += ['batch_size=8']
     try:
-        if not any(o.split('=', 1)[0] in DATA_KEYS for o in overrides):
+        given = {o.split('=', 1)[0] for o in overrides}
+        if not given & set(DATA_KEYS):
             # speed needs batch files, not a particular data set: the quickstart's toy data
             toy = load_config('spec_1gpu.yaml', ['spec_toy.yaml'])
             base += [f'{k}={toy[k]}' for k in DATA_KEYS]

@@ -47,19 +47,25 @@ if [ ! -e data/toy/train_hkl_b256_b_256/0004.hkl ]; then
     python3 preprocessing/make_toy_imagenet.py data/toy_imagenet >"$out/toy_data.log"
     bash preprocessing/generate_toy_data.sh >>"$out/toy_data.log"
 fi
-doubled() {   # the toy training files twice over (links) with their labels: 2,560 images
+doubled() {   # the toy training files twice over (links) with their labels: 2,560 images, in
+    # folders of their own without a preprocessing record (the run checks their sizes alone)
     local d=data/toy_x2
     if [ ! -e "$d/train/0009.hkl" ]; then
-        mkdir -p "$d/train" "$d/labels"
+        mkdir -p "$d/train" "$d/labels" "$d/val" "$d/misc"
         for i in 0 1 2 3 4; do
             ln -sf "../../toy/train_hkl_b256_b_256/000$i.hkl" "$d/train/000$i.hkl"
             ln -sf "../../toy/train_hkl_b256_b_256/000$i.hkl" "$d/train/000$((i + 5)).hkl"
         done
+        for f in data/toy/val_hkl_b256_b_256/*.hkl; do
+            ln -sf "../../toy/val_hkl_b256_b_256/$(basename "$f")" "$d/val/"
+        done
+        ln -sf ../../toy/misc/img_mean.npy "$d/misc/img_mean.npy"
         ln -sf ../../toy/labels/val_labels.npy "$d/labels/val_labels.npy"
         python3 -c "import numpy as np; l = np.load('data/toy/labels/train_labels.npy')[:1280]
 np.save('$d/labels/train_labels.npy', np.concatenate([l, l]))"
     fi
-    echo "train_folder=$d/train label_folder=$d/labels"
+    echo "train_folder=$d/train val_folder=$d/val label_folder=$d/labels \
+mean_file=$d/misc/img_mean.npy"
 }
 counts() {   # 2,4,8 up to the GPUs here
     local c list=""
@@ -130,7 +136,7 @@ scale128 | scale256)
     [ -n "$c" ] || { echo "scaling needs two or more GPUs; this machine has $gpus"; exit 1; }
     data=$([ "$per" = 256 ] && doubled || true)
     for dtype in fp32 bf16; do
-        # shellcheck disable=SC2086  # $data: two key=value words
+        # shellcheck disable=SC2086  # $data: key=value words
         python3 bench.py --no-peers --iters 60 --gpu-counts "$c" --per-gpu-batch "$per" \
             --parallel-only --out "$out/scale${per}_${dtype}.json" batch_size="$per" $data \
             exchange=nccl average=gradients exchange_dtype=$dtype
