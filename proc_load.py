@@ -12,8 +12,9 @@ How it works
   the CPU anonymous shared-memory files (memfd) passed as inherited file descriptors, which no
   other process can open and which cannot leak when a process is killed. ``prefetch`` counts
   the buffer being trained on too: 2 is the original's double buffering.
-* Start. The trainer binds a ZeroMQ PAIR socket at an ipc:// path in a private folder (mode
-  0700: no other user can connect, and a PAIR socket hears one peer only), starts the loader
+* Start. The trainer binds a ZeroMQ PAIR socket at an ipc:// path in a private folder
+  (``proc_load-<trainer pid>-XXXXXXXX`` in the temporary folder, mode 0700: no other user can
+  connect, and a PAIR socket hears one peer only), starts the loader in a session of its own
   and writes one JSON line to its stdin: the endpoint, the buffers, the events. The pipe stays
   open; its end tells the loader that the trainer has gone.
 * Loading. Read threads read chunks of the requested rows (``batch_files.read_rows``: preadv at
@@ -31,8 +32,18 @@ How it works
   checks that the loader lives: a loader error (naming the file) or its death (signal, exit
   status, the end of its stderr) raises LoaderError within a second, and the loader is reaped.
   The loader exits on 'stop', when its stdin ends or its parent changes (trainer dead), and on
-  SIGINT; it ignores SIGTERM, so that a preempted trainer can finish its step and write a
-  snapshot.
+  a SIGINT sent to it; it ignores SIGTERM, so that a preempted trainer can finish its step and
+  write a snapshot.
+* Ctrl-C. A terminal's Ctrl-C (SIGINT to its foreground process group) reaches the trainer, not
+  the loader (its own session): the trainer's KeyboardInterrupt leaves the feed without waiting
+  for the loads in flight and stops the loader on its way out, so a run ends the same way
+  (``interrupted``, status 130) with or without parallel loading. A loader that dies of a
+  SIGINT all the same is reported only if the trainer was not interrupted too.
+* Clean-up. The loader removes the socket's folder when it exits, for whatever reason (its
+  trainer may be dead); the trainer removes it when it stops the loader or finds it dead (a
+  SIGKILL); a new trainer first removes this user's folders whose trainer has died
+  (``alexnet_lib.launch.private_dir``: both were killed). Nothing is left once the survivors
+  of a run, however it ended, have exited.
 """
 import argparse
 import collections
@@ -50,7 +61,9 @@ import numpy as np
 import zmq
 
 from alexnet_lib.batch_files import IMAGE_SHAPE, BatchFileError, read_rows
-from alexnet_lib.parallel import LOAD, MAX_MESSAGE_BYTES, POLL_MS, checked_message
+from alexnet_lib.launch import remove_private_dir
+from alexnet_lib.parallel import (DIR_PREFIX, LOAD, MAX_MESSAGE_BYTES, POLL_MS,
+                                  checked_message)
 
 STAGING_REQUESTS = 2        # pinned staging memory: this many full requests
 BUSY_POLL_S = 1e-4          # how often the loader looks at reads and copies in flight
@@ -263,16 +276,18 @@ def main(argv=None):
                     "and reads the requested rows of batch files into the trainer's buffers "
                     "(CUDA IPC or shared memory), answering 'ready' for each. It exits on "
                     "'stop', when the trainer dies (stdin ends or the parent changes), and on "
-                    "SIGINT; it ignores SIGTERM (its trainer decides).")
+                    "SIGINT; it ignores SIGTERM (its trainer decides). On its way out it "
+                    "removes the trainer's socket folder.")
     p.add_argument('--boot-timeout', type=float, default=60.0,
                    help="seconds to wait for the start-up line on stdin (default 60)")
     args = p.parse_args(argv)
     # a cluster that preempts a job signals every process; the trainer finishes its step and
     # writes a snapshot, and the loader ends with its trainer
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    loader = None
+    loader = folder = None
     try:
         boot = _read_boot(args.boot_timeout)
+        folder = os.path.dirname(boot['endpoint'][len('ipc://'):])
         if os.getppid() != boot['parent_pid']:
             return 0
         try:
@@ -284,6 +299,7 @@ def main(argv=None):
         except _ParentGone:
             # nobody is left to use the buffers: skip the interpreter's and CUDA's teardown,
             # which could wait on GPU work of the dead trainer
+            remove_private_dir(folder, DIR_PREFIX)
             sys.stderr.flush()
             os._exit(0)
         except Exception as e:
@@ -296,8 +312,12 @@ def main(argv=None):
     except KeyboardInterrupt:
         return 130
     finally:
-        if loader is not None:
-            loader.close()
+        try:
+            if loader is not None:
+                loader.close()
+        finally:
+            # the trainer may be gone (it removes the folder too when it is not)
+            remove_private_dir(folder, DIR_PREFIX)
 
 
 if __name__ == '__main__':

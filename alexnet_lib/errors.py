@@ -6,9 +6,12 @@
 A UserError (a bad config key, a missing or corrupt file, a dead loader or peer, preemption)
 means bad input or a part that failed, not a bug: run_main prints its message as one line,
 ``error: ...`` (or the class's own prefix), and exits with the class's exit_status. Anything
-else is a bug in this code and keeps its traceback. Ctrl-C exits with status 130.
+else is a bug in this code and keeps its traceback. Ctrl-C exits with status 130 (a second
+Ctrl-C while it exits is ignored). run_main is a script's top level: it ends the process.
 """
+import signal
 import sys
+import threading
 
 
 class UserError(Exception):
@@ -25,5 +28,8 @@ def run_main(fn, interrupted='interrupted'):
         print(f"{e.prefix}: {e}", file=sys.stderr)
         raise SystemExit(e.exit_status) from None
     except KeyboardInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            # the script ends now: a second Ctrl-C does not turn its exit into a traceback
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         print(interrupted, file=sys.stderr)
         raise SystemExit(130) from None

@@ -6,20 +6,30 @@ starts ``world`` processes (multiprocessing 'spawn' context), each calling
 ``worker_fn(rank, world, *args)``, and watches them: when one of them fails (non-zero exit or
 killed by a signal) the others are stopped (SIGTERM, then SIGKILL after a grace period) and
 ``WorkerFailed`` is raised naming the rank and how it died. SIGINT/SIGTERM sent to the launcher
-are passed on to the workers. Each worker calls ``parent_watchdog()`` first, so it exits when the
-launcher disappears, even after a SIGKILL (PR_SET_PDEATHSIG on Linux, plus a polling thread).
+are passed on to the workers; a worker takes only its first SIGINT (a terminal's Ctrl-C reaches
+it directly too), so that a second one does not cut its clean-up short. Each worker calls
+``parent_watchdog()`` first, so it exits when the launcher disappears, even after a SIGKILL
+(PR_SET_PDEATHSIG on Linux, plus a polling thread).
 
 spawn() also gives the workers a fresh private rendezvous directory through the environment
 (``RENDEZVOUS_ENV``): ``init_distributed`` then meets in a file store in that directory (no
 listening socket at all). Under torchrun (RANK/WORLD_SIZE/MASTER_ADDR set) ``init_distributed`` uses
 torchrun's ``env://`` rendezvous instead.
+
+Private folders (the rendezvous directory here, a loader's socket folder in parallel.py) come
+from ``private_dir(prefix)``: ``<prefix>-<pid of their maker>-XXXXXXXX`` in the temporary
+folder, mode 0700. The maker removes it when it ends, and so does whoever finds the maker gone
+(the launcher's: its workers; a trainer's: its loader); each new one first removes this user's
+folders of that prefix whose maker has died (killed with every process that would have).
 """
 import ctypes
 import datetime
 import os
+import re
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -31,7 +41,9 @@ from multiprocessing.connection import wait as _wait_any
 from alexnet_lib.errors import UserError
 
 RENDEZVOUS_ENV = 'ALEXNET_RENDEZVOUS_DIR'
+RENDEZVOUS_PREFIX = 'rdv'
 _PR_SET_PDEATHSIG = 1
+UNIX_PATH_MAX = 100     # bytes of a unix socket's path that every system takes (Linux: 107)
 
 
 class WorkerFailed(UserError):
@@ -56,14 +68,85 @@ def describe_exit(exitcode):
 
 
 # ----------------------------------------------------------------------------------------------
+# private folders
+
+def pid_alive(pid):
+    """Whether process `pid` exists (a zombie or another user's process counts as alive)."""
+    if pid <= 0:
+        return True             # not a process of its own: never taken for dead
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_dirs(prefix, base=None):
+    """Removes this user's folders ``<prefix>-<pid>-*`` in `base` (the temporary folder) whose
+    maker `pid` is dead; returns their paths. Another user's folder, a link, or the folder of a
+    live process is never touched."""
+    base = tempfile.gettempdir() if base is None else base
+    rx = re.compile(rf'{re.escape(prefix)}-(\d+)-[^/]+\Z')
+    removed = []
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return removed
+    for name in names:
+        m = rx.match(name)
+        if m is None:
+            continue
+        path = os.path.join(base, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and \
+                not pid_alive(int(m.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def private_dir(prefix, room=0):
+    """A fresh folder ``<prefix>-<this pid>-XXXXXXXX`` (mode 0700) in the temporary folder,
+    once the stale ones of `prefix` (remove_stale_dirs) are gone. room: characters that must
+    fit after the folder's path in a unix socket's path (UNIX_PATH_MAX); a TMPDIR too long for
+    them gives way to /tmp."""
+    base = tempfile.gettempdir()
+    if room and len(os.fsencode(base)) + len(prefix) + 20 + room > UNIX_PATH_MAX \
+            and os.path.isdir('/tmp'):
+        base = '/tmp'
+    remove_stale_dirs(prefix, base)
+    return tempfile.mkdtemp(prefix=f'{prefix}-{os.getpid()}-', dir=base)
+
+
+def remove_private_dir(path, prefix):
+    """Removes the folder `path` that private_dir(prefix) made (anything else is left alone:
+    `path` may come from another process)."""
+    if path and re.fullmatch(rf'{re.escape(prefix)}-\d+-[^/]+', os.path.basename(path)):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
 # in the worker
+
+def _launcher_gone(parent_pid):
+    """The launcher has died (SIGKILL): say so, remove its rendezvous folder, exit 1."""
+    print(f'worker {os.getpid()}: the launcher (pid {parent_pid}) has gone, exiting',
+          file=sys.stderr, flush=True)
+    remove_private_dir(os.environ.get(RENDEZVOUS_ENV), RENDEZVOUS_PREFIX)
+    os._exit(1)
+
 
 def parent_watchdog(parent_pid=None, interval=0.5):
     """Make this process exit when its parent (the launcher) dies.
 
     Uses prctl(PR_SET_PDEATHSIG, SIGTERM) on Linux and, everywhere, a daemon thread that polls
-    os.getppid(); when the parent is gone the thread ends the process with exit code 1.
-    Call it first thing in a worker process."""
+    os.getppid(); when the parent is gone the process ends with exit code 1, removing the
+    launcher's rendezvous folder. Call it first thing in a worker process (its main thread)."""
     if parent_pid is None:
         parent_pid = os.getppid()
     if sys.platform.startswith('linux'):
@@ -72,22 +155,40 @@ def parent_watchdog(parent_pid=None, interval=0.5):
             libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
         except (OSError, AttributeError):
             pass   # the polling thread below still works
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        # SIGTERM still ends the worker (until it sets a handler of its own: train()'s
+        # preemption), but, sent by the launcher's death, only once its folder is removed
+        def on_sigterm(signum, frame):
+            if os.getppid() != parent_pid:
+                _launcher_gone(parent_pid)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        signal.signal(signal.SIGTERM, on_sigterm)
 
     def watch():
         while True:
             if os.getppid() != parent_pid:
-                print(f'worker {os.getpid()}: the launcher (pid {parent_pid}) has gone, exiting',
-                      file=sys.stderr, flush=True)
-                os._exit(1)
+                _launcher_gone(parent_pid)
             time.sleep(interval)
 
     if os.getppid() != parent_pid:   # it died before we got here
-        os._exit(1)
+        _launcher_gone(parent_pid)
     threading.Thread(target=watch, name='parent-watchdog', daemon=True).start()
+
+
+def _interrupt_once(signum, frame):
+    """SIGINT in a worker: the first one interrupts (KeyboardInterrupt); later ones do not cut
+    its clean-up short (a terminal's Ctrl-C reaches the worker, and the launcher passes it on
+    again)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def _worker_main(worker_fn, rank, world, args, parent_pid, err_conn):
     parent_watchdog(parent_pid)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupt_once)
     try:
         worker_fn(rank, world, *args)
     except SystemExit as e:
@@ -160,7 +261,7 @@ def spawn(worker_fn, world, args=(), *, timeout=None, grace=5.0):
     if world < 1:
         raise ValueError(f'world must be at least 1, got {world!r}')
     ctx = mp.get_context('spawn')
-    rdv_dir = tempfile.mkdtemp(prefix='rdv-')          # mode 0700: private to this user
+    rdv_dir = private_dir(RENDEZVOUS_PREFIX)          # mode 0700: private to this user
     saved_env = {RENDEZVOUS_ENV: os.environ.get(RENDEZVOUS_ENV)}
     os.environ[RENDEZVOUS_ENV] = rdv_dir
     procs, conns = [], []
@@ -240,7 +341,7 @@ def spawn(worker_fn, world, args=(), *, timeout=None, grace=5.0):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        shutil.rmtree(rdv_dir, ignore_errors=True)
+        remove_private_dir(rdv_dir, RENDEZVOUS_PREFIX)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import collections
 import json
 import mmap
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,7 @@ import zmq
 from alexnet_lib.batch_files import IMAGE_SHAPE
 from alexnet_lib.data import BatchLoader
 from alexnet_lib.errors import UserError
+from alexnet_lib.launch import private_dir, remove_private_dir
 
 LOADER_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))),
                              'proc_load.py')
@@ -32,6 +34,8 @@ READ_THREADS = min(8, os.cpu_count() or 1)
 POLL_MS = 100               # liveness checks at least this often in every wait
 STOP_WAIT_S = 5.0           # how long close() waits for the loader before terminating it
 DEATH_GRACE_S = 0.5         # after the loader died: how long to wait for its last messages
+DIR_PREFIX = 'proc_load'    # the socket's private folder: proc_load-<trainer pid>-XXXXXXXX
+SOCKET_NAME = 'loader'
 STDERR_TAIL = 4000
 MAX_MESSAGE_BYTES = 1 << 16
 
@@ -55,8 +59,15 @@ TO_TRAINER = {'setup_ok': {}, 'ready': {'seq': (int,)},
 LOAD = {'seq': (int,), 'path': (str,), 'lo': (int,), 'hi': (int,), 'buf': (int,)}
 
 
+def _interrupted(returncode):
+    """Whether an exit status is a Ctrl-C's: killed by SIGINT, or 130 (KeyboardInterrupt)."""
+    return returncode in (-signal.SIGINT, 128 + signal.SIGINT)
+
+
 def _exit_text(returncode):
     from alexnet_lib.launch import describe_exit
+    if _interrupted(returncode):
+        return "was interrupted (SIGINT)"
     if returncode < 0:
         return f"was killed by {describe_exit(returncode)}"
     return f"exited with status {returncode}"
@@ -91,10 +102,12 @@ class ParallelLoader(BatchLoader):
         self._inbox = collections.deque()     # messages received, not yet handled
         self._seq = 0
         self._feed = None
+        self._abandoned = collections.deque()   # loads of a feed left by an exception
         self._broken = None                   # the LoaderError that ended this loader
         self._closed = False
-        self._dir = tempfile.mkdtemp(prefix='proc_load-')    # mode 0700
-        self.endpoint = f'ipc://{self._dir}/loader'
+        # mode 0700; stale ones of dead trainers go first
+        self._dir = private_dir(DIR_PREFIX, room=len(SOCKET_NAME) + 1)
+        self.endpoint = f'ipc://{self._dir}/{SOCKET_NAME}'
         try:
             self._ctx = zmq.Context()
             self._sock = self._ctx.socket(zmq.PAIR)
@@ -129,9 +142,12 @@ class ParallelLoader(BatchLoader):
                 boot['buffers'] = fds
             self._stderr = tempfile.TemporaryFile()
             try:
+                # a session of its own: a terminal's Ctrl-C (SIGINT to the foreground process
+                # group) reaches the trainer only, which stops the loader as it unwinds
                 self._proc = subprocess.Popen([sys.executable, LOADER_SCRIPT],
                                               stdin=subprocess.PIPE, stderr=self._stderr,
-                                              pass_fds=fds, close_fds=True)
+                                              pass_fds=fds, close_fds=True,
+                                              start_new_session=True)
             finally:
                 for fd in fds:      # the loader has its own copies now; the mmaps stay
                     os.close(fd)
@@ -205,13 +221,17 @@ class ParallelLoader(BatchLoader):
             self._receive(max(1, min(POLL_MS, int(left * 1000) + 1)))
 
     def _died(self, what):
-        """The loader has exited: its own last error if one comes, else how it ended."""
+        """The loader has exited: its own last error if one comes, else how it ended. A loader
+        ended by SIGINT (sent to every process of the run, the trainer included) leaves the
+        trainer a moment for its own KeyboardInterrupt, which then ends the run as one."""
         end = time.monotonic() + DEATH_GRACE_S
         while time.monotonic() < end and not any(m['type'] == 'error' for m in self._inbox):
             self._receive(20)
         for msg in self._inbox:
             if msg['type'] == 'error':
                 raise self._fail(msg['message'])
+        if _interrupted(self._proc.returncode):
+            time.sleep(DEATH_GRACE_S)      # a SIGINT of ours raises KeyboardInterrupt here
         text = f"loader process (pid {self.pid}) {_exit_text(self._proc.returncode)} while {what}"
         tail = self._stderr_tail()
         raise self._fail(text + (f"; its stderr ends with:\n{tail}" if tail else ''))
@@ -240,6 +260,7 @@ class ParallelLoader(BatchLoader):
             raise LoaderError("ParallelLoader is closed")
         if self._feed is not None:
             raise RuntimeError("ParallelLoader.feed: the previous feed is still open")
+        self.collect_abandoned()
         self._feed = Feed(self, requests)
         return self._feed
 
@@ -270,6 +291,20 @@ class ParallelLoader(BatchLoader):
             import torch
             self._free_events[buf].record(torch.cuda.current_stream(self.device))
         self._free.append(buf)
+
+    def abandon(self, seq, buf, request):
+        """Load `seq` into buffer `buf` is no longer wanted: its buffer comes back when its
+        answer has come (collect_abandoned), not before: the loader may be writing it."""
+        self._abandoned.append((seq, buf, request))
+
+    def collect_abandoned(self):
+        """Waits for the answers to the abandoned loads (each within the timeout, the loader's
+        life checked) and frees their buffers."""
+        while self._abandoned and self._broken is None:
+            seq, buf, (path, lo, hi) = self._abandoned[0]
+            self._wait('ready', seq, f"finishing the load of rows [{lo}, {hi}) of {path!r}")
+            self._abandoned.popleft()
+            self.free_buffer(buf, after_gpu_work=False)
 
     @property
     def usable(self):
@@ -314,17 +349,15 @@ class ParallelLoader(BatchLoader):
         if self._ctx is not None:
             self._ctx.term()
         self._sock = self._ctx = self._stderr = None
-        if os.path.isdir(self._dir):
-            for name in os.listdir(self._dir):
-                os.unlink(os.path.join(self._dir, name))
-            os.rmdir(self._dir)
+        remove_private_dir(self._dir, DIR_PREFIX)   # (the loader may have removed it already)
 
     def close(self):
-        """Stops the loader (bounded wait), frees the buffers. Safe to call more than once."""
+        """Stops the loader (bounded wait), frees the buffers. Safe to call more than once.
+        Loads in flight are not waited for: the loader is stopped whatever it is doing."""
         if self._closed:
             return
         if self._feed is not None:
-            self._feed.close()
+            self._feed.close(wait=False)
         self._closed = True
         self._shutdown()
         self._buffers = []
@@ -343,7 +376,9 @@ class Feed:
     """The requests of one pass (an epoch's steps, a validation), loaded ahead into the
     loader's buffers. take() waits for the next request's images; release() hands the buffer
     back once the GPU work queued on it so far has run; close() waits for the loads still in
-    flight (each within the timeout)."""
+    flight (each within the timeout), except when the feed is left by an exception (a
+    Ctrl-C, an error): then it neither waits for nor reports the loader, and the loader's next
+    feed collects those loads (its close() stops the loader without them)."""
 
     def __init__(self, loader, requests):
         self.loader = loader
@@ -394,22 +429,31 @@ class Feed:
             self._held = None
             self._fill()
 
-    def close(self):
+    def close(self, wait=True):
+        """No more requests are sent; with `wait`, waits for those in flight."""
         if self.loader.feed_closed(self):
             return
-        self.release()
         self._next = len(self.requests)
-        while self._sent and self.loader.usable:    # their buffers come back when they arrive
-            seq, buf, (path, lo, hi) = self._sent.popleft()
-            self.loader.wait_loaded(seq, buf, 0, f"finishing the load of rows [{lo}, {hi}) "
-                                                 f"of {path!r}")
-            self.loader.free_buffer(buf, after_gpu_work=False)
+        if self._held is not None:
+            held, self._held = self._held, None
+            try:
+                self.loader.free_buffer(held)
+            except Exception:
+                if wait:
+                    raise
+                # (the GPU failed under the exception on its way out: the buffer stays taken)
+        while self._sent:       # their buffers come back when their answers have come
+            self.loader.abandon(*self._sent.popleft())
+        if wait and self.loader.usable:
+            self.loader.collect_abandoned()
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, exc, tb):
+        # an exception on its way out (KeyboardInterrupt, a LoaderError, ...) is not held up
+        # by, nor replaced with, what the loader does meanwhile
+        self.close(wait=exc_type is None)
 
 
 def _ipc_handle(t):

@@ -1,6 +1,9 @@
 """Shared fixtures: small real batch-file datasets written with the real writer."""
 import os
+import shutil
 import signal
+import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -62,3 +65,42 @@ def default_sigint():
     """preexec_fn for a child that is sent Ctrl-C: a job started in the background (as CI may
     start the suite) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+PRIVATE_FOLDERS = ('proc_load-', 'rdv-')   # a loader's socket folder, a launcher's rendezvous
+
+
+@pytest.fixture(scope='session', autouse=True)
+def private_tmpdir(tmp_path_factory):
+    """The whole session (and every process it starts: they inherit TMPDIR) makes its temporary
+    files in a fresh private folder, so that what a run leaves behind is seen: at the session's
+    end a loader's socket folder (proc_load-*) or a launcher's rendezvous folder (rdv-*) still
+    there fails the run (an error at the teardown of the last test). The folder's path is short
+    (a loader's unix socket in it must fit in ~100 bytes: a long TMPDIR gives way to /tmp) and
+    it goes at the end; pytest's own tmp_path folders stay where they were."""
+    tmp_path_factory.getbasetemp()          # pytest's folders: chosen before TMPDIR changes
+    saved = os.environ.get('TMPDIR'), tempfile.tempdir
+    parent = tempfile.gettempdir()
+    if len(parent) > 40 and os.path.isdir('/tmp'):
+        parent = '/tmp'
+    base = tempfile.mkdtemp(prefix='alexnet-tests-', dir=parent)
+    os.environ['TMPDIR'] = tempfile.tempdir = base
+    try:
+        yield base
+    finally:
+        if saved[0] is None:
+            os.environ.pop('TMPDIR', None)
+        else:
+            os.environ['TMPDIR'] = saved[0]
+        tempfile.tempdir = saved[1]
+        end = time.monotonic() + 15        # the last run's survivors may still be exiting
+        while True:
+            left = sorted(n for n in os.listdir(base) if n.startswith(PRIVATE_FOLDERS))
+            if not left or time.monotonic() > end:
+                break
+            time.sleep(0.1)
+        shutil.rmtree(base, ignore_errors=True)
+        if left:
+            pytest.fail(f"the test session left {len(left)} private folder(s) of loaders or "
+                        f"launchers behind in its TMPDIR {base}: {', '.join(left)}",
+                        pytrace=False)

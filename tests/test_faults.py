@@ -5,7 +5,8 @@ processes, real sockets, real snapshot files) at a point drawn from a seeded RNG
 seed is printed (FAULT_SEED=<n> replays it). Each run must end within a bounded time, with a
 message that says what happened and a non-zero exit, leave no process behind (every descendant
 the run ever had is tracked), and leave its last complete snapshot intact: byte for byte the
-snapshot that the uninterrupted run wrote for that epoch. Resuming from such a snapshot ends
+snapshot that the uninterrupted run wrote for that epoch, and leave none of its private folders
+(a loader's socket folder, a launcher's rendezvous folder). Resuming from such a snapshot ends
 with the uninterrupted run's weights and momentum, bit for bit: the SIGKILL, kill-mid-snapshot
 and SIGTERM tests resume and compare; for the other faults the intact snapshot is the same
 bytes as the uninterrupted run's, so the resume from it is the one already shown.
@@ -22,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -217,6 +219,24 @@ class Proc:
         self.p.wait(10)
 
 
+def folders_left(run):
+    """The private folders (proc_load-<pid>-*, rdv-<pid>-*) of the run's processes still in the
+    temporary folder: call it once the survivors have exited."""
+    pids = {run.pid, *run.family}
+    base = tempfile.gettempdir()
+    return sorted(n for n in os.listdir(base)
+                  if (m := re.fullmatch(r'(?:proc_load|rdv)-(\d+)-.+', n)) and
+                  int(m.group(1)) in pids)
+
+
+def assert_nothing_left(run):
+    """No process of the run is alive (within GONE_WITHIN seconds), none of its folders left."""
+    left = run.left_behind()
+    assert not left, f"processes left behind: {left}"
+    assert not folders_left(run), f"folders left behind in {tempfile.gettempdir()}: " \
+                                  f"{folders_left(run)}"
+
+
 def error_lines(text):
     return [line for line in text.splitlines() if line.startswith(('error:', 'preempted:',
                                                                   'launcher:'))]
@@ -230,8 +250,7 @@ def assert_ended_cleanly(run, rc, expect_rc, *words):
     for w in words:
         assert w in out, f"{w!r} not in the output:\n{out[-4000:]}"
     assert 'Traceback' not in out, out[-6000:]
-    left = run.left_behind()
-    assert not left, f"processes left behind: {left}"
+    assert_nothing_left(run)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,6 +382,7 @@ def test_sigkill_of_train_at_a_random_point_then_resume_matches(data, ref1, tmp_
     run.p.send_signal(signal.SIGKILL)
     assert run.wait() == -signal.SIGKILL
     assert not run.left_behind(), 'the loader outlived its killed trainer'
+    assert not folders_left(run), 'the loader left its killed trainer\'s socket folder'
     last = assert_last_complete_is_intact(tmp_path, ref1, killed=True)
     resume_and_compare('train.py', one_args, data, tmp_path, ref1, last)
 
@@ -380,7 +400,7 @@ def test_sigkill_while_the_snapshot_is_written_then_resume_matches(data, ref1, t
     assert first.exists()
     assert run.wait() == -signal.SIGKILL
     assert not lr2.exists(), 'the snapshot was complete before the kill: no test'
-    assert not run.left_behind()
+    assert_nothing_left(run)
     assert assert_last_complete_is_intact(tmp_path, ref1, killed=True) == 1
     resume_and_compare('train.py', one_args, data, tmp_path, ref1, 1)
 
@@ -440,6 +460,7 @@ def test_sigkill_of_the_launcher(data, ref2, tmp_path):
     assert run.wait() == -signal.SIGKILL
     left = run.left_behind()
     assert not left, f"processes left behind after the launcher was killed: {left}"
+    assert not folders_left(run), f"folders left behind: {folders_left(run)}"
     assert f'the launcher (pid {run.pid}) has gone, exiting' in run.text
     assert_last_complete_is_intact(tmp_path, ref2, killed=True)
 

@@ -109,6 +109,10 @@ def assert_no_loader_left(pid):
     assert loader_children() == []
 
 
+def socket_folder(endpoint):
+    return os.path.dirname(endpoint[len('ipc://'):])
+
+
 # ---------------------------------------------------------------------------------------------
 # delivery
 
@@ -266,6 +270,7 @@ def test_sigkill_of_loader_mid_epoch_raises_and_leaves_nothing(dataset):
     msg = str(ei.value)
     assert f'pid {pid}' in msg and 'SIGKILL' in msg and '.hkl' in msg, msg
     assert_no_loader_left(pid)
+    assert not os.path.exists(socket_folder(loader.endpoint))   # the trainer removed it
     with pytest.raises(LoaderError):        # the loader stays broken, with the same message
         list(loader.iterate(reqs))
     loader.close()
@@ -314,21 +319,26 @@ def test_bad_batch_file_is_reported_by_name(dataset, tmp_path, kind):
 
 
 def test_dead_trainer_makes_loader_exit(dataset):
+    """A trainer killed by SIGKILL: its loader exits within seconds and removes the trainer's
+    socket folder."""
     code = ("import time\n"
             "from alexnet_lib.parallel import ParallelLoader\n"
             f"l = ParallelLoader('cpu', max_rows={B:d})\n"
             f"it = l.iterate([({files_0(dataset)!r}, 0, {B:d})] * 1000); next(it)\n"
-            "print(l.pid, flush=True)\n"
+            "print(l.pid, l.endpoint, flush=True)\n"
             "time.sleep(120)\n")
     trainer = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE)
     try:
         r, _, _ = select.select([trainer.stdout], [], [], 40)
         assert r, "trainer did not start its loader within 40 s"
-        pid = int(trainer.stdout.readline())
-        assert alive(pid)
+        pid, endpoint = trainer.stdout.readline().split()
+        pid, folder = int(pid), socket_folder(endpoint.decode())
+        assert alive(pid) and os.path.isdir(folder)
+        assert os.path.basename(folder).startswith(f'proc_load-{trainer.pid}-')
         trainer.kill()
         trainer.wait(10)
         assert wait_dead(pid, 5), f"loader {pid} outlived its trainer by more than 5 s"
+        assert not os.path.exists(folder), "the loader left its dead trainer's socket folder"
     finally:
         if trainer.poll() is None:
             trainer.kill()
@@ -340,12 +350,68 @@ def files_0(dataset):
     return dataset[0][0]
 
 
+class Interrupt(Exception):
+    pass
+
+
+def test_a_feed_left_by_an_exception_neither_waits_nor_reports(dataset):
+    """An exception leaving a feed (a Ctrl-C, an error of the step) goes on its way at once,
+    unchanged, whatever the loader does; the loads it left in flight are collected by the next
+    feed, which delivers the right rows."""
+    files, _ = dataset
+    reqs = [(f, 0, B) for f in files]
+    want = serial(reqs)
+    with ParallelLoader('cpu', max_rows=B, prefetch=3) as loader:
+        for _ in range(2):
+            with pytest.raises(Interrupt):
+                with loader.feed(reqs * 2) as feed:
+                    feed.take()
+                    raise Interrupt()
+        got = [x.clone() for x in loader.iterate(reqs)]
+        assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+
+    loader = ParallelLoader('cpu', max_rows=B, prefetch=3)
+    pid = loader.pid
+    with pytest.raises(Interrupt):
+        with loader.feed(reqs * 2) as feed:
+            feed.take()
+            os.kill(pid, signal.SIGKILL)
+            assert wait_dead(pid, 5)
+            t0 = time.monotonic()
+            raise Interrupt()            # not replaced by the dead loader's LoaderError
+    assert time.monotonic() - t0 < 1
+    with pytest.raises(LoaderError, match='SIGKILL'):   # the loader's next use says it
+        list(loader.iterate(reqs))
+    loader.close()
+    assert_no_loader_left(pid)
+    assert not os.path.exists(socket_folder(loader.endpoint))
+
+
+def test_a_loader_interrupted_alone_is_an_error(dataset):
+    """SIGINT to the loader only (the trainer is not interrupted): a LoaderError that says so,
+    naming what was being loaded."""
+    files, _ = dataset
+    loader = ParallelLoader('cpu', max_rows=B, prefetch=2)
+    pid = loader.pid
+    with pytest.raises(LoaderError) as ei:
+        for i, x in enumerate(loader.iterate([(files[0], 0, B)] * 1000)):
+            if i == 2:
+                os.kill(pid, signal.SIGINT)
+    msg = str(ei.value)
+    assert f'loader process (pid {pid}) was interrupted (SIGINT) while loading' in msg, msg
+    assert files[0] in msg
+    loader.close()
+    assert_no_loader_left(pid)
+
+
 def test_ctrl_c_ends_trainer_and_loader(dataset):
-    """SIGINT to the whole process group, as a terminal's Ctrl-C does, mid-epoch."""
+    """SIGINT to the whole process group, as a terminal's Ctrl-C does, mid-epoch: the trainer
+    ends with its KeyboardInterrupt (not with a LoaderError about the loader), the loader and
+    its socket folder go too."""
     code = ("import time\n"
             "from alexnet_lib.parallel import ParallelLoader\n"
             f"with ParallelLoader('cpu', max_rows={B:d}) as l:\n"
-            "    print(l.pid, flush=True)\n"
+            "    print(l.pid, l.endpoint, flush=True)\n"
             f"    for x in l.iterate([({files_0(dataset)!r}, 0, {B:d})] * 100000):\n"
             "        time.sleep(0.001)\n")
     trainer = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE,
@@ -354,12 +420,16 @@ def test_ctrl_c_ends_trainer_and_loader(dataset):
     try:
         r, _, _ = select.select([trainer.stdout], [], [], 40)
         assert r, "trainer did not start its loader within 40 s"
-        pid = int(trainer.stdout.readline())
+        pid, endpoint = trainer.stdout.readline().split()
+        pid, folder = int(pid), socket_folder(endpoint.decode())
         time.sleep(0.3)
         os.killpg(trainer.pid, signal.SIGINT)
         trainer.wait(10)
+        err = trainer.stderr.read().decode(errors='replace')
         assert trainer.returncode != 0
+        assert err.rstrip().endswith('KeyboardInterrupt') and 'LoaderError' not in err, err
         assert wait_dead(pid, 5), f"loader {pid} still running after Ctrl-C"
+        assert not os.path.exists(folder)
     finally:
         if trainer.poll() is None:
             os.killpg(trainer.pid, signal.SIGKILL)
