@@ -33,6 +33,7 @@ import zlib
 
 import numpy as np
 
+from alexnet_lib import exchange_backends
 from alexnet_lib.config import ConfigError, parse_device, resolve_device
 from alexnet_lib.files import atomic_write
 
@@ -325,14 +326,10 @@ def _worker(rank, world, cfg_json):
     cfg = json.loads(cfg_json)
     device = device_of(cfg, rank)
     log = (lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None)
-    kind = cfg['exchange']
-    if kind == 'auto':
-        kind = 'p2p' if all(parse_device(d) != 'cpu' for d in cfg['devices']) else 'host'
-    ex = exchange.make_exchanger(kind, rank, world, device, port=cfg['port'],
+    ex = exchange.make_exchanger(cfg['exchange'], rank, world, device, port=cfg['port'],
                                  timeout=cfg['timeout'])
     try:
-        log('exchange: {}{}'.format(ex.kind, {'p2p': ' (CUDA IPC, device-to-device peer copies)',
-                                          'host': ' (shared host memory)'}.get(ex.kind, '')))
+        log(f'exchange: {ex.kind} ({exchange_backends.get(ex.kind).description})')
         flat, result = train(cfg, rank, world, ex, log)
         if rank == 0:
             _write_outputs(cfg, flat, result)
@@ -380,11 +377,12 @@ def build_parser():
     ap.add_argument('--one-process', action='store_true',
                     help='train in one process on the first device, applying the averaged update '
                          'of each pair of minibatches (the reference; the one-GPU timing)')
-    ap.add_argument('--exchange', default='auto', choices=['auto', 'p2p', 'host', 'gloo', 'nccl'],
-                    help='how the two processes average their parameters: p2p (peer copies '
-                         'between GPUs), host (shared host memory), gloo or nccl '
-                         '(torch.distributed; nccl needs GPUs); auto: p2p between GPUs, host '
-                         'otherwise (default auto)')
+    ap.add_argument('--exchange', default='auto', choices=['auto', *exchange_backends.NAMES],
+                    help='how the two processes average their parameters: {}; auto: {} between '
+                         'GPUs, {} otherwise (default auto)'.format(
+                             '; '.join(f'{b.name}{" (GPUs)" * b.needs_gpus}: {b.description}'
+                                       for b in exchange_backends.BACKENDS.values()),
+                             exchange_backends.ORIGINAL, _ORIGINAL_ON_CPU))
     ap.add_argument('--port', type=int, default=None,
                     help='rendezvous port of the two processes, 1..65535 (default: a free one)')
     ap.add_argument('--timeout', type=float, default=120.0, metavar='SECONDS',
@@ -435,16 +433,30 @@ def check_args(args):
             parse_device(d, 'device')
         except ConfigError as e:
             raise UsageError(str(e)) from None
-    if (not args.one_process and args.exchange == 'nccl'
-            and any(parse_device(d) == 'cpu' for d in devices)):
-        raise UsageError(f"--exchange nccl needs two GPUs, and the devices are "
-                         f"{' '.join(devices)}: use --exchange host or gloo (or leave it out)")
+    if not args.one_process:
+        args.exchange = auto_exchange(args.exchange, devices)
+        problem = exchange_backends.run_problem(args.exchange, 'weights', 'fp32',
+                                                [parse_device(d) for d in devices],
+                                                lambda name: f'--exchange {name}')
+        if problem:
+            raise UsageError(f'{problem} (or leave it out)')
     for d in devices[:1] if args.one_process else devices:
         try:
             resolve_device(d, 'device', cpu_hint=cpu_command(args.one_process))
         except ConfigError as e:
             raise UsageError(str(e)) from None
     return devices
+
+
+_ORIGINAL_ON_CPU = exchange_backends.get(exchange_backends.ORIGINAL).fallback
+
+
+def auto_exchange(choice, devices):
+    """--exchange auto: the original's exchange between GPUs, its fallback with a CPU."""
+    if choice != 'auto':
+        return choice
+    gpus = all(parse_device(d) != 'cpu' for d in devices)
+    return exchange_backends.ORIGINAL if gpus else _ORIGINAL_ON_CPU
 
 
 def check_batch_size(batch_size, n_train):

@@ -13,13 +13,13 @@ Several nodes, through torchrun (one process per GPU; exchange nccl, or gloo on 
         train_2gpu.py exchange=nccl gpus=[0,1,2,3,4,5,6,7]      # on node 0; node_rank=1 on node 1
 
 batch_size is per GPU: the replicas together take batch_size x replicas images of each batch
-file, replica r its own slice. exchange: p2p | nccl | gloo | host; average: weights | gradients;
-exchange_freq: average every this many steps.
+file, replica r its own slice. How the replicas average: exchange, average, exchange_freq and
+exchange_dtype below, and the exchange backends after them (what each needs and takes).
 """
 import os
 import sys
 
-from alexnet_lib import launch
+from alexnet_lib import exchange_backends, launch
 from alexnet_lib.config import ConfigError, command_line, devices_of
 from alexnet_lib.data import RunData
 from alexnet_lib.errors import run_main
@@ -46,10 +46,10 @@ def run(cfg):
     if launch.under_torchrun():
         rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
         local = int(os.environ.get('LOCAL_RANK', rank))
-        if cfg['exchange'] in ('p2p', 'host') and \
-                int(os.environ.get('LOCAL_WORLD_SIZE', world)) != world:
-            raise ConfigError(f"exchange: {cfg['exchange']} works within one node; use "
-                              f"exchange: nccl (or gloo) across nodes")
+        problem = exchange_backends.node_problem(
+            cfg['exchange'], os.environ.get('LOCAL_WORLD_SIZE', world), world)
+        if problem:
+            raise ConfigError(problem)
         device = devices[local] if local < len(devices) else devices[0]
         if device != 'cpu' and local >= len(devices):
             raise ConfigError(f"local rank {local} has no GPU in {devices}")

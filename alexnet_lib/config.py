@@ -24,6 +24,7 @@ import sys
 
 import yaml
 
+from alexnet_lib import exchange_backends
 from alexnet_lib.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))  # the yaml files
@@ -42,8 +43,8 @@ CONFIG_KEYS = {
     'print_train_error': 'bool', 'print_freq': 'int', 'lib_conv': 'str',
     'precision': ('auto', 'bf16', 'tf32', 'fp32'), 'compile': 'bool_or_auto',
     'cuda_graph': 'bool_or_auto', 'seed': 'int',
-    'exchange': ('p2p', 'nccl', 'gloo', 'host'), 'average': ('weights', 'gradients'),
-    'exchange_freq': 'int', 'exchange_dtype': ('fp32', 'bf16'),
+    'exchange': exchange_backends.NAMES, 'average': exchange_backends.AVERAGES,
+    'exchange_freq': 'int', 'exchange_dtype': exchange_backends.WIRE_DTYPES,
 }
 SPEC_1GPU_KEYS = {'gpu': 'device', 'sock_data': 'int', 'batch_size': 'int',
                   'train_folder': 'data_path', 'val_folder': 'data_path'}
@@ -261,7 +262,7 @@ def help_text(spec, usage, config='config.yaml'):
                 out.append(f"{'':35s}{line.strip()[1:].strip()}")
             else:
                 last = None
-    return '\n'.join(out)
+    return '\n'.join(out + exchange_backends.help_lines())
 
 
 def load_config(spec='spec_1gpu.yaml', argv=(), config='config.yaml'):
@@ -358,14 +359,11 @@ def check_combination(cfg):
     if cfg['lr_step'] != sorted(cfg['lr_step']):
         raise ConfigError(f"lr_step: {cfg['lr_step']} must be increasing")
     devices = devices_of(cfg)
-    if len(devices) > 1 and cfg['exchange_dtype'] == 'bf16' and (
-            cfg['average'] != 'gradients' or cfg['exchange'] not in ('nccl', 'gloo')):
-        raise ConfigError(f"exchange_dtype: bf16 averages gradients through nccl or gloo; this "
-                          f"run has average: {cfg['average']}, exchange: {cfg['exchange']}")
     if len(devices) > 1:
-        if cfg['exchange'] in ('p2p', 'nccl') and any(d == 'cpu' for d in devices):
-            raise ConfigError(f"exchange: {cfg['exchange']} needs GPUs, and {devices} includes "
-                              f"the CPU; use exchange: host or exchange: gloo")
+        problem = exchange_backends.run_problem(cfg['exchange'], cfg['average'],
+                                                cfg['exchange_dtype'], devices)
+        if problem:         # the backends' rules (exchange_backends): what they need and take
+            raise ConfigError(problem)
         if len(set(devices)) != len(devices) and 'cpu' not in devices:
             raise ConfigError(f"the GPU list {devices} names a GPU twice")
 

@@ -5,11 +5,17 @@ check_identical naming the rank that differs, a killed or stuck peer giving a cl
 the timeout and leaving no process behind, spawn() naming the rank that failed, and the launcher
 passing on SIGTERM and taking its workers with it when SIGKILLed.
 
+The backends' table (exchange_backends): every entry complete and importable, its rules' one-line
+messages, and what reads it (the config, dual_mlp.py's options, --help). The shared rank-order
+average is also run through a test memory that copies every peer's half first, as p2p does, and
+a backend that says it cannot run gives way to its fallback: both on the CPU.
+
 GPU (pytest -m gpu, two GPUs): p2p (CUDA IPC + peer copies) and nccl averaging, exact.
 
 Workers are module-level functions: spawned processes import this module by name. The module
 imports only the standard library, pytest and launch at the top, so light workers start fast.
 """
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -98,10 +104,46 @@ def _reference(parts, world):
     return torch.div(acc, world)
 
 
+def _register_test_backends():
+    """Two backends of this module, added to the table of this process: 'copying' (host's
+    memory read as p2p reads its peers: each half copied before it is added) and 'refusing'
+    (says it cannot run; its fallback is host)."""
+    import dataclasses
+    from alexnet_lib import exchange_backends
+    host = exchange_backends.BACKENDS['host']
+    for name, cls, fallback in (('copying', '_CopyingHost', ''), ('refusing', '_Refusing', 'host')):
+        exchange_backends.BACKENDS[name] = dataclasses.replace(
+            host, name=name, constructor=f'test_exchange:{cls}', fallback=fallback)
+
+
+@functools.lru_cache(maxsize=None)
+def _plane_classes():
+    from alexnet_lib.exchange_rank_order import Host
+
+    class CopyingHost(Host):
+        name = 'copying'
+        copies_peers = True
+
+    class Refusing(Host):
+        @staticmethod
+        def unavailable(ctl, device):
+            return 'a test backend that never runs'
+
+    return CopyingHost, Refusing
+
+
+def __getattr__(name):           # the test planes, made when a worker asks for them
+    if name in ('_CopyingHost', '_Refusing'):
+        return _plane_classes()[name == '_Refusing']
+    raise AttributeError(name)
+
+
 def _w_average(rank, world, kinds, device_type, expect_kinds, port):
     import torch
-    from alexnet_lib import exchange
+    from alexnet_lib import exchange, exchange_backends
+    from alexnet_lib.exchange_rank_order import RankOrderAverage
     torch.set_num_threads(1)
+    _register_test_backends()
     device = torch.device('cuda', rank) if device_type == 'cuda' else torch.device('cpu')
     for kind, expect in zip(kinds, expect_kinds):
         ex = exchange.make_exchanger(kind, rank, world, device, port=port, timeout=TIMEOUT)
@@ -112,7 +154,9 @@ def _w_average(rank, world, kinds, device_type, expect_kinds, port):
             assert (ex.rank, ex.world) == (rank, world)
             # any order of summation gives the same result for these values; rank order (p2p,
             # host) is exact for gaussian ones too, and so is any order with two replicas
-            gaussian_exact = world == 2 or ex.kind in ('host', 'p2p')
+            backend = exchange_backends.get(ex.kind)
+            rank_order = issubclass(backend.plane_class(), RankOrderAverage)
+            gaussian_exact = world == 2 or rank_order
             state = torch.empty(100_003, device=device)        # e.g. params + momentum
             grads = torch.empty(37, device=device)
             for step in range(4):
@@ -154,7 +198,15 @@ def _w_average(rank, world, kinds, device_type, expect_kinds, port):
                 assert 'float32' in str(e)
             else:
                 raise AssertionError('average_ accepted a float64 buffer')
-            if ex.kind in ('host', 'p2p'):      # replicas disagreeing on the size: both told
+            if 'bf16' not in backend.wires():
+                try:
+                    ex.average_(grads, torch.bfloat16)
+                except ValueError as e:
+                    assert f'bf16 average needs the nccl or gloo exchange, not {ex.kind}' in str(
+                        e), str(e)
+                else:
+                    raise AssertionError(f'{ex.kind} averaged in bfloat16')
+            if rank_order:                      # replicas disagreeing on the size: both told
                 odd = torch.zeros(200_000 if rank == 0 else 100, device=device)
                 try:
                     ex.average_(odd)
@@ -169,15 +221,16 @@ def _w_average(rank, world, kinds, device_type, expect_kinds, port):
 @pytest.mark.parametrize('world', [2, 3])
 def test_host_and_gloo_average_exactly(world):
     segments_before = _shm_segments()
-    launch.spawn(_w_average, world, args=(('host', 'gloo', 'p2p'), 'cpu', ('host', 'gloo', 'host'),
-                                          launch.free_port()), timeout=120)
+    launch.spawn(_w_average, world, args=(('host', 'gloo', 'p2p', 'copying', 'refusing'), 'cpu',
+                                          ('host', 'gloo', 'host', 'copying', 'host'),
+                                          launch.free_port()), timeout=180)
     assert _shm_segments() <= segments_before, 'shared-memory segments left behind'
 
 
 def test_world_of_one_is_a_no_op():
     import torch
-    from alexnet_lib import exchange
-    for kind in exchange.KINDS:
+    from alexnet_lib import exchange, exchange_backends
+    for kind in exchange_backends.NAMES:
         ex = exchange.make_exchanger(kind, 0, 1, 'cpu', port=1)
         t = torch.arange(5.0)
         ex.average_(t)
@@ -198,7 +251,7 @@ def test_world_of_one_is_a_no_op():
 def test_p2p_registration_messages_are_checked():
     """The checks of a p2p registration (no GPU needed to check them): malformed or out-of-place
     handles are refused with a clear error."""
-    from alexnet_lib import exchange
+    from alexnet_lib import exchange, exchange_p2p
     good = {'gen': 3, 'from': 1, 'numel': 20, 'tensor_offset': 0, 'device': 1,
             'handle': (b'h' * 64).hex(), 'size_bytes': 2 << 20,
             'offset_bytes': 0, 'ref_counter_handle': b'/torch_1_2'.hex(),
@@ -206,7 +259,7 @@ def test_p2p_registration_messages_are_checked():
 
     def check(body, sender=1):
         payload = body if isinstance(body, bytes) else json.dumps(body).encode()
-        return exchange._check_handle(payload, sender, rank=0, world=2, gen=3, numel=20)
+        return exchange_p2p._check_handle(payload, sender, rank=0, world=2, gen=3, numel=20)
 
     body = check(good)
     assert body['handle'] == b'h' * 64 and body['from'] == 1
@@ -228,6 +281,96 @@ def test_p2p_registration_messages_are_checked():
     for body, complaint in cases:
         with pytest.raises(exchange.ExchangeError, match=complaint):
             check(body)
+
+
+# ----------------------------------------------------------------------------------------------
+# the table of backends, its rules, and what reads it
+
+def test_every_backend_is_complete_and_its_plane_importable():
+    from alexnet_lib import exchange_backends as xb
+    from alexnet_lib.exchange_control import Plane
+    assert xb.NAMES == ('p2p', 'nccl', 'gloo', 'host') and xb.ORIGINAL in xb.NAMES
+    for b in xb.BACKENDS.values():
+        assert b.description and '\n' not in b.description, b
+        assert b.averages and set(b.averages) <= set(xb.AVERAGES), b
+        for wires in b.averages.values():
+            assert 'fp32' in wires and set(wires) <= set(xb.WIRE_DTYPES), b
+        if b.fallback:      # a fallback that itself needs no fallback, and says when
+            assert not xb.get(b.fallback).fallback and b.fallback_when, b
+        assert issubclass(b.plane_class(), Plane), b
+    assert xb.get('p2p').fallback == 'host'
+    assert [n for n, b in xb.BACKENDS.items() if 'bf16' in b.wires()] == ['nccl', 'gloo']
+    assert [n for n, b in xb.BACKENDS.items() if b.needs_gpus] == ['p2p', 'nccl']
+    assert [n for n, b in xb.BACKENDS.items() if b.across_nodes] == ['nccl', 'gloo']
+    with pytest.raises(ValueError, match="unknown exchange kind 'mpi': expected one of p2p, "
+                                         "nccl, gloo, host"):
+        xb.get('mpi')
+
+
+def test_the_rules_are_one_line_each():
+    from alexnet_lib import exchange_backends as xb
+    cpus = ['cpu', 'cpu']
+    assert xb.run_problem('p2p', 'weights', 'fp32', cpus) == (
+        "exchange: p2p needs GPUs, and ['cpu', 'cpu'] includes the CPU; use exchange: host or "
+        "exchange: gloo")
+    assert xb.run_problem('nccl', 'weights', 'fp32', ['cuda:0', 'cpu'],
+                          lambda n: f'--exchange {n}').endswith(
+        'includes the CPU; use --exchange gloo or --exchange host')
+    for name in ('host', 'p2p'):
+        assert xb.run_problem(name, 'gradients', 'bf16', cpus) == (
+            f'exchange_dtype: bf16 averages gradients through nccl or gloo; this run has '
+            f'average: gradients, exchange: {name}')
+    assert xb.run_problem('gloo', 'weights', 'bf16', cpus).startswith(
+        'exchange_dtype: bf16 averages gradients through nccl or gloo; this run has average: '
+        'weights')
+    assert xb.run_problem('gloo', 'gradients', 'bf16', cpus) == ''
+    assert xb.run_problem('nccl', 'gradients', 'bf16', ['cuda:0', 'cuda:1']) == ''
+    assert xb.run_problem('host', 'weights', 'fp32', cpus) == ''
+    assert xb.node_problem('host', '4', '8') == (
+        'exchange: host works within one node (LOCAL_WORLD_SIZE=4, WORLD_SIZE=8); use '
+        'exchange: nccl or exchange: gloo across nodes')
+    assert xb.node_problem('p2p', 8, 8) == xb.node_problem('nccl', 4, 8) == ''
+    assert xb.wire_problem('p2p', 'bf16') == (
+        'a bf16 average needs the nccl or gloo exchange, not p2p')
+    assert xb.wire_problem('gloo', 'bf16') == ''
+
+
+def test_the_config_the_scripts_and_help_read_the_table(monkeypatch):
+    import dual_mlp
+    import train_2gpu
+    from alexnet_lib import config, exchange_backends as xb
+    assert config.CONFIG_KEYS['exchange'] == xb.NAMES
+    assert config.CONFIG_KEYS['average'] == xb.AVERAGES
+    assert config.CONFIG_KEYS['exchange_dtype'] == xb.WIRE_DTYPES
+    with pytest.raises(config.ConfigError) as info:
+        config.load_config('spec_2gpu.yaml', ['gpu0=cpu', 'gpu1=cpu', 'exchange=p2p'])
+    assert str(info.value) == xb.run_problem('p2p', 'weights', 'fp32', ['cpu', 'cpu'])
+    text = config.help_text('spec_2gpu.yaml', 'usage')
+    assert '\n'.join(xb.help_lines()) in text
+    option = next(a for a in dual_mlp.build_parser()._actions if a.dest == 'exchange')
+    assert option.choices == ['auto', *xb.NAMES]
+    assert all(b.description in option.help for b in xb.BACKENDS.values())
+    assert [dual_mlp.auto_exchange('auto', d) for d in (['0', '1'], ['cpu', 'cpu'], ['0', 'cpu'])
+            ] == ['p2p', 'host', 'host']
+    # under torchrun across nodes, before anything starts
+    for k, v in dict(RANK='0', WORLD_SIZE='4', MASTER_ADDR='127.0.0.1',
+                     LOCAL_WORLD_SIZE='2').items():
+        monkeypatch.setenv(k, v)
+    cfg = config.load_config('spec_2gpu.yaml', ['gpu0=cpu', 'gpu1=cpu', 'exchange=host'])
+    with pytest.raises(config.ConfigError, match=r'exchange: host works within one node '
+                                                 r'\(LOCAL_WORLD_SIZE=2, WORLD_SIZE=4\); use '
+                                                 r'exchange: nccl or exchange: gloo across nodes'):
+        train_2gpu.run(cfg)
+    from alexnet_lib import exchange
+    with pytest.raises(ValueError, match='the host exchange works within one node'):
+        exchange.make_exchanger('host', 0, 4, 'cpu', port=1)
+
+
+def test_the_table_is_read_without_torch():
+    code = ('import sys, alexnet_lib.exchange_backends, alexnet_lib.config; '
+            'assert "torch" not in sys.modules, "torch imported"')
+    r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------------------------
