@@ -671,11 +671,11 @@ def main():
                 print("| --- | --- |")
             print(row)
         print("\n## Faults during a run\n")
-        print("What a run ends with when something fails under it (`tests/test_faults.py`, "
-              "real processes, faults at seeded random points). In every case no process is "
-              "left behind and the last complete snapshot is byte for byte the one an "
-              "uninterrupted run wrote; resuming from it (`resume_train=True "
-              "load_epoch=N`) ends with the uninterrupted run's weights.\n")
+        print("What a run ends with when something fails under it (`tests/test_faults.py` and "
+              "`tests/test_cleanup.py`, real processes, faults at seeded random points). In "
+              "every case no process and no private folder is left behind and the last complete "
+              "snapshot is byte for byte the one an uninterrupted run wrote; resuming from it "
+              "(`resume_train=True load_epoch=N`) ends with the uninterrupted run's weights.\n")
         print("| fault | what the user sees |")
         print("| --- | --- |")
         for fault, seen in FAULTS:
@@ -703,6 +703,12 @@ FAULTS = [
     ('SIGKILL of the train_2gpu.py launcher',
      '`worker 4243: the launcher (pid 4241) has gone, exiting` from each trainer; their loaders '
      'follow'),
+    ('Ctrl-C (SIGINT to the process group) of train.py, with or without para_load',
+     '`interrupted` (exit 130); the loader process, in a session of its own, is stopped by its '
+     'trainer; no process and no private folder (`proc_load-<pid>-…`) is left'),
+    ('SIGINT to the loader process alone',
+     "`error: loader process (pid 4242) was interrupted (SIGINT) while loading rows [0, 4) of "
+     "'…/0000.hkl'` (exit 1)"),
     ('Ctrl-C (SIGINT) to the train_2gpu.py launcher',
      '`launcher: SIGINT received, workers stopped (rank 0: exit code 130, rank 1: exit code '
      '130); rank 0: KeyboardInterrupt` (exit 130)'),
@@ -728,7 +734,8 @@ FAULTS = [
      'it holds (…/w/lr_1.npy) and resume with resume_train=True load_epoch=1` (exit 1)'),
     ("the last step of an epoch spoils the weights (NaN), its loss still finite",
      '`error: the validation loss became nan after epoch 1; stopped instead of training on '
-     'garbage: no snapshot was written yet; start again with a lower learning_rate` (exit 1; '
+     'garbage: no snapshot was written yet; start again with a lower learning_rate (and '
+     'overwrite=True)` (exit 1; '
      'no snapshot of the spoilt weights)'),
 ]
 
