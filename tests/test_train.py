@@ -1,4 +1,5 @@
 """train.py, validate.py and plot.py end to end on small real batch files (CPU)."""
+import contextlib
 import json
 import os
 import subprocess
@@ -210,6 +211,23 @@ def test_parallel_loading_trains_bit_identically(small_dataset, two_epochs, tmp_
     assert torch.equal(rep.net.state, straight)
 
 
+@contextlib.contextmanager
+def same_cudnn_algorithms(rep):
+    """Within the block, cuDNN runs the algorithms its heuristics choose, deterministic ones,
+    instead of the fastest it times (configure_device's benchmark mode): two runs compared
+    element by element then use the same convolution algorithms; timed choices differ between
+    runs, and with them the summation order of the convolutions' gradients."""
+    if rep.device.type != 'cuda':
+        yield
+        return
+    saved = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved
+
+
 def first_step(cfg):
     """Each parameter and its momentum (PARAMS order), before and after the epoch's first step
     of the real training loop."""
@@ -221,7 +239,7 @@ def first_step(cfg):
         return [state[off + p.offset:off + p.offset + p.size] for off in (0, N_PARAMS)
                 for p in PARAMS]
     start = arrays()
-    with rep.make_loader() as loader:
+    with rep.make_loader() as loader, same_cudnn_algorithms(rep):
         rep.train_epoch(1, cfg['learning_rate'], loader, progress=False,
                         requests=rep.data.train_requests(1)[:1])
     return start, arrays()
@@ -318,20 +336,22 @@ def test_graphed_step_is_the_compiled_step(small_dataset, tmp_path):
     as the compiled step does, also when the learning rate changes on every step (a warm-up)
     and between epochs: the rate is a tensor the graph reads, so one graph serves them all."""
     from alex_net import N_PARAMS, PARAMS
+    from alexnet_lib.sgd import warmup_factor
     ends = {}
     for graph in (False, True):
         cfg = cfg_for(small_dataset, tmp_path, 'gpu=cuda:0', 'precision=fp32', 'compile=True',
                       f'cuda_graph={graph}', 'batch_size=4', 'lr_warmup_epochs=1')
         rep = train_loop.Replica(cfg, 0, 1)
         start = rep.net.state.cpu().numpy().copy()
-        with rep.make_loader() as loader:
+        with rep.make_loader() as loader, same_cudnn_algorithms(rep):
             reqs = rep.data.train_requests(1)
             rep.train_epoch(1, 0.01, loader, progress=False, requests=reqs[:6])  # warming up
             captured = rep.step.graph
             rep.train_epoch(2, 0.001, loader, progress=False, requests=reqs[:2])  # a new lr
         if graph:
             assert captured is not None and rep.step.graph is captured
-            assert float(rep.step.lr) == pytest.approx(0.001)
+            # the second call's last step: iteration 3 of the warm-up (2 steps per 'epoch')
+            assert float(rep.step.lr) == pytest.approx(0.001 * warmup_factor(3, rep.warmup_steps))
         else:
             assert rep.step.graph is None
         state = rep.net.state.cpu().numpy()
