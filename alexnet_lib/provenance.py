@@ -97,7 +97,7 @@ def read_record(folder, name=RECORD_NAME):
 def check_together(folders):
     """{config key: folder} -> the one record they share, or None when none of them has one.
     Folders whose records differ, or some with a record and some without, are a ConfigError
-    naming the keys: they come from different preprocessing outputs."""
+    naming the keys that differ from the most: they come from another preprocessing output."""
     records = {key: read_record(folder) for key, folder in folders.items()}
     have = {key: r for key, r in records.items() if r is not None}
     if not have:
@@ -112,11 +112,13 @@ def check_together(folders):
             groups.append((r, [key]))
     without = [key for key, r in records.items() if r is None]
     if len(groups) > 1:
-        described = '; '.join(f"{' and '.join(keys)} from one ({_describe(rec)})"
-                              for rec, keys in groups)
-        raise ConfigError(f"{_keys(k for _, keys in groups for k in keys)} come from different "
-                          f"preprocessing outputs: {described}; point them at the folders of "
-                          f"one preprocessing run")
+        groups.sort(key=lambda g: -len(g[1]))         # the most keys first: the odd ones out
+        (rec, keys), others = groups[0], groups[1:]   # are named first in the message
+        odd = [k for _, ks in others for k in ks]
+        raise ConfigError(
+            f"{_keys(odd)} {'comes' if len(odd) == 1 else 'come'} from another preprocessing "
+            f"output ({'; '.join(_describe(r) for r, _ in others)}) than {_keys(keys)} "
+            f"({_describe(rec)}): point them at the folders of one preprocessing run")
     if without:
         raise ConfigError(f"{_keys(without)} {'has' if len(without) == 1 else 'have'} no "
                           f"{RECORD_NAME}, but {_keys(have)} {'was' if len(have) == 1 else 'were'} "

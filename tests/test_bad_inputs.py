@@ -287,8 +287,8 @@ CASES = [
           "preprocessing output",), rc=2),
     Case('mixed-outputs', 'a run', 'the labels of another preprocessing output',
          lambda w, c: (T, _mixed_outputs(w, c)),
-         ("train_folder, val_folder, mean_file and label_folder come from different "
-          "preprocessing outputs",), rc=2),
+         ("label_folder comes from another preprocessing output (8 training images, order",
+          "than train_folder, val_folder and mean_file (8 training images"), rc=2),
     Case('long-labels', 'a run', 'a validation label file longer than its images (8 labels '
          'for 4 images in one partial file)',
          lambda w, c: (T, w.train_args(c, label_folder=_long_val_labels(w, c))),
