@@ -56,6 +56,18 @@ def assert_same_change(a, b, starts, tol):
                                            f'{" momentum" if k >= len(PARAMS) else ""})')
 
 
+def call_main(main, argv, capsys):
+    """A script's main(argv) in this process: (exit status, stdout, the non-empty stderr lines);
+    a SystemExit's code is the status, and None (main returned nothing, sys.exit()) is 0."""
+    capsys.readouterr()
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return (0 if rc is None else rc), out, [x for x in err.splitlines() if x.strip()]
+
+
 @pytest.fixture(scope='session')
 def small_dataset(tmp_path_factory):
     return make_dataset(str(tmp_path_factory.mktemp('small_data')))

@@ -14,23 +14,16 @@ The session runs with TMPDIR pointed at a private folder (tests/conftest.py), so
 found there is the suite's own.
 """
 import os
-import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 
 import pytest
 
-from conftest import default_sigint, make_dataset
-from test_faults import alive, cmdline, descendants
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GONE_WITHIN = 15
-PRIVATE = ('proc_load-', 'rdv-')
+from conftest import PRIVATE_FOLDERS, default_sigint, make_dataset
+from processes import Proc, assert_nothing_left, assert_sigkill_leaves_nothing, cmdline, stop_runs
 
 
 @pytest.fixture(scope='module')
@@ -69,117 +62,53 @@ def group_members(pgid):
 def private_folders():
     """The proc_load-*/rdv-* folders in this session's temporary folder."""
     base = tempfile.gettempdir()
-    return {os.path.join(base, n) for n in os.listdir(base) if n.startswith(PRIVATE)}
+    return {os.path.join(base, n) for n in os.listdir(base) if n.startswith(PRIVATE_FOLDERS)}
 
 
-class Session:
+class Session(Proc):
     """A script run in a session (and process group) of its own, as a terminal runs a job in
-    the foreground; stdout and stderr collected apart, line by line ('\\r' ends a line: the
-    progress bar); every descendant it ever had is remembered."""
+    the foreground, with Ctrl-C's default action; stdout and stderr collected apart (out, err),
+    each line stripped; its processes are its descendants and its group's members; its folders
+    are the private folders that appeared since it started."""
+
+    SEPARATE_STDERR = True
+    STRIP = True
+    POLL = 0.05
+    WAIT_TIMEOUT = 120
 
     def __init__(self, script, args):
         self.before = private_folders()
-        self.p = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-            env=dict(os.environ, PYTHONUNBUFFERED='1'), start_new_session=True,
-            preexec_fn=default_sigint)
-        self.pid = self.p.pid
-        self.out, self.err = [], []
-        self.family = {}
-        self._cond = threading.Condition()
-        self._open = 2
-        self._threads = [threading.Thread(target=self._read, args=(s, lines), daemon=True)
-                         for s, lines in ((self.p.stdout, self.out), (self.p.stderr, self.err))]
-        self._threads.append(threading.Thread(target=self._watch, daemon=True))
-        for t in self._threads:
-            t.start()
+        super().__init__(script, args, preexec_fn=default_sigint, new_session=True)
+        self.out, self.err = self.outputs
 
-    def _read(self, stream, lines):
-        buf = b''
-        while True:
-            chunk = stream.read1(65536)
-            if not chunk:
-                break
-            parts = re.split(rb'[\r\n]', buf + chunk)
-            buf = parts.pop()
-            with self._cond:
-                lines += [x.decode(errors='replace').strip() for x in parts if x.strip()]
-                self._cond.notify_all()
-        with self._cond:
-            if buf.strip():
-                lines.append(buf.decode(errors='replace').strip())
-            self._open -= 1
-            self._cond.notify_all()
-
-    def _watch(self):
-        while self._open:
-            self.family.update(descendants(self.pid))
-            time.sleep(0.05)
-
+    @property
     def text(self):
         with self._cond:
             return '\n'.join(self.out + ['--- stderr:'] + self.err)
 
-    def wait_for(self, pattern, timeout=240):
-        rx = re.compile(pattern)
-        end = time.monotonic() + timeout
-        with self._cond:
-            while not any(rx.search(x) for x in self.out + self.err):
-                if not self._open or time.monotonic() > end:
-                    self.kill()
-                    raise AssertionError(f"no line matching {pattern!r}:\n{self.text()[-4000:]}")
-                self._cond.wait(0.1)
+    def running(self):
+        """Processes of the run (its group, or any descendant it had) alive now."""
+        left = super().running()
+        left.update({p: cmdline(p) for p in group_members(self.pid)})
+        return left
 
-    def members(self, word):
-        self.family.update(descendants(self.pid))
-        return sorted(p for p, s in self.family.items() if alive(p, s) and word in cmdline(p))
-
-    def wait(self, timeout=120):
-        try:
-            rc = self.p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"still running after {timeout} s:\n{self.text()[-4000:]}")
-        for t in self._threads[:2]:
-            t.join(GONE_WITHIN)
-        return rc
-
-    def left_behind(self, within=GONE_WITHIN):
-        """Processes of the run (its group, or any descendant it had) alive after `within`."""
-        end = time.monotonic() + within
-        while True:
-            left = {p: cmdline(p) for p, s in list(self.family.items()) if alive(p, s)}
-            left.update({p: cmdline(p) for p in group_members(self.pid)})
-            if not left or time.monotonic() > end:
-                return left
-            time.sleep(0.1)
-
-    def kill(self):
-        for pid, start in list(self.family.items()):
-            if alive(pid, start):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
+    def kill_all(self):
+        super().kill_all()
         try:
             os.killpg(self.pid, signal.SIGKILL)
         except OSError:
             pass
-        self.p.wait(10)
 
     def folders_left(self):
         """The private folders that appeared since this run started and are still there."""
         return sorted(private_folders() - self.before)
 
 
-@pytest.fixture
-def runs():
-    started = []
-    yield started
-    for run in started:
-        if run.p.poll() is None or any(alive(p, s) for p, s in list(run.family.items())):
-            run.kill()
+@pytest.fixture(autouse=True)
+def _stop_runs():
+    """After each test: kill what a failed test left running."""
+    yield
+    stop_runs()
 
 
 def ctrl_c(run, after=r'^iter 3 ', delay=0.0, presses=1):
@@ -198,15 +127,13 @@ def ctrl_c(run, after=r'^iter 3 ', delay=0.0, presses=1):
 
 
 def assert_interrupted(run, rc, last_line):
-    text = run.text()
+    text = run.text
     assert rc == 130, f"exit status {rc}, expected 130:\n{text[-4000:]}"
     assert run.err and run.err[-1] == last_line, \
         f"stderr ends with {run.err[-1:]!r}, expected {last_line!r}:\n{text[-4000:]}"
     assert 'Traceback' not in text, text[-6000:]
     assert not [x for x in run.err if x.startswith(('error:', 'proc_load:'))], text[-4000:]
-    left = run.left_behind()
-    assert not left, f"processes left behind: {left}"
-    assert not run.folders_left(), f"folders left behind: {run.folders_left()}"
+    assert_nothing_left(run)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,13 +142,12 @@ def assert_interrupted(run, rc, last_line):
 @pytest.mark.parametrize('para_load,delay,presses', [(True, 0.0, 1), (True, 0.3, 1),
                                                      (True, 0.0, 2), (False, 0.0, 1),
                                                      (False, 0.3, 1)])
-def test_ctrl_c_of_train_is_interrupted_with_and_without_the_loader(data, tmp_path, runs,
+def test_ctrl_c_of_train_is_interrupted_with_and_without_the_loader(data, tmp_path,
                                                                     para_load, delay, presses):
     """Ctrl-C (SIGINT to the process group: the trainer and, were it in the group, its loader)
     in the middle of training, once or twice: 'interrupted' and exit 130, as without parallel
     loading; nothing is left."""
     run = Session('train.py', train_args(data, tmp_path, f'para_load={para_load}'))
-    runs.append(run)
     if para_load:
         run.wait_for(r'^iter 1 ')
         assert run.members('proc_load.py'), 'no loader process: this tests nothing'
@@ -229,11 +155,10 @@ def test_ctrl_c_of_train_is_interrupted_with_and_without_the_loader(data, tmp_pa
     assert_interrupted(run, rc, 'interrupted')
 
 
-def test_sigint_to_trainer_and_loader_at_once_is_an_interruption(data, tmp_path, runs):
+def test_sigint_to_trainer_and_loader_at_once_is_an_interruption(data, tmp_path):
     """SIGINT to the trainer's group and to its loader at once (as a tool that signals every
     process of a session would): the loader dying of it is no error, the run was interrupted."""
     run = Session('train.py', train_args(data, tmp_path, 'para_load=True'))
-    runs.append(run)
     run.wait_for(r'^iter 3 ')
     loaders = run.members('proc_load.py')
     assert len(loaders) == 1
@@ -242,11 +167,10 @@ def test_sigint_to_trainer_and_loader_at_once_is_an_interruption(data, tmp_path,
     assert_interrupted(run, run.wait(), 'interrupted')
 
 
-def test_ctrl_c_of_train_2gpu_is_one_line_and_130(data, tmp_path, runs):
+def test_ctrl_c_of_train_2gpu_is_one_line_and_130(data, tmp_path):
     """Ctrl-C to train_2gpu.py's process group (the launcher, its trainers and their loaders):
     the launcher's one line, exit 130, nothing left behind (rendezvous folder included)."""
     run = Session('train_2gpu.py', two_args(data, tmp_path))
-    runs.append(run)
     run.wait_for(r'^iter 1 ')
     assert len(run.members('proc_load.py')) == 2
     rc = ctrl_c(run, after=r'^iter 2 ', delay=0.2)
@@ -257,46 +181,36 @@ def test_ctrl_c_of_train_2gpu_is_one_line_and_130(data, tmp_path, runs):
 # ---------------------------------------------------------------------------------------------
 # what a killed run leaves
 
-def test_sigkill_of_train_leaves_no_folder(data, tmp_path, runs):
+def test_sigkill_of_train_leaves_no_folder(data, tmp_path):
     """SIGKILL of train.py mid-epoch: its loader, the survivor, exits and takes the trainer's
     socket folder with it."""
     run = Session('train.py', train_args(data, tmp_path, 'para_load=True'))
-    runs.append(run)
     run.wait_for(r'^iter 2 ')
     assert run.members('proc_load.py') and run.folders_left()
-    run.p.send_signal(signal.SIGKILL)
-    assert run.wait() == -signal.SIGKILL
-    assert not run.left_behind(), 'the loader outlived its killed trainer'
-    assert not run.folders_left(), f"folders left behind: {run.folders_left()}"
+    assert_sigkill_leaves_nothing(run)
 
 
-def test_sigkill_of_the_loader_leaves_no_folder(data, tmp_path, runs):
+def test_sigkill_of_the_loader_leaves_no_folder(data, tmp_path):
     """SIGKILL of the loader: the trainer says so, exits 1 and removes its socket folder."""
     run = Session('train.py', train_args(data, tmp_path, 'para_load=True'))
-    runs.append(run)
     run.wait_for(r'^iter 2 ')
     loaders = run.members('proc_load.py')
     assert len(loaders) == 1
     os.kill(loaders[0], signal.SIGKILL)
     assert run.wait() == 1
     assert f'error: loader process (pid {loaders[0]}) was killed by signal SIGKILL' in \
-        run.err[-1], run.text()[-3000:]
-    assert not run.left_behind()
-    assert not run.folders_left(), f"folders left behind: {run.folders_left()}"
+        run.err[-1], run.text[-3000:]
+    assert_nothing_left(run)
 
 
-def test_sigkill_of_the_launcher_leaves_no_folder(data, tmp_path, runs):
+def test_sigkill_of_the_launcher_leaves_no_folder(data, tmp_path):
     """SIGKILL of train_2gpu.py: its trainers and their loaders follow it, and neither the
     rendezvous folder nor a loader's socket folder is left."""
     run = Session('train_2gpu.py', two_args(data, tmp_path))
-    runs.append(run)
     run.wait_for(r'^iter 2 ')
     assert len(run.members('proc_load.py')) == 2
     assert len(run.folders_left()) == 3, run.folders_left()     # 2 loaders, 1 rendezvous
-    run.p.send_signal(signal.SIGKILL)
-    assert run.wait() == -signal.SIGKILL
-    assert not run.left_behind()
-    assert not run.folders_left(), f"folders left behind: {run.folders_left()}"
+    assert_sigkill_leaves_nothing(run)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import dual_mlp
+from conftest import call_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,14 +140,7 @@ def test_not_a_pickle_is_a_clear_error(tmp_path):
 
 
 def _main(args, capsys):
-    """dual_mlp.main(args) in this process: (exit status, stdout, the non-empty stderr lines)."""
-    capsys.readouterr()
-    try:
-        rc = dual_mlp.main(args)
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, [x for x in err.splitlines() if x.strip()]
+    return call_main(dual_mlp.main, args, capsys)
 
 
 def _one_line(rc, out, lines, status):

@@ -11,8 +11,8 @@ with the uninterrupted run's weights and momentum, bit for bit: the SIGKILL, kil
 and SIGTERM tests resume and compare; for the other faults the intact snapshot is the same
 bytes as the uninterrupted run's, so the resume from it is the one already shown.
 
-The helpers here (Proc, alive, snapshot_digest, ...) are shared by test_soak.py and
-test_security.py.
+The process runner and its checks (Proc, alive, ...) live in processes.py; test_soak.py and
+test_security.py take them, with assert_ended_cleanly, from here.
 """
 import hashlib
 import os
@@ -21,10 +21,6 @@ import re
 import resource
 import shutil
 import signal
-import subprocess
-import sys
-import tempfile
-import threading
 import time
 
 import numpy as np
@@ -33,12 +29,11 @@ import pytest
 from alex_net import PARAMS
 from conftest import make_dataset
 from alexnet_lib.snapshot import latest_complete_snapshot
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from processes import (Proc, assert_nothing_left, assert_sigkill_leaves_nothing, cmdline,
+                       proc_stat, stop_runs)
+from processes import alive, descendants  # noqa: F401 (test_soak/test_security import them here)
 
 SEED = int(os.environ.get('FAULT_SEED') or random.SystemRandom().randrange(10 ** 6))
-RUN_TIMEOUT = 240      # no run here should take more than a fraction of this
-GONE_WITHIN = 15       # seconds for every process of a stopped run to be gone
 
 
 def rng_for(name):
@@ -50,191 +45,17 @@ def rng_for(name):
 # ---------------------------------------------------------------------------------------------
 # processes
 
-def proc_stat(pid):
-    """(state letter, parent pid, start time) of a process, or None when it is gone."""
-    try:
-        with open(f'/proc/{pid}/stat') as f:
-            fields = f.read().rsplit(')', 1)[1].split()
-        return fields[0], int(fields[1]), int(fields[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def alive(pid, start=None):
-    """Whether process pid runs (not a zombie); with start, only that incarnation of pid."""
-    st = proc_stat(pid)
-    return st is not None and st[0] not in ('Z', 'X') and (start is None or st[2] == start)
-
-
-def cmdline(pid):
-    try:
-        with open(f'/proc/{pid}/cmdline', 'rb') as f:
-            return f.read().replace(b'\0', b' ').decode(errors='replace').strip()
-    except OSError:
-        return ''
-
-
-def descendants(pid):
-    """Live descendants of pid: {pid: start time}."""
-    children = {}
-    for d in os.listdir('/proc'):
-        if d.isdigit():
-            st = proc_stat(int(d))
-            if st is not None and st[0] not in ('Z', 'X'):
-                children.setdefault(st[1], []).append((int(d), st[2]))
-    out, todo = {}, [pid]
-    while todo:
-        for c, start in children.get(todo.pop(), []):
-            out[c] = start
-            todo.append(c)
-    return out
-
-
-_RUNS = []      # every Proc started: a failed test must not leave its run going
-
-
 @pytest.fixture(autouse=True)
 def _stop_runs_and_free_the_disk(tmp_path):
     """After each test: kill what a failed test left running; delete the big snapshot files
     (233 MB an epoch) the test wrote (pytest keeps the folders of its last 3 sessions)."""
     yield
-    while _RUNS:
-        run = _RUNS.pop()
-        if run.p.poll() is None or any(alive(p, s) for p, s in list(run.family.items())):
-            run.kill_all()
+    stop_runs()
     for folder, _, files in os.walk(tmp_path):
         for f in files:
             path = os.path.join(folder, f)
             if os.path.getsize(path) > (1 << 20):
                 os.unlink(path)
-
-
-class Proc:
-    """A script of the repository run as a real process. Output (stdout and stderr together)
-    is collected line by line as it comes ('\\r' ends a line too: progress bars); every process
-    that ever descended from it is remembered (a loader whose trainer was killed is re-parented,
-    but stays on the list)."""
-
-    def __init__(self, script, args, preexec_fn=None, env=None):
-        self.p = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=dict(os.environ, PYTHONUNBUFFERED='1', **(env or {})), preexec_fn=preexec_fn)
-        self.pid = self.p.pid
-        _RUNS.append(self)
-        self.lines = []
-        self.family = {}                 # pid -> start time, every descendant seen
-        self._cond = threading.Condition()
-        self._eof = False
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self._watcher = threading.Thread(target=self._watch, daemon=True)
-        self._watcher.start()
-
-    def _read(self):
-        buf = b''
-        while True:
-            chunk = self.p.stdout.read1(65536)
-            if not chunk:
-                break
-            buf += chunk
-            parts = re.split(rb'[\r\n]', buf)
-            buf = parts.pop()
-            with self._cond:
-                self.lines += [x.decode(errors='replace') for x in parts if x.strip()]
-                self._cond.notify_all()
-        with self._cond:
-            if buf.strip():
-                self.lines.append(buf.decode(errors='replace'))
-            self._eof = True
-            self._cond.notify_all()
-
-    def _watch(self):
-        while not self._eof:
-            self.family.update(descendants(self.pid))
-            time.sleep(0.1)
-
-    @property
-    def text(self):
-        with self._cond:
-            return '\n'.join(self.lines)
-
-    def wait_for(self, pattern, timeout=RUN_TIMEOUT):
-        """The first output line matching the regex, waiting for it; fails if the run ends or
-        the time is up first."""
-        rx = re.compile(pattern)
-        end = time.monotonic() + timeout
-        seen = 0
-        with self._cond:
-            while True:
-                for line in self.lines[seen:]:
-                    if rx.search(line):
-                        return line
-                seen = len(self.lines)
-                if self._eof or time.monotonic() > end:
-                    break
-                self._cond.wait(0.1)
-        self.kill_all()
-        raise AssertionError(f"no line matching {pattern!r} "
-                             f"({'the run ended' if self._eof else 'timed out'}); output:\n"
-                             + self.text[-4000:])
-
-    def wait(self, timeout=RUN_TIMEOUT):
-        """Exit status, once the process ended and every holder of its output closed it."""
-        try:
-            rc = self.p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill_all()
-            raise AssertionError(f"still running after {timeout} s; output:\n"
-                                 + self.text[-4000:]) from None
-        self._reader.join(GONE_WITHIN)
-        return rc
-
-    def members(self, word):
-        """Live processes of the run whose command line contains word."""
-        self.family.update(descendants(self.pid))
-        return sorted(p for p, s in self.family.items() if alive(p, s) and word in cmdline(p))
-
-    def left_behind(self, within=GONE_WITHIN):
-        """Processes of the run still alive after `within` seconds (should be none)."""
-        end = time.monotonic() + within
-        while True:
-            left = {p: cmdline(p) for p, s in list(self.family.items()) if alive(p, s)}
-            if self.p.poll() is None:
-                left[self.pid] = cmdline(self.pid)
-            if not left or time.monotonic() > end:
-                return left
-            time.sleep(0.1)
-
-    def kill_all(self):
-        """Clean-up after a failed test: SIGKILL the run and everything it started."""
-        for pid, start in list(self.family.items()):
-            if alive(pid, start):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-        if self.p.poll() is None:
-            self.p.kill()
-        self.p.wait(10)
-
-
-def folders_left(run):
-    """The private folders (proc_load-<pid>-*, rdv-<pid>-*) of the run's processes still in the
-    temporary folder: call it once the survivors have exited."""
-    pids = {run.pid, *run.family}
-    base = tempfile.gettempdir()
-    return sorted(n for n in os.listdir(base)
-                  if (m := re.fullmatch(r'(?:proc_load|rdv)-(\d+)-.+', n)) and
-                  int(m.group(1)) in pids)
-
-
-def assert_nothing_left(run):
-    """No process of the run is alive (within GONE_WITHIN seconds), none of its folders left."""
-    left = run.left_behind()
-    assert not left, f"processes left behind: {left}"
-    assert not folders_left(run), f"folders left behind in {tempfile.gettempdir()}: " \
-                                  f"{folders_left(run)}"
 
 
 def error_lines(text):
@@ -379,10 +200,7 @@ def test_sigkill_of_train_at_a_random_point_then_resume_matches(data, ref1, tmp_
     run = Proc('train.py', one_args(data, tmp_path))
     run.wait_for(rf'^iter {it} ')
     time.sleep(delay)
-    run.p.send_signal(signal.SIGKILL)
-    assert run.wait() == -signal.SIGKILL
-    assert not run.left_behind(), 'the loader outlived its killed trainer'
-    assert not folders_left(run), 'the loader left its killed trainer\'s socket folder'
+    assert_sigkill_leaves_nothing(run)
     last = assert_last_complete_is_intact(tmp_path, ref1, killed=True)
     resume_and_compare('train.py', one_args, data, tmp_path, ref1, last)
 
@@ -456,11 +274,7 @@ def test_sigkill_of_the_launcher(data, ref2, tmp_path):
     time.sleep(delay)
     family = dict(run.family)
     assert len([p for p in family if 'proc_load.py' in cmdline(p)]) == 2
-    run.p.send_signal(signal.SIGKILL)
-    assert run.wait() == -signal.SIGKILL
-    left = run.left_behind()
-    assert not left, f"processes left behind after the launcher was killed: {left}"
-    assert not folders_left(run), f"folders left behind: {folders_left(run)}"
+    assert_sigkill_leaves_nothing(run)
     assert f'the launcher (pid {run.pid}) has gone, exiting' in run.text
     assert_last_complete_is_intact(tmp_path, ref2, killed=True)
 

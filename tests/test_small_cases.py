@@ -11,19 +11,9 @@ from PIL import Image
 
 import classify
 import plot
+from conftest import call_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _main(module, argv, capsys):
-    """module.main(argv) in this process: (exit status, stdout, the non-empty stderr lines)."""
-    capsys.readouterr()
-    try:
-        rc = module.main(argv)
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return (0 if rc is None else rc), out, [x for x in err.splitlines() if x.strip()]
 
 
 def _one_line(rc, out, lines, status=1):
@@ -44,7 +34,7 @@ def _image_bytes(fmt, color, size=(40, 30)):
 def test_plot_of_a_run_with_only_the_header_says_no_epoch_yet(tmp_path, capsys):
     (tmp_path / 'metrics.csv').write_text('epoch,train_loss,val_loss,val_top1_error,'
                                           'val_top5_error\n')
-    line = _one_line(*_main(plot, [str(tmp_path)], capsys))
+    line = _one_line(*call_main(plot.main, [str(tmp_path)], capsys))
     assert str(tmp_path / 'metrics.csv') in line and 'no epoch yet' in line, line
     assert 'neither' not in line, line
     assert not (tmp_path / 'plot.png').exists()
@@ -52,25 +42,25 @@ def test_plot_of_a_run_with_only_the_header_says_no_epoch_yet(tmp_path, capsys):
 
 def test_plot_of_an_empty_metrics_file_says_no_epoch_yet(tmp_path, capsys):
     (tmp_path / 'metrics.csv').write_text('')
-    line = _one_line(*_main(plot, [str(tmp_path)], capsys))
+    line = _one_line(*call_main(plot.main, [str(tmp_path)], capsys))
     assert 'metrics.csv' in line and 'no epoch yet' in line, line
 
 
 def test_plot_of_a_folder_that_does_not_exist_names_it(tmp_path, capsys):
-    line = _one_line(*_main(plot, [str(tmp_path / 'nowhere')], capsys))
+    line = _one_line(*call_main(plot.main, [str(tmp_path / 'nowhere')], capsys))
     assert str(tmp_path / 'nowhere') in line and 'does not exist' in line, line
 
 
 def test_plot_of_a_damaged_row_names_the_file_and_line(tmp_path, capsys):
     (tmp_path / 'metrics.csv').write_text('epoch,val_loss,val_top1_error\n1,2.5,0.9\n2,#,0.8\n')
-    line = _one_line(*_main(plot, [str(tmp_path)], capsys))
+    line = _one_line(*call_main(plot.main, [str(tmp_path)], capsys))
     assert 'metrics.csv' in line and 'line 3' in line and "'#'" in line, line
 
 
 def test_plot_of_one_epoch_writes_the_png(tmp_path, capsys):
     (tmp_path / 'metrics.csv').write_text('epoch,train_loss,val_loss,val_top1_error,'
                                           'val_top5_error\n1,6.9,6.8,0.99,0.95\n2,,6.7,0.98,\n')
-    rc, out, lines = _main(plot, [str(tmp_path)], capsys)
+    rc, out, lines = call_main(plot.main, [str(tmp_path)], capsys)
     assert rc == 0 and not lines, lines
     assert (tmp_path / 'plot.png').stat().st_size > 0
 
@@ -101,7 +91,7 @@ def test_a_folder_without_images_is_one_line(tmp_path, content, capsys):
     d.mkdir()
     if content:
         (d / content).write_text('not an image')
-    line = _one_line(*_main(classify, [str(d), 'gpu=cpu'], capsys))
+    line = _one_line(*call_main(classify.main, [str(d), 'gpu=cpu'], capsys))
     assert str(d) in line and 'holds no image' in line, line
     assert 'not found' not in line, line
 
