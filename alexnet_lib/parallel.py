@@ -76,6 +76,77 @@ def _exit_text(returncode):
 # ---------------------------------------------------------------------------------------------
 # trainer side
 
+class SharedBuffers:
+    """The `prefetch` buffers the loader fills. On a GPU: CUDA tensors handed over as IPC
+    handles, each with an interprocess 'free' event (the trainer's work on it is done) and
+    'ready' event (the loader's copies into it are). On the CPU: anonymous shared-memory files
+    (memfd) passed to the loader as inherited file descriptors."""
+
+    def __init__(self, device, shape, prefetch):
+        import torch
+        self.device, self.cuda = device, device.type == 'cuda'
+        self.tensors, self.mmaps, self.fds = [], [], []
+        self.free_events = self.ready_events = None
+        if self.cuda:
+            with torch.cuda.device(device):
+                self.tensors = [torch.empty(shape, dtype=torch.uint8, device=device)
+                                for _ in range(prefetch)]
+                self.free_events, self.ready_events = (
+                    [torch.cuda.Event(interprocess=True) for _ in range(prefetch)]
+                    for _ in range(2))
+            return
+        nbytes = int(np.prod(shape))
+        for i in range(prefetch):
+            fd = os.memfd_create(f'proc_load_buf{i}')
+            self.fds.append(fd)
+            os.ftruncate(fd, nbytes)
+            mm = mmap.mmap(fd, nbytes)
+            self.mmaps.append(mm)
+            self.tensors.append(torch.from_numpy(
+                np.frombuffer(mm, np.uint8, nbytes).reshape(shape)))
+
+    def boot(self):
+        """What the loader's start-up line says of them."""
+        if not self.cuda:
+            return {'buffers': self.fds}
+        return {'buffers': [_ipc_handle(t) for t in self.tensors],
+                'free_events': [bytes(e.ipc_handle()).hex() for e in self.free_events],
+                'ready_events': [bytes(e.ipc_handle()).hex() for e in self.ready_events]}
+
+    def close_fds(self):
+        """Once the loader has its own copies of the files (the mappings stay)."""
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+    def take(self, buf, rows):
+        """The first `rows` images of buffer `buf`, which the loader has filled (on the GPU:
+        the current stream waits for its copies)."""
+        if self.cuda:
+            import torch
+            torch.cuda.current_stream(self.device).wait_event(self.ready_events[buf])
+        return self.tensors[buf][:rows]
+
+    def give_back(self, buf):
+        """On the GPU: the loader may overwrite `buf` once the work queued on it so far is done."""
+        if self.cuda:
+            import torch
+            self.free_events[buf].record(torch.cuda.current_stream(self.device))
+
+    def close(self):
+        self.close_fds()
+        self.tensors, self.free_events, self.ready_events = [], None, None
+        for mm in self.mmaps:
+            try:
+                mm.close()
+            except BufferError:   # a consumer still holds a tensor: freed when it is dropped
+                pass
+        self.mmaps = []
+        if self.cuda:
+            import torch
+            torch.cuda.ipc_collect()   # blocks the loader held through IPC, now released
+
+
 class ParallelLoader(BatchLoader):
     """Delivers batch-file rows into the trainer's memory from a loader process.
 
@@ -86,7 +157,6 @@ class ParallelLoader(BatchLoader):
 
     def __init__(self, device, max_rows, prefetch=2, timeout=60.0, chunk_rows=CHUNK_ROWS,
                  read_threads=READ_THREADS):
-        import torch
         from alexnet_lib.config import resolve_device
         self.device = resolve_device(device)
         if type(max_rows) is not int or max_rows < 1:
@@ -97,8 +167,7 @@ class ParallelLoader(BatchLoader):
         self.max_rows, self.prefetch, self.timeout = max_rows, prefetch, float(timeout)
         self.cuda = self.device.type == 'cuda'
         self.pid = self._proc = self._sock = self._ctx = self._stderr = None
-        self._buffers, self._mmaps, self._free = [], [], collections.deque(range(prefetch))
-        self._free_events = self._ready_events = None
+        self._buffers, self._free = None, collections.deque(range(prefetch))
         self._inbox = collections.deque()     # messages received, not yet handled
         self._seq = 0
         self._feed = None
@@ -114,43 +183,21 @@ class ParallelLoader(BatchLoader):
             self._sock.setsockopt(zmq.LINGER, 0)
             self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
             self._sock.bind(self.endpoint)
-            shape = (max_rows,) + IMAGE_SHAPE
+            self._buffers = SharedBuffers(self.device, (max_rows,) + IMAGE_SHAPE, prefetch)
             boot = {'endpoint': self.endpoint, 'parent_pid': os.getpid(),
                     'device': str(self.device), 'max_rows': max_rows,
-                    'chunk_rows': int(chunk_rows), 'read_threads': int(read_threads)}
-            fds = []
-            if self.cuda:
-                with torch.cuda.device(self.device):
-                    self._buffers = [torch.empty(shape, dtype=torch.uint8, device=self.device)
-                                     for _ in range(prefetch)]
-                    self._free_events, self._ready_events = (
-                        [torch.cuda.Event(interprocess=True) for _ in range(prefetch)]
-                        for _ in range(2))
-                boot['buffers'] = [_ipc_handle(t) for t in self._buffers]
-                boot['free_events'] = [bytes(e.ipc_handle()).hex() for e in self._free_events]
-                boot['ready_events'] = [bytes(e.ipc_handle()).hex() for e in self._ready_events]
-            else:
-                nbytes = int(np.prod(shape))
-                for i in range(prefetch):
-                    fd = os.memfd_create(f'proc_load_buf{i}')
-                    fds.append(fd)
-                    os.ftruncate(fd, nbytes)
-                    mm = mmap.mmap(fd, nbytes)
-                    self._mmaps.append(mm)
-                    self._buffers.append(torch.from_numpy(
-                        np.frombuffer(mm, np.uint8, nbytes).reshape(shape)))
-                boot['buffers'] = fds
+                    'chunk_rows': int(chunk_rows), 'read_threads': int(read_threads),
+                    **self._buffers.boot()}
             self._stderr = tempfile.TemporaryFile()
             try:
                 # a session of its own: a terminal's Ctrl-C (SIGINT to the foreground process
                 # group) reaches the trainer only, which stops the loader as it unwinds
                 self._proc = subprocess.Popen([sys.executable, LOADER_SCRIPT],
                                               stdin=subprocess.PIPE, stderr=self._stderr,
-                                              pass_fds=fds, close_fds=True,
+                                              pass_fds=self._buffers.fds, close_fds=True,
                                               start_new_session=True)
             finally:
-                for fd in fds:      # the loader has its own copies now; the mmaps stay
-                    os.close(fd)
+                self._buffers.close_fds()   # the loader has its own copies now
             self.pid = self._proc.pid
             try:
                 self._proc.stdin.write((json.dumps(boot) + '\n').encode())
@@ -244,12 +291,7 @@ class ParallelLoader(BatchLoader):
         return self._broken
 
     def _stderr_tail(self):
-        try:
-            size = os.fstat(self._stderr.fileno()).st_size
-            data = os.pread(self._stderr.fileno(), STDERR_TAIL, max(0, size - STDERR_TAIL))
-            return data.decode('utf-8', 'replace').strip()
-        except (AttributeError, OSError, ValueError):
-            return ''
+        return _file_tail(self._stderr)
 
     # -- delivery ----------------------------------------------------------------------------------
     def feed(self, requests):
@@ -279,17 +321,13 @@ class ParallelLoader(BatchLoader):
         """The first `rows` images of buffer `buf` once load `seq` is in it (on the GPU: the
         current stream waits for it)."""
         self._wait('ready', seq, what)
-        if self.cuda:
-            import torch
-            torch.cuda.current_stream(self.device).wait_event(self._ready_events[buf])
-        return self._buffers[buf][:rows]
+        return self._buffers.take(buf, rows)
 
     def free_buffer(self, buf, after_gpu_work=True):
         """Buffer `buf` may be loaded again (on the GPU: once the work queued on it so far is
         done)."""
-        if self.cuda and after_gpu_work:
-            import torch
-            self._free_events[buf].record(torch.cuda.current_stream(self.device))
+        if after_gpu_work:
+            self._buffers.give_back(buf)
         self._free.append(buf)
 
     def abandon(self, seq, buf, request):
@@ -322,23 +360,7 @@ class ParallelLoader(BatchLoader):
         """Stops the loader process (bounded waits, then SIGTERM, then SIGKILL) and the socket."""
         proc = self._proc
         if proc is not None:
-            if proc.poll() is None and self._sock is not None:
-                try:
-                    self._sock.send(b'{"type": "stop"}', zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
-            try:
-                proc.stdin.close()        # EOF: a second reason for the loader to go
-            except OSError:
-                pass
-            for stop in (None, proc.terminate, proc.kill):
-                if stop is not None and proc.poll() is None:
-                    stop()
-                try:
-                    proc.wait(STOP_WAIT_S if stop is None else 2.0)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+            _stop(proc, self._sock)
             tail = self._stderr_tail() if forward_stderr else ''
             if tail:
                 print(f"proc_load: loader process (pid {self.pid}) stderr:\n{tail}",
@@ -360,17 +382,8 @@ class ParallelLoader(BatchLoader):
             self._feed.close(wait=False)
         self._closed = True
         self._shutdown()
-        self._buffers = []
-        self._free_events = self._ready_events = None
-        for mm in self._mmaps:
-            try:
-                mm.close()
-            except BufferError:   # a consumer still holds a tensor: freed when it is dropped
-                pass
-        self._mmaps = []
-        if self.cuda:
-            import torch
-            torch.cuda.ipc_collect()   # blocks the loader held through IPC, now released
+        if self._buffers is not None:
+            self._buffers.close()
 
 class Feed:
     """The requests of one pass (an epoch's steps, a validation), loaded ahead into the
@@ -454,6 +467,38 @@ class Feed:
         # an exception on its way out (KeyboardInterrupt, a LoaderError, ...) is not held up
         # by, nor replaced with, what the loader does meanwhile
         self.close(wait=exc_type is None)
+
+
+def _stop(proc, sock):
+    """Stops the loader process: 'stop' and the end of its stdin, then bounded waits, SIGTERM,
+    SIGKILL."""
+    if proc.poll() is None and sock is not None:
+        try:
+            sock.send(b'{"type": "stop"}', zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+    try:
+        proc.stdin.close()        # EOF: a second reason for the loader to go
+    except OSError:
+        pass
+    for stop in (None, proc.terminate, proc.kill):
+        if stop is not None and proc.poll() is None:
+            stop()
+        try:
+            proc.wait(STOP_WAIT_S if stop is None else 2.0)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _file_tail(f):
+    """The last STDERR_TAIL bytes of a file, as text ('' when it cannot be read)."""
+    try:
+        size = os.fstat(f.fileno()).st_size
+        data = os.pread(f.fileno(), STDERR_TAIL, max(0, size - STDERR_TAIL))
+        return data.decode('utf-8', 'replace').strip()
+    except (AttributeError, OSError, ValueError):
+        return ''
 
 
 def _ipc_handle(t):

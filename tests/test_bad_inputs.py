@@ -479,6 +479,8 @@ ELSEWHERE = [
     ('tests/test_run_folder.py', 'test_validation_refuses_data_other_than_the_runs'),
     ('tests/test_run_folder.py', 'test_resume_auto_resumes_the_latest_snapshot_or_starts_afresh'),
     ('tests/test_run_folder.py', 'test_one_yaml_drives_both_training_scripts'),
+    ('tests/test_run_folder.py',
+     'test_the_start_block_says_what_was_merged_and_where_the_run_writes'),
     ('tests/test_preprocessing.py',
      'test_every_image_format_is_taken_and_a_folder_in_a_class_folder_stops'),
     ('tests/test_preprocessing.py',
@@ -760,6 +762,12 @@ ELSEWHERE_TEXT = [
     'resume_train=True load_epoch=2)` (exit 0)',
     'a yaml with `gpu:` given to train_2gpu.py: `notice: gpu (in …/mine.yaml) ignored: '
     'train_2gpu.py takes its devices from gpus (or gpu0 and gpu1)`, and the run trains',
+    'where a run writes, and how much: the start block names the config files merged and why '
+    '(`config: …/config.yaml (the defaults); …/config.yaml (found in the current folder); '
+    '…/mine.yaml (named); the command line (key=value)`), the data folders, `weights_dir: '
+    '…/runs/first (set in …/mine.yaml, relative to its folder): a new run` and `a snapshot '
+    'takes 465 MiB; this run keeps up to 4 (1.8 GiB; keep_snapshots: 3, the last ones and the '
+    'best)`',
     'other files beside the images of a class folder: `notice: train_img_dir …/train: 2 files '
     'not named as an image (.jpeg, .jpg, .png, .bmp, .webp, ... in any case) are left out, e.g. '
     'README.txt` (a folder there stops the run: see the preprocessing rows)',

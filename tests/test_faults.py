@@ -171,12 +171,15 @@ def ref2(data, tmp_path_factory):
 
 
 def resume_and_compare(script, args_fn, data, wd, ref, last):
-    """Resume from snapshot `last` (None: start again) and check that the run ends with the
-    uninterrupted run's final snapshot and validation record."""
-    extra = [] if last is None else ['resume_train=True', f'load_epoch={last}']
-    run = finished(script, args_fn(data, wd, *extra))
+    """Start the run again as a restarted job does, with resume_train=auto: from snapshot
+    `last`, or afresh (replacing what the killed run left) when it wrote none (`last` None);
+    check that the run ends with the uninterrupted run's final snapshot and validation
+    record."""
+    run = finished(script, args_fn(data, wd, 'resume_train=auto'))
     if last is not None:
         assert f'resumed from snapshot {last}' in run.text
+    else:
+        assert 'a new run (resume_train: auto found no snapshot)' in run.text
     assert_same_snapshot(wd, ref, N_EPOCHS)
     assert not temporaries(wd), f"temporary files left in {wd}: {temporaries(wd)}"
     assert np.array_equal(np.load(os.path.join(wd, 'val_record.npy')),
