@@ -3,6 +3,7 @@
 # pyproject.toml) and runs the CPU test suite; arguments go to pytest:
 #   bash run_tests.sh                           # what CI runs
 #   bash run_tests.sh tests/test_train.py -x    # one file, stop at the first failure
+#   python3 -m pytest -m "not slow"             # the fast tier: every module, under 2 minutes
 # GPU tests: python3 -m pytest -m gpu   (on a machine with CUDA GPUs)
 case "${1:-}" in -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
 set -euo pipefail

@@ -116,3 +116,15 @@ def private_tmpdir(tmp_path_factory):
             pytest.fail(f"the test session left {len(left)} private folder(s) of loaders or "
                         f"launchers behind in its TMPDIR {base}: {', '.join(left)}",
                         pytrace=False)
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests are skipped, saying why, where no CUDA GPU is visible: `python -m pytest -m
+    "not slow"` (the fast tier) then runs on any machine, as the default does."""
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason='needs a CUDA GPU (none is visible)')
+    for item in items:
+        if 'gpu' in item.keywords or 'multigpu' in item.keywords:
+            item.add_marker(skip)

@@ -41,6 +41,7 @@ def test_forward_shapes():
     assert y.shape == (2, 1000)
 
 
+@pytest.mark.slow
 def test_init_is_the_original_draw_sequence():
     a = original_init()
     rng = np.random.RandomState(23455)
@@ -85,6 +86,7 @@ def test_pool_by_codes_is_torch_max_pool(shape, channels_last):
     assert torch.equal(x1.grad, x2.grad)
 
 
+@pytest.mark.slow
 def test_compiled_max_pool_is_torch_max_pool():
     """Compiled, max_pool is MaxPoolByCodes; the same values and gradients as eager."""
     g = torch.Generator().manual_seed(3)
@@ -188,6 +190,7 @@ def np_alexnet_test(x, P):
     return e / e.sum()
 
 
+@pytest.mark.slow
 def test_original_parameters_give_the_original_function(tmp_path):
     rng = np.random.RandomState(7)
     P = {}
@@ -208,6 +211,7 @@ def test_original_parameters_give_the_original_function(tmp_path):
         np.testing.assert_allclose(got[i], want, rtol=2e-3, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_snapshot_round_trip(tmp_path):
     net = AlexNet('cpu')
     with torch.no_grad():
@@ -263,3 +267,15 @@ def test_learning_rate_policies():
     assert adjust_learning_rate(cfg, 5, 0.01, [0.5, 0.5, 0.5]) == 0.01      # not before epoch 6
     assert adjust_learning_rate(cfg, 6, 0.01, [0.5, 0.499, 0.495]) == pytest.approx(0.001)
     assert adjust_learning_rate(cfg, 6, 0.01, [0.5, 0.45, 0.40]) == 0.01
+
+
+def test_benchs_plain_peer_is_this_network():
+    """bench.py's peer, this network written plainly with torch.nn, has this network's
+    parameters, layer by layer (a fair comparison of speed)."""
+    import bench
+    from alex_net import LAYERS
+    plain = [m for m in bench.plain_alexnet() if isinstance(m, (torch.nn.Conv2d,
+                                                                   torch.nn.Linear))]
+    assert len(plain) == len(LAYERS)
+    for i, m in enumerate(plain):
+        assert m.weight.numel() + m.bias.numel() == sum(p.size for p in PARAMS if p.layer == i)

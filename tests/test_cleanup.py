@@ -25,6 +25,8 @@ import pytest
 from conftest import PRIVATE_FOLDERS, default_sigint, make_dataset
 from processes import Proc, assert_nothing_left, assert_sigkill_leaves_nothing, cmdline, stop_runs
 
+pytestmark = pytest.mark.slow   # real training runs: the full suite, not the fast tier
+
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
@@ -139,9 +141,8 @@ def assert_interrupted(run, rc, last_line):
 # ---------------------------------------------------------------------------------------------
 # Ctrl-C
 
-@pytest.mark.parametrize('para_load,delay,presses', [(True, 0.0, 1), (True, 0.3, 1),
-                                                     (True, 0.0, 2), (False, 0.0, 1),
-                                                     (False, 0.3, 1)])
+@pytest.mark.parametrize('para_load,delay,presses', [(True, 0.0, 1), (True, 0.3, 2),
+                                                     (False, 0.0, 1)])
 def test_ctrl_c_of_train_is_interrupted_with_and_without_the_loader(data, tmp_path,
                                                                     para_load, delay, presses):
     """Ctrl-C (SIGINT to the process group: the trainer and, were it in the group, its loader)

@@ -252,6 +252,7 @@ def cpu_runs(tmp_path_factory):
                 one_params=np.load(d / 'one.npy', allow_pickle=False))
 
 
+@pytest.mark.slow
 def test_default_run_learns_the_embedded_digits(cpu_runs):
     out, result = cpu_runs['two_out'], cpu_runs['two']
     assert 'embedded scikit-learn digits' in out and 'batch size 100' in out
@@ -263,6 +264,7 @@ def test_default_run_learns_the_embedded_digits(cpu_runs):
     assert result['epochs_per_s'] > 0
 
 
+@pytest.mark.slow
 def test_two_processes_match_the_averaged_update_of_each_pair(cpu_runs):
     two, one = cpu_runs['two_params'], cpu_runs['one_params']
     assert two.shape == one.shape == (784 * 500 + 500 + 500 * 10 + 10,)

@@ -218,6 +218,7 @@ def _w_average(rank, world, kinds, device_type, expect_kinds, port):
             ex.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('world', [2, 3])
 def test_host_and_gloo_average_exactly(world):
     segments_before = _shm_segments()
@@ -408,6 +409,7 @@ def _w_peer_fails(rank, world, rdv, out_dir, kind, mode, timeout):
     ex.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind,mode,world', [('host', 'killed', 3), ('gloo', 'stuck', 2)])
 def test_failed_peer_gives_clear_error_and_no_orphans(tmp_path, kind, mode, world):
     timeout = 4.0

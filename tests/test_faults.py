@@ -33,6 +33,8 @@ from processes import (Proc, assert_nothing_left, assert_sigkill_leaves_nothing,
                        proc_stat, stop_runs)
 from processes import alive, descendants  # noqa: F401 (test_soak/test_security import them here)
 
+pytestmark = pytest.mark.slow   # real training runs: the full suite, not the fast tier
+
 SEED = int(os.environ.get('FAULT_SEED') or random.SystemRandom().randrange(10 ** 6))
 
 

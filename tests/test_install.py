@@ -34,6 +34,7 @@ def checkout_b(tmp_path_factory):
     return b
 
 
+@pytest.mark.slow
 def test_scripts_of_a_second_checkout_run_that_checkout(checkout_b, tmp_path):
     """This Python has this checkout installed (editable); the scripts in the second checkout's
     subfolders import the second checkout's alexnet_lib and alex_net and read its paths.yaml."""
@@ -117,6 +118,7 @@ def wheel(tmp_path_factory):
     return whl
 
 
+@pytest.mark.slow
 def test_the_wheel_holds_no_top_level_module_but_alexnet_lib(wheel):
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()

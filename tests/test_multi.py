@@ -13,6 +13,8 @@ import alex_net
 from alex_net import PARAMS
 from conftest import assert_same_change, make_dataset
 
+pytestmark = pytest.mark.slow   # real training runs: the full suite, not the fast tier
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ['n_epochs=1', 'print_freq=1', 'para_load=False', 'lr_step=[5]']
 

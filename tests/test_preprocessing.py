@@ -136,6 +136,7 @@ def done(tmp_path_factory):
     return tree, paths, yaml_path, result
 
 
+@pytest.mark.slow
 def test_paths_resolve_against_the_yaml_folder(done):
     tree, paths, _, _ = done
     out = os.path.join(os.path.dirname(tree.root), 'out')
@@ -156,6 +157,7 @@ def test_training_order_is_sorted_then_shuffled_with_seed_1(done):
     assert saved.tolist() == expected.tolist()
 
 
+@pytest.mark.slow
 def test_every_training_image_is_in_its_batch_row(done):
     tree, paths, _, _ = done
     order = np.load(os.path.join(paths['misc_dir'], 'shuffled_train_filenames.npy'),
@@ -211,6 +213,7 @@ def test_caffe_style_lists(done):
         assert f.read().splitlines() == [f'{w} words of {w}' for w in WNIDS]
 
 
+@pytest.mark.slow
 def test_mean_image_is_the_mean_of_the_training_batches(done):
     _, paths, _, _ = done
     mean = np.load(os.path.join(paths['misc_dir'], 'img_mean.npy'), allow_pickle=False)
@@ -291,6 +294,7 @@ def test_stale_batches_beyond_the_run_are_refused(done):
         os.unlink(extra)
 
 
+@pytest.mark.slow
 def test_ctrl_c_then_rerun_finishes_the_same_batches(tmp_path):
     tree = build_tree(tmp_path / 'imagenet', per_class=(400, 300, 330), n_val=10, quirks=False)
     yaml_path = tree.write_paths_yaml(tmp_path / 'paths.yaml', tmp_path / 'out')
@@ -380,6 +384,7 @@ def test_a_truncated_image_stops_the_run_naming_the_file(bad_tree):
     assert result.returncode != 0 and bad_train in result.stderr
 
 
+@pytest.mark.slow
 def test_skip_bad_leaves_images_out_of_batches_and_labels(bad_tree):
     tree, yaml_path, bad_train, bad_val, paths = bad_tree
     result = ok(run(['generate_data.sh', yaml_path, '--skip-bad', '--workers', '2'], REPO))
@@ -486,6 +491,7 @@ def test_make_labels_before_make_hkl_says_what_to_run(small_tree):
 
 # ---------------------------------------------------------------- the two devkits
 
+@pytest.mark.slow
 @pytest.mark.parametrize('devkit', sorted(DEVKITS))
 def test_each_devkit_layout_end_to_end(tmp_path, devkit):
     """Either devkit's files give the same labels: the index of the WNID among the sorted
@@ -642,6 +648,7 @@ def test_load_image_256_converts_and_refuses(tmp_path):
 
 # ---------------------------------------------------------------- the embedded toy tree
 
+@pytest.mark.slow
 def test_toy_imagenet_tree_and_generate_toy_data(tmp_path):
     out = tmp_path / 'toy_imagenet'
     ok(run(['make_toy_imagenet.py', str(out)], tmp_path))
@@ -712,6 +719,7 @@ def test_default_paths_yaml_points_at_the_quickstart_toy_data():
 
 # ---------------------------------------------------------------- toy and full records
 
+@pytest.mark.slow
 def test_a_toy_run_records_and_labels_its_subset_and_a_mix_with_a_full_run_is_refused(tmp_path):
     """2600 training images: the toy run takes the first 2560 of the order (10 batches), the
     full run all 2600 (the same 10 batches, 40 dropped). Each run's four folders carry its own
@@ -782,6 +790,7 @@ def test_the_image_suffixes_are_formats_pil_reads(tmp_path):
         np.testing.assert_array_equal(load_image_256(path), expected)
 
 
+@pytest.mark.slow
 def test_every_image_format_is_taken_and_a_folder_in_a_class_folder_stops(tmp_path):
     """.bmp, .webp and .Jpg images are preprocessed like the JPEGs; a folder inside a class
     folder or inside val_img_dir stops the run naming it; other files are counted in one
@@ -893,6 +902,7 @@ def size_limited(limit, ignore_sigxfsz=True):
     ('make_hkl.py', 1 << 20, 'train_hkl_b256_b_256/0000.hkl', False),
     ('make_labels.py', 1000, 'labels/train_labels.npy', True),
 ])
+@pytest.mark.slow
 def test_a_file_size_limit_is_one_line_naming_the_file(tmp_path, script, limit, culprit,
                                                         ignore_sigxfsz):
     tree = build_tree(tmp_path / 'imagenet', per_class=(100, 100, 100), n_val=10, quirks=False)

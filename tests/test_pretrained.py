@@ -120,6 +120,7 @@ def imported(release, tmp_path_factory):
     return wd, r.stdout
 
 
+@pytest.mark.slow
 def test_import_gives_snapshot_65(release, imported, capsys):
     _, params, mean = release
     wd, out = imported
@@ -141,6 +142,7 @@ def test_import_gives_snapshot_65(release, imported, capsys):
     assert import_in_process(capsys, release[0], wd, '--skip-checksum')[0] == 0
 
 
+@pytest.mark.slow
 def test_import_with_momentum_and_lr_at_top_level(tmp_path, capsys):
     params = generated_params(seed=2)
     files = release_files(params)
@@ -157,6 +159,7 @@ def test_import_with_momentum_and_lr_at_top_level(tmp_path, capsys):
     assert all(np.array_equal(a, m) for a, m in zip(net.momentum_to_original(), mom))
 
 
+@pytest.mark.slow
 def test_wrong_checksum_is_refused(tmp_path):
     zip_path = write_zip(tmp_path / 'parameters_releasing.zip',
                          {'W_0_65.npy': np.zeros(3, np.float32)})
@@ -222,6 +225,7 @@ def test_foreign_weights_dir_is_refused(release, tmp_path, capsys):
     assert code == 1 and 'metrics.csv' in err and 'new or empty folder' in err
 
 
+@pytest.mark.slow
 def test_resume_from_imported_snapshot(imported, tmp_path):
     """train.py resume_train=True load_epoch=65 with the released run's config: one epoch."""
     wd = str(tmp_path / 'weights')
@@ -254,6 +258,7 @@ def write_images(d):
     return [str(d / 'a.png'), str(d / 'b.jpg')]
 
 
+@pytest.mark.slow
 def test_classify_equals_validation_forward(release, imported, tmp_path):
     wd = imported[0]
     misc = tmp_path / 'misc'
@@ -304,6 +309,7 @@ def test_classify_equals_validation_forward(release, imported, tmp_path):
                                  rel=1e-4)
 
 
+@pytest.mark.slow
 def test_classify_names_from_devkit_and_errors(imported, tmp_path, capsys):
     import classify
     rng = np.random.default_rng(4)

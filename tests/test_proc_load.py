@@ -141,6 +141,7 @@ def test_delivers_requested_rows_in_order_like_serial(dataset, prefetch):
     assert_no_loader_left(pid)
 
 
+@pytest.mark.slow
 def test_item_is_not_overwritten_while_held(dataset):
     """The loader runs ahead, but never into the buffer the consumer still holds."""
     files, _ = dataset
@@ -152,6 +153,7 @@ def test_item_is_not_overwritten_while_held(dataset):
             assert torch.equal(x, want[i]), f"item {i} changed while the consumer held it"
 
 
+@pytest.mark.slow
 def test_abandoned_iteration_then_new_one(dataset):
     files, _ = dataset
     reqs = [(f, 0, B) for f in files]
@@ -201,6 +203,7 @@ def test_script_help():
     assert r.returncode == 0 and 'Loader process' in r.stdout
 
 
+@pytest.mark.slow
 def test_script_without_startup_line_exits():
     r = subprocess.run([sys.executable, PROC_LOAD, '--boot-timeout', '0.5'], stdin=subprocess.PIPE,
                        capture_output=True, text=True, timeout=30)
@@ -210,6 +213,7 @@ def test_script_without_startup_line_exits():
 # ---------------------------------------------------------------------------------------------
 # trust
 
+@pytest.mark.slow
 def test_a_second_peer_on_the_socket_is_not_heard(dataset):
     """The loader's socket is a PAIR in a 0700 folder: another process of this user that
     connects to it anyway and sends forged answers, garbage and an oversized message is not
@@ -251,6 +255,7 @@ def test_a_second_peer_on_the_socket_is_not_heard(dataset):
 # ---------------------------------------------------------------------------------------------
 # failures
 
+@pytest.mark.slow
 def test_sigkill_of_loader_mid_epoch_raises_and_leaves_nothing(dataset):
     files, _ = dataset
     reqs = [(f, 0, B) for f in files] * 10
@@ -278,6 +283,7 @@ def test_sigkill_of_loader_mid_epoch_raises_and_leaves_nothing(dataset):
     assert_no_loader_left(pid)
 
 
+@pytest.mark.slow
 def test_loader_ignores_sigterm_and_ends_with_its_trainer(dataset):
     """A preempted job gets SIGTERM everywhere: the loader keeps serving so the trainer can
     finish its step and write a snapshot; it ends when the trainer closes it."""
@@ -291,6 +297,7 @@ def test_loader_ignores_sigterm_and_ends_with_its_trainer(dataset):
     assert_no_loader_left(pid)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['truncated', 'missing', 'not_hdf5'])
 def test_bad_batch_file_is_reported_by_name(dataset, tmp_path, kind):
     files, _ = dataset
@@ -318,6 +325,7 @@ def test_bad_batch_file_is_reported_by_name(dataset, tmp_path, kind):
     loader.close()
 
 
+@pytest.mark.slow
 def test_dead_trainer_makes_loader_exit(dataset):
     """A trainer killed by SIGKILL: its loader exits within seconds and removes the trainer's
     socket folder."""
@@ -354,6 +362,7 @@ class Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_a_feed_left_by_an_exception_neither_waits_nor_reports(dataset):
     """An exception leaving a feed (a Ctrl-C, an error of the step) goes on its way at once,
     unchanged, whatever the loader does; the loads it left in flight are collected by the next
@@ -387,6 +396,7 @@ def test_a_feed_left_by_an_exception_neither_waits_nor_reports(dataset):
     assert not os.path.exists(socket_folder(loader.endpoint))
 
 
+@pytest.mark.slow
 def test_a_loader_interrupted_alone_is_an_error(dataset):
     """SIGINT to the loader only (the trainer is not interrupted): a LoaderError that says so,
     naming what was being loaded."""
@@ -404,6 +414,7 @@ def test_a_loader_interrupted_alone_is_an_error(dataset):
     assert_no_loader_left(pid)
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_trainer_and_loader(dataset):
     """SIGINT to the whole process group, as a terminal's Ctrl-C does, mid-epoch: the trainer
     ends with its KeyboardInterrupt (not with a LoaderError about the loader), the loader and

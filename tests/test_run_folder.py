@@ -55,6 +55,7 @@ def two_outputs(tmp_path_factory):
 
 # -- the data belongs together -----------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize('key', ['label_folder', 'mean_file', 'val_folder'])
 def test_data_of_another_preprocessing_output_is_refused_before_a_step(two_outputs, tmp_path,
                                                                        key):
@@ -71,28 +72,38 @@ def test_data_of_another_preprocessing_output_is_refused_before_a_step(two_outpu
     assert not os.path.exists(tmp_path / 'w')       # nothing written before the data is good
 
 
-def test_a_run_on_one_output_says_so_and_data_without_a_record_is_a_notice(two_outputs,
+@pytest.fixture(scope='module')
+def run_on_one(two_outputs, tmp_path_factory):
+    """A run of one epoch on the first output: (weights_dir, train.py's result)."""
+    one, _ = two_outputs
+    wd = tmp_path_factory.mktemp('run_on_one')
+    return wd, script('train.py', *one, *FAST, f'weights_dir={wd}')
+
+
+@pytest.mark.slow
+def test_a_run_on_one_output_says_so_and_data_without_a_record_is_a_notice(run_on_one,
                                                                            small_dataset,
                                                                            tmp_path):
-    one, _ = two_outputs
-    r = script('train.py', *one, *FAST, f'weights_dir={tmp_path}/a')
+    wd, r = run_on_one
     assert r.returncode == 0, r.stderr
     assert 'one preprocessing output: 8 training, 5 validation images' in r.stdout
-    trained_on = json.loads((tmp_path / 'a' / 'trained_on.json').read_text())
-    assert trained_on['train_images'] == 8
-    r = script('train.py', *small_dataset, *FAST, f'weights_dir={tmp_path}/b')
+    assert json.loads((wd / 'trained_on.json').read_text())['train_images'] == 8
+    # no snapshot needed here: the block is printed before the first step
+    r = script('train.py', *small_dataset, *FAST, 'snapshot_freq=5', f'weights_dir={tmp_path}')
     assert r.returncode == 0, r.stderr
     assert 'notice: these data folders carry no preprocessing record' in r.stdout
 
 
-def test_validation_refuses_data_other_than_the_runs(two_outputs, tmp_path):
-    one, two = two_outputs
-    assert script('train.py', *one, *FAST, f'weights_dir={tmp_path}').returncode == 0
-    r = script('validate.py', *two, 'gpu=cpu', 'batch_size=8', f'weights_dir={tmp_path}',
+@pytest.mark.slow
+def test_validation_refuses_data_other_than_the_runs(two_outputs, run_on_one):
+    _, two = two_outputs
+    wd, _ = run_on_one
+    r = script('validate.py', *two, 'gpu=cpu', 'batch_size=8', f'weights_dir={wd}',
                'load_epoch=1')
     assert r.returncode == 2 and 'trained on another preprocessing output' in last_line(r)
 
 
+@pytest.mark.slow
 def test_label_files_longer_than_the_rule_allows_are_refused(tmp_path):
     """60 validation images in one partial file: nothing was dropped, so no extra label."""
     data = make_dataset(str(tmp_path / 'd'), n_train_files=1, file_rows=8, val_sizes=(60,))
@@ -112,6 +123,7 @@ def test_unset_data_keys_are_named():
 
 # -- weights_dir -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_weights_dir_that_is_a_file_is_one_line_at_once(small_dataset, tmp_path):
     f = tmp_path / 'afile'
     f.write_text('x')
@@ -123,6 +135,7 @@ def test_weights_dir_that_is_a_file_is_one_line_at_once(small_dataset, tmp_path)
                             f"folder; choose another weights_dir")
 
 
+@pytest.mark.slow
 def test_weights_dir_on_a_read_only_mount_is_one_line_at_once(small_dataset, tmp_path):
     ro = tmp_path / 'ro'
     ro.mkdir()
@@ -150,6 +163,7 @@ def complete_snapshot(wd, epoch, n_classes=1000):
     save_array(os.path.join(wd, 'val_record.npy'), np.full((epoch, 2), 0.5, np.float32))
 
 
+@pytest.mark.slow
 def test_a_folder_of_another_run_is_refused_and_overwrite_replaces_it(small_dataset, tmp_path):
     complete_snapshot(tmp_path, 1)
     (tmp_path / 'metrics.csv').write_text('epoch\n1\n')
@@ -167,6 +181,7 @@ def test_a_folder_of_another_run_is_refused_and_overwrite_replaces_it(small_data
     assert (tmp_path / 'metrics.csv').read_text().count('\n') == 2     # header + its epoch
 
 
+@pytest.mark.slow
 def test_resume_auto_resumes_the_latest_snapshot_or_starts_afresh(small_dataset, tmp_path):
     r = script('train.py', *small_dataset, *FAST, f'weights_dir={tmp_path}',
                'resume_train=auto')
@@ -185,6 +200,7 @@ def test_resume_auto_resumes_the_latest_snapshot_or_starts_afresh(small_dataset,
         f"train more, raise n_epochs (n_epochs=12 resume_train=True load_epoch=2)")
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_live_runs_folder_is_refused(small_dataset, tmp_path):
     wd = tmp_path / 'w'
     first = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), *small_dataset,
@@ -208,6 +224,7 @@ def test_a_second_run_into_a_live_runs_folder_is_refused(small_dataset, tmp_path
     assert not (wd / '.run.lock').exists()
 
 
+@pytest.mark.slow
 def test_the_start_block_says_what_was_merged_and_where_the_run_writes(small_dataset,
                                                                        tmp_path):
     here = tmp_path / 'project'
@@ -237,6 +254,7 @@ def test_the_start_block_says_what_was_merged_and_where_the_run_writes(small_dat
     assert "a snapshot takes 465 MiB; this run keeps up to 4 (1.8 GiB; keep_snapshots: 3" in block
 
 
+@pytest.mark.slow
 def test_another_projects_config_yaml_is_named_with_where_it_was_found(tmp_path):
     (tmp_path / 'config.yaml').write_text('learning_rat: 0.1\n')
     r = script('train.py', cwd=str(tmp_path), timeout=60)
@@ -247,6 +265,7 @@ def test_another_projects_config_yaml_is_named_with_where_it_was_found(tmp_path)
 
 # -- one yaml, both scripts; smaller checks ----------------------------------------------------
 
+@pytest.mark.slow
 def test_one_yaml_drives_both_training_scripts(small_dataset, tmp_path, capsys):
     mine = tmp_path / 'mine.yaml'
     mine.write_text('gpu: cpu\nbatch_size: 4\n' + ''.join(f'{a.replace("=", ": ", 1)}\n'
@@ -278,9 +297,16 @@ def test_values_that_make_no_sense_are_refused(word, says):
 
 
 def test_keep_snapshots_keeps_the_last_and_the_best(tmp_path):
-    from alexnet_lib.snapshot import complete_snapshots, prune_snapshots
+    """Every file of a snapshot, by name (small arrays stand for the 465 MiB of each)."""
+    from alex_net import PARAMS
+    from alexnet_lib.snapshot import (complete_snapshots, lr_file, mom_file, param_file,
+                                      prune_snapshots, save_array)
     for e in range(1, 6):
-        complete_snapshot(tmp_path, e)
+        for k, p in enumerate(PARAMS):
+            save_array(param_file(str(tmp_path), p.name, e), np.zeros(2, np.float32))
+            save_array(mom_file(str(tmp_path), k, e), np.zeros(2, np.float32))
+        save_array(lr_file(str(tmp_path), e), np.float32(0.01))
+    save_array(os.path.join(tmp_path, 'val_record.npy'), np.full((5, 2), 0.5, np.float32))
     prune_snapshots(str(tmp_path), 2, [0.5, 0.2, 0.6, 0.7, 0.8])
     assert complete_snapshots(str(tmp_path)) == [2, 4, 5]
     assert sorted(os.listdir(tmp_path)) == sorted(
@@ -290,6 +316,7 @@ def test_keep_snapshots_keeps_the_last_and_the_best(tmp_path):
 
 # -- a 3-class run -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_three_class_run_trains_validates_and_classifies(tmp_path):
     data = make_dataset(str(tmp_path / 'd'), n_train_files=1, file_rows=8, val_sizes=(6,))
     labels = opts(data)['label_folder']

@@ -34,6 +34,7 @@ def helps():
         return {k: j.result() for k, j in jobs.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('script', SCRIPTS)
 def test_every_script_answers_help(helps, script):
     for flag in ('-h', '--help'):
@@ -68,6 +69,7 @@ def test_every_python_script_in_the_repository_is_checked():
     assert not missing, f"scripts not in SCRIPTS: {missing}"
 
 
+@pytest.mark.slow
 def test_profile_step_says_how_to_run_it(helps):
     out = helps['bench/profile_step.py', '--help'].stdout
     assert 'bench_results/profile_step.py' not in out, out
@@ -124,6 +126,7 @@ val_folder: /scratch/ilsvrc12/val_hkl_b256_b_128/
 """
 
 
+@pytest.mark.slow
 def test_the_originals_config_files_give_one_line_from_both_scripts(tmp_path):
     for name, text in (('config.yaml', ORIGINAL_CONFIG), ('spec_1gpu.yaml', ORIGINAL_SPEC_1GPU),
                        ('spec_2gpu.yaml', ORIGINAL_SPEC_2GPU)):

@@ -22,6 +22,7 @@ import socket
 import stat
 import subprocess
 
+import pytest
 import zmq
 
 from conftest import make_dataset
@@ -91,6 +92,7 @@ def socket_inodes(pid):
     return out
 
 
+@pytest.mark.slow
 def test_a_live_run_uses_loopback_only_and_ignores_a_stranger(tmp_path):
     data = make_dataset(str(tmp_path / 'data'), n_train_files=1, file_rows=4, val_sizes=(2,))
     run = Proc('train_2gpu.py', [*data, 'gpu0=cpu', 'gpu1=cpu', 'exchange=host',

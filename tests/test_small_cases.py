@@ -109,6 +109,7 @@ def snapshot(tmp_path_factory):
             'precision=fp32', 'batch_size=2']
 
 
+@pytest.mark.slow
 def test_classify_a_folder_of_images(tmp_path, snapshot):
     import json
     d = tmp_path / 'photos'

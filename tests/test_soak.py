@@ -13,6 +13,8 @@ import pytest
 from conftest import make_dataset
 from test_faults import Proc, alive, assert_ended_cleanly, cmdline, proc_stat
 
+pytestmark = pytest.mark.slow   # real training runs: the full suite, not the fast tier
+
 EPOCHS = 8
 STEPS = 2                 # per epoch: 4 images, 2 replicas x 1
 WARM_UP = 2               # epochs not compared
