@@ -8,7 +8,7 @@ from alex_net import AlexNet, N_PARAMS, N_WEIGHTS, PARAMS, original_init
 import torch.nn.functional as F
 
 from layers import MaxPoolByCodes, conv_by_blocks, conv_pool_relu, lrn, max_pool
-from alexnet_lib.sgd import adjust_learning_rate, sgd_update_
+from alexnet_lib.sgd import adjust_learning_rate, sgd_step_, sgd_update_
 from alexnet_lib.snapshot import load_snapshot, save_snapshot
 
 torch.set_num_threads(2)
@@ -254,6 +254,33 @@ def test_update_step_against_hand_arithmetic(mode):
     if mode == 'momentum':
         assert mom[0].item() == pytest.approx(0.0079975, abs=1e-7)
         assert params[3].item() == pytest.approx(0.3 + (0.9 * -0.04 - 0.02 * 0.4), abs=1e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('mode', ['momentum', 'nesterov', 'none'])
+def test_fused_update_is_the_rule(mode):
+    """The one-pass Triton update equals sgd_step_ (eager, the rule as written) on buffers of
+    several blocks whose weight/bias boundary falls inside a block, at two rates of one tensor."""
+    from alexnet_lib import fused_update
+    dev = torch.device('cuda:0')
+    n, n_w = 5 * fused_update.BLOCK + 77, 3 * fused_update.BLOCK + 1000
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(n, generator=gen).to(dev) * s for s in (0.1, 0.01, 0.01)]
+    lr = torch.tensor(0.01, device=dev)
+    ours, rule = [x.clone() for x in start], [x.clone() for x in start]
+    for rate in (0.01, 0.003):
+        lr.fill_(rate)
+        ours[1].copy_(start[1])           # this step's gradients, the same for both
+        rule[1].copy_(start[1])
+        fused_update.sgd_step_(*ours, lr, n_w, 0.9, 0.0005, use_momentum=mode != 'none',
+                               nesterov=mode == 'nesterov')
+        sgd_step_(*rule, lr, n_w, 0.9, 0.0005, use_momentum=mode != 'none',
+                  nesterov=mode == 'nesterov')
+    change = (rule[0] - start[0]).abs().max()
+    # float32 rounding of the same operations (a fused multiply-add may round once less)
+    torch.testing.assert_close(ours[0], rule[0], rtol=2.5e-7, atol=1e-6 * change.item())
+    torch.testing.assert_close(ours[2], rule[2], rtol=2.5e-7, atol=1e-6 * change.item())
+    assert not ours[1].any()              # the gradients zeroed for the next backward pass
 
 
 def test_learning_rate_policies():
