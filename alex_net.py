@@ -15,6 +15,9 @@ which is also the order of the original's momentum files mom_{k}. The original h
     loss.backward()                       # gradients land in the flat buffer net.grad
     arrays = net.to_original()            # {'W_0': (3, 11, 11, 96) ..., 'b_7': (1000,)}
 """
+import contextlib
+import hashlib
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -152,16 +155,50 @@ LAYER_SLICES = ORIGINAL.layer_slices
 
 def original_init(seed=INIT_SEED, arch=ORIGINAL):
     """The original initialisation, in original layouts: one RandomState draws every weight in
-    layer order (W0 before W1); biases are constants and draw nothing."""
-    rng = np.random.RandomState(seed)
-    arrays = {}
+    layer order (W0 before W1); biases are constants and draw nothing. The draws take seconds
+    (61 million normal values), so they are kept in ~/.cache/alexnet_lib/init, in a file named
+    by the seed and the layer table, and read from there by later runs."""
+    weights = [p for p in arch.params if p.is_weight]
+    flat = _cached_draws(seed, arch, weights)
+    arrays, start = {}, 0
     for p in arch.params:
-        l = arch.layers[p.layer]
         if p.is_weight:
-            arrays[p.name] = rng.normal(0.0, l.init_std, p.original_shape).astype(np.float32)
+            arrays[p.name] = flat[start:start + p.size].reshape(p.original_shape)
+            start += p.size
         else:
-            arrays[p.name] = np.full(p.original_shape, l.init_bias, np.float32)
+            arrays[p.name] = np.full(p.original_shape, arch.layers[p.layer].init_bias, np.float32)
     return arrays
+
+
+def _draws(seed, arch, weights):
+    rng = np.random.RandomState(seed)
+    return np.concatenate([rng.normal(0.0, arch.layers[p.layer].init_std, p.original_shape)
+                           .astype(np.float32).ravel() for p in weights])
+
+
+def _cached_draws(seed, arch, weights):
+    """_draws, from the cache when it holds them (a file of another size is drawn again); a
+    cache that cannot be written is skipped."""
+    table = [(p.name, p.original_shape, arch.layers[p.layer].init_std) for p in weights]
+    key = hashlib.sha256(repr((seed, table)).encode()).hexdigest()[:20]
+    path = os.path.join(os.path.expanduser('~'), '.cache', 'alexnet_lib', 'init', f'{key}.npy')
+    n = sum(p.size for p in weights)
+    try:
+        flat = np.load(path, allow_pickle=False)
+        if flat.dtype == np.float32 and flat.shape == (n,):
+            return flat
+    except (OSError, ValueError, EOFError):
+        pass
+    flat = _draws(seed, arch, weights)
+    tmp = f'{path[:-4]}.tmp{os.getpid()}.npy'
+    try:                             # written whole, then renamed: readers never see a part
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        np.save(tmp, flat)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    return flat
 
 
 def features(conv_params, x):

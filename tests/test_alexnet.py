@@ -53,6 +53,28 @@ def test_init_is_the_original_draw_sequence():
     assert abs(a['W_5'].std() - 0.005) < 1e-4 and abs(a['W_7'].std() - 0.01) < 1e-4
 
 
+def test_init_draws_come_from_a_cache_that_heals(tmp_path, monkeypatch):
+    """The draws are read back from ~/.cache/alexnet_lib/init by later runs; a cache file cut
+    short (or of any other size) is drawn again and replaced, an unwritable cache skipped."""
+    import alex_net
+    arch = alex_net.architecture(10)          # a table of its own: a file of its own
+    monkeypatch.setenv('HOME', str(tmp_path))
+    first = original_init(arch=arch)
+    (cached,) = (tmp_path / '.cache' / 'alexnet_lib' / 'init').glob('*.npy')
+    assert np.array_equal(np.load(cached)[:10], first['W_0'].ravel()[:10])
+    with open(cached, 'r+b') as f:
+        f.truncate(1000)
+    again = original_init(arch=arch)
+    assert all(np.array_equal(first[k], again[k]) for k in first)
+    assert np.load(cached).size == sum(p.size for p in arch.params if p.is_weight)
+    cached.unlink()
+    cached.parent.chmod(0o500)
+    try:
+        assert all(np.array_equal(first[k], v) for k, v in original_init(arch=arch).items())
+    finally:
+        cached.parent.chmod(0o700)
+
+
 def np_lrn(x, n=5, k=2.0, alpha=1e-4, beta=0.75):
     """The original: y = x / (k + alpha * sum over n adjacent channels of x^2) ^ beta (zero-
     padded)."""

@@ -15,6 +15,7 @@ import dataclasses
 import gzip
 import io
 import os
+import re
 import pickle
 import shutil
 import subprocess
@@ -311,7 +312,7 @@ CASES = [
     Case('live-run', 'a run', 'a second run into the weights_dir of a live run',
          lambda w, c: (T, w.train_args(c, 'overwrite=True',
                                        f'weights_dir={_locked_by_a_live_run(w, c)}')),
-         ("is in use by a live run (pid 1 on", "wait for it to end or choose another "
+         ("is in use by a live run (pid ", "wait for it to end or choose another "
           "weights_dir")),
     # -- batch files ---------------------------------------------------------------------------
     Case('no-train-folder', 'batch files', 'a training folder that does not exist',
@@ -517,12 +518,17 @@ def _a_file(w, c):
 
 
 def _locked_by_a_live_run(w, c):
-    """A weights_dir whose lock names a live process: pid 1 on this host."""
+    """A weights_dir whose lock names a live process of this host that is neither this process
+    nor its parent (pid 1 can be the parent, in a container): a sleep, ended at exit."""
+    import atexit
     import socket
+    import subprocess
     d = os.path.join(w.dir(c), 'w')
     os.makedirs(d, exist_ok=True)
+    owner = subprocess.Popen(['sleep', '600'])
+    atexit.register(owner.kill)
     with open(os.path.join(d, '.run.lock'), 'w') as f:
-        f.write(f'1 {socket.gethostname()}\n')
+        f.write(f'{owner.pid} {socket.gethostname()}\n')
     return d
 
 
@@ -656,6 +662,7 @@ def test_the_catalogue_is_documented():
 
 def _shorten(line, world):
     line = line.replace(world.root + os.sep, '…/').replace(world.root, '…')
+    line = re.sub(r'\(pid \d+ on [^)]+\)', '(pid N on this host)', line)   # a run's own
     return line if len(line) <= 200 else line[:197] + '…'
 
 

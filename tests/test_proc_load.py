@@ -401,7 +401,13 @@ def test_a_loader_interrupted_alone_is_an_error(dataset):
     """SIGINT to the loader only (the trainer is not interrupted): a LoaderError that says so,
     naming what was being loaded."""
     files, _ = dataset
-    loader = ParallelLoader('cpu', max_rows=B, prefetch=2)
+    # a loader started where SIGINT is ignored (a background job, nohup) ignores it too: here
+    # it is started with SIGINT heard, as from a terminal
+    heard = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        loader = ParallelLoader('cpu', max_rows=B, prefetch=2)
+    finally:
+        signal.signal(signal.SIGINT, heard)
     pid = loader.pid
     with pytest.raises(LoaderError) as ei:
         for i, x in enumerate(loader.iterate([(files[0], 0, B)] * 1000)):
