@@ -45,6 +45,7 @@ CONFIG_KEYS = {
     'cuda_graph': 'bool_or_auto', 'seed': 'int',
     'exchange': exchange_backends.NAMES, 'average': exchange_backends.AVERAGES,
     'exchange_freq': 'int', 'exchange_dtype': exchange_backends.WIRE_DTYPES,
+    'elastic_alpha': 'float', 'gossip_p': 'float', 'outer_lr': 'float', 'outer_momentum': 'float',
 }
 SPEC_1GPU_KEYS = {'gpu': 'device', 'sock_data': 'int', 'batch_size': 'int',
                   'train_folder': 'data_path', 'val_folder': 'data_path'}
@@ -356,6 +357,17 @@ def check_combination(cfg):
     if cfg['average'] == 'gradients' and cfg['exchange_freq'] != 1:
         raise ConfigError("average: gradients needs exchange_freq: 1 (replicas that skip a "
                           "gradient average drift apart and are never pulled back together)")
+    if cfg['average'] == 'gossip' and cfg['exchange_freq'] != 1:
+        raise ConfigError("average: gossip draws after every step; exchange_freq must be 1 "
+                          "(gossip_p sets how often a replica sends)")
+    if not 0 < cfg['elastic_alpha'] <= 1:
+        raise ConfigError(f"elastic_alpha: {cfg['elastic_alpha']} must be in (0, 1]")
+    if not 0 <= cfg['gossip_p'] <= 1:
+        raise ConfigError(f"gossip_p: {cfg['gossip_p']} must be a probability in [0, 1]")
+    if cfg['outer_lr'] <= 0:
+        raise ConfigError(f"outer_lr: {cfg['outer_lr']} must be positive")
+    if not 0 <= cfg['outer_momentum'] < 1:
+        raise ConfigError(f"outer_momentum: {cfg['outer_momentum']} must be in [0, 1)")
     if cfg['lr_step'] != sorted(cfg['lr_step']):
         raise ConfigError(f"lr_step: {cfg['lr_step']} must be increasing")
     devices = devices_of(cfg)
@@ -364,6 +376,12 @@ def check_combination(cfg):
                                                 cfg['exchange_dtype'], devices)
         if problem:         # the backends' rules (exchange_backends): what they need and take
             raise ConfigError(problem)
+        pull = cfg['elastic_alpha'] * len(devices)
+        if cfg['average'] == 'elastic' and pull > 1:
+            raise ConfigError(
+                f"average: elastic with {len(devices)} replicas moves the centre by "
+                f"elastic_alpha x replicas = {pull:g} of its distance to their mean, past it; "
+                f"set elastic_alpha to at most {1 / len(devices):g}")
         if len(set(devices)) != len(devices) and 'cpu' not in devices:
             raise ConfigError(f"the GPU list {devices} names a GPU twice")
 

@@ -28,6 +28,10 @@ The interface of a data plane, what the Exchanger calls (exchange_control.Plane 
                                 replicas, when it returns
     plane.start_average_(flat)  the same, returning an object whose wait() finishes it; flat
                                 is not touched before then (Pending() when already done)
+    plane.send_recv_(sends, recvs)   optional (the gossip rule): sends: [(peer, flat)],
+                                recvs: [(peer, flat)] filled from that peer; every rank
+                                passes the pairs that match the others', returns when all
+                                arrived; the registry says which backends have it
     plane.close()               frees what it holds; called once on every rank, also after a
                                 failure
     Plane.unavailable(ctl, device) -> str   optional, static: why it cannot run between these
@@ -142,6 +146,15 @@ class Exchanger:
             raise ValueError(f'average_: the buffer is on {flat.device} but this exchanger was '
                              f'made for {self.device}')
 
+    def send_recv_(self, sends, recvs):
+        """Point-to-point: send each (peer, flat) of `sends` and fill each (peer, flat) of
+        `recvs` from its peer (float32, 1-D, contiguous, on this exchanger's device); returns
+        once everything arrived. Every pair must be matched by the peer's own call."""
+        for _, flat in sends + recvs:
+            self._check(flat)
+        if self._plane is not None and (sends or recvs):
+            self._plane.send_recv_(sends, recvs)
+
     def all_sum(self, values):
         """Sum a short list of numbers over the replicas (float64); returns a list of floats."""
         values = [float(v) for v in values]
@@ -180,6 +193,14 @@ class Exchanger:
 # ----------------------------------------------------------------------------------------------
 # the collective backends: torch.distributed all_reduce
 
+def _send_recv(ctl, sends, recvs, group, what):
+    ops = ([dist.P2POp(dist.isend, flat, peer, group) for peer, flat in sends]
+           + [dist.P2POp(dist.irecv, flat, peer, group) for peer, flat in recvs])
+    with ctl.guard(what):
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+
 def _start_all_reduce(ctl, flat, group, what, average_op=False):
     """average_op: the backend averages itself (NCCL's ncclAvg: no extra pass over `flat`)."""
     op = dist.ReduceOp.AVG if average_op else dist.ReduceOp.SUM
@@ -217,6 +238,16 @@ class Gloo(Plane):
             return Pending()
         return _start_all_reduce(self.ctl, flat, self.ctl.group, 'average_ (gloo all_reduce)')
 
+    def send_recv_(self, sends, recvs):
+        if self.device.type != 'cuda':
+            return _send_recv(self.ctl, sends, recvs, self.ctl.group, 'gossip (gloo send/recv)')
+        # gloo moves host memory: CUDA buffers go through host copies
+        host_sends = [(peer, flat.cpu()) for peer, flat in sends]
+        host_recvs = [(peer, torch.empty(flat.numel(), dtype=flat.dtype)) for peer, flat in recvs]
+        _send_recv(self.ctl, host_sends, host_recvs, self.ctl.group, 'gossip (gloo send/recv)')
+        for (_, flat), (_, host) in zip(recvs, host_recvs):
+            flat.copy_(host)
+
     def close(self):
         self._pinned.clear()
 
@@ -229,4 +260,7 @@ class Nccl(Plane):
         # is caught by the NCCL watchdog (timeout)
         return _start_all_reduce(self.ctl, flat, self.ctl.nccl_group, 'average_ (nccl all_reduce)',
                                  average_op=True)
+
+    def send_recv_(self, sends, recvs):
+        _send_recv(self.ctl, sends, recvs, self.ctl.nccl_group, 'gossip (nccl send/recv)')
 

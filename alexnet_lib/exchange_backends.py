@@ -19,9 +19,10 @@ tests/test_exchange.py (docs/design.md, "Adding an exchange backend").
 import dataclasses
 import importlib
 
-# what is averaged (the config key `average`): weights and momentum after the step, or the
-# gradients during the backward pass
-AVERAGES = ('weights', 'gradients')
+# how the replicas combine (the config key `average`): weights and momentum averaged after the
+# step, or the gradients during the backward pass; or one of the rules of exchange_rules.py
+# (elastic averaging, gossip, an outer optimizer)
+AVERAGES = ('weights', 'gradients', 'elastic', 'gossip', 'outer')
 # how the buffers travel (the config key `exchange_dtype`): float32, or bfloat16 (half the
 # bytes; the buffers themselves stay float32)
 WIRE_DTYPES = ('fp32', 'bf16')
@@ -56,22 +57,23 @@ class Backend:
         return tuple(w for w in WIRE_DTYPES if any(w in ws for ws in self.averages.values()))
 
 
-_BOTH_FP32 = {'weights': ('fp32',), 'gradients': ('fp32',)}
-_BF16_GRADIENTS = {'weights': ('fp32',), 'gradients': ('fp32', 'bf16')}
+# the rank-order averages (p2p, host) have no point-to-point sends: no gossip
+_RANK_ORDER = {a: ('fp32',) for a in AVERAGES if a != 'gossip'}
+_COLLECTIVE = {**{a: ('fp32',) for a in AVERAGES}, 'gradients': ('fp32', 'bf16')}
 
 BACKENDS = {b.name: b for b in (
     Backend('p2p', 'CUDA IPC handles and device-to-device peer copies, summed in rank order '
-            '(the original)', needs_gpus=True, across_nodes=False, averages=_BOTH_FP32,
+            '(the original)', needs_gpus=True, across_nodes=False, averages=_RANK_ORDER,
             constructor='alexnet_lib.exchange_p2p:P2P', fallback='host',
             fallback_when='the GPUs lack peer access'),
     Backend('nccl', 'NCCL all-reduce, averaging in the reduction; gradients travel while the '
-            'backward pass runs', needs_gpus=True, across_nodes=True, averages=_BF16_GRADIENTS,
+            'backward pass runs', needs_gpus=True, across_nodes=True, averages=_COLLECTIVE,
             constructor='alexnet_lib.exchange:Nccl', nccl_group=True),
     Backend('gloo', 'torch.distributed all-reduce with gloo, through host memory',
-            needs_gpus=False, across_nodes=True, averages=_BF16_GRADIENTS,
+            needs_gpus=False, across_nodes=True, averages=_COLLECTIVE,
             constructor='alexnet_lib.exchange:Gloo'),
     Backend('host', 'shared host-memory segments, summed in rank order (CPU runs)',
-            needs_gpus=False, across_nodes=False, averages=_BOTH_FP32,
+            needs_gpus=False, across_nodes=False, averages=_RANK_ORDER,
             constructor='alexnet_lib.exchange_rank_order:Host'),
 )}
 NAMES = tuple(BACKENDS)
@@ -113,7 +115,7 @@ def average_problem(name, average, wire, say=_config_words):
     b = get(name)
     if average not in b.averages:
         takers = [n for n, x in BACKENDS.items() if average in x.averages]
-        return (f"{say(name)} cannot average {average}; use {_either(takers, say)}")
+        return f"average: {average} needs {_either(takers, say)}, not {say(name)}"
     if wire not in b.averages[average]:
         pairs = [(n, a) for n, x in BACKENDS.items() for a, ws in x.averages.items() if wire in ws]
         avgs = ' or '.join(dict.fromkeys(a for _, a in pairs))

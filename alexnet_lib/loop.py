@@ -12,6 +12,7 @@ step and uses its slice of the step's random draws, which are made for the whole
 a generator seeded by (seed, epoch, step). After each epoch: validation over every validation
 image, val_record.npy and metrics.csv, the learning-rate policy, and a snapshot.
 """
+import contextlib
 import csv
 import math
 import os
@@ -27,11 +28,12 @@ from alex_net import AlexNet
 from alexnet_lib.config import resolve_device
 from alexnet_lib.data import RunData, SerialLoader
 from alexnet_lib.errors import UserError
+from alexnet_lib.exchange_rules import make_rule
 from alexnet_lib.files import atomic_write
 from alexnet_lib.sgd import adjust_learning_rate, warmup_factor
-from alexnet_lib.snapshot import (SnapshotError, latest_complete_snapshot, load_array,
-                                  load_snapshot, lr_file, prune_snapshots, save_array,
-                                  save_snapshot, steps_done_in)
+from alexnet_lib.snapshot import (SnapshotError, exchange_file, latest_complete_snapshot,
+                                  load_array, load_snapshot, lr_file, prune_snapshots,
+                                  replica_file, save_array, save_snapshot, steps_done_in)
 from alexnet_lib.step import (Averaging, TrainStep, UpdateRule, amp_dtype_of, compile_cache,
                               configure_device, eval_batch, precision_of)
 
@@ -77,7 +79,13 @@ class Replica:
         self.compiled = (self.device.type == 'cuda' if cfg['compile'] == 'auto'
                          else cfg['compile'])
         graph = cfg['cuda_graph']
-        averaging = None if exchanger is None else Averaging(
+        # an exchange rule (elastic, gossip, outer) runs between steps; weights and gradients
+        # are averaged by the step itself
+        self.rule = None if exchanger is None else make_rule(
+            cfg['average'], self.net, exchanger, seed=cfg['seed'], every=cfg['exchange_freq'],
+            elastic_alpha=cfg['elastic_alpha'], gossip_p=cfg['gossip_p'],
+            outer_lr=cfg['outer_lr'], outer_momentum=cfg['outer_momentum'])
+        averaging = None if exchanger is None or self.rule is not None else Averaging(
             exchanger, cfg['average'], cfg['exchange_freq'],
             torch.bfloat16 if cfg['exchange_dtype'] == 'bf16' else torch.float32)
         self.step = TrainStep(
@@ -125,6 +133,8 @@ class Replica:
                     batch = data.train_batch(feed.take(), request, epoch, step)
                     loss, errors = self.step(batch, step)
                     feed.release()      # refilled once the step's GPU work, queued now, is done
+                    if self.rule is not None:
+                        self.rule.after_step(epoch, step)
                     if self.step.notice is not None:
                         self.log(self.step.notice)
                         self.step.notice = None
@@ -191,8 +201,8 @@ class Replica:
         """SIGTERM seen at the end of an epoch: its snapshot (written now if snapshot_freq
         skipped it) is complete; resuming starts the next epoch."""
         wd = self.cfg['weights_dir']
-        if self.lead and epoch % self.cfg['snapshot_freq']:
-            save_snapshot(wd, epoch, self.net, lr_next)
+        if epoch % self.cfg['snapshot_freq']:
+            self.snapshot(epoch, lr_next)
         if self.exchanger:
             self.exchanger.barrier()
         raise Preempted(f"SIGTERM: stopped after epoch {epoch} and wrote a resumable snapshot "
@@ -200,8 +210,7 @@ class Replica:
 
     def preempt(self, epoch, steps_done, lr):
         wd = self.cfg['weights_dir']
-        if self.lead:
-            save_snapshot(wd, epoch, self.net, lr, steps_done=steps_done)
+        self.snapshot(epoch, lr, steps_done)
         if self.exchanger:
             self.exchanger.barrier()   # every replica leaves after the snapshot is complete
         raise Preempted(f"SIGTERM: stopped after step {steps_done} of epoch {epoch} and wrote a "
@@ -255,6 +264,8 @@ class Replica:
             return 1, 0, cfg['learning_rate'], []
         e, wd = cfg['load_epoch'], cfg['weights_dir']
         lr = load_snapshot(wd, e, self.net)
+        if self.rule is not None:
+            self.load_rule_state(wd, e)
         done = steps_done_in(wd, e)
         epochs_recorded = e if done is None else e - 1
         path = os.path.join(wd, 'val_record.npy')
@@ -272,15 +283,51 @@ class Replica:
         return e, done, lr, record[:e - 1]
 
     def end_of_epoch(self, epoch, lr_next, record, row):
-        """Lead replica: val_record.npy, metrics.csv, snapshot."""
+        """Every replica: val_record.npy, metrics.csv and the snapshot (the lead writes them)."""
         wd = self.cfg['weights_dir']
-        os.makedirs(wd, exist_ok=True)
-        save_array(os.path.join(wd, 'val_record.npy'), np.array(record, np.float32))
-        write_metrics(os.path.join(wd, 'metrics.csv'), epoch, row)
+        if self.lead:
+            os.makedirs(wd, exist_ok=True)
+            save_array(os.path.join(wd, 'val_record.npy'), np.array(record, np.float32))
+            write_metrics(os.path.join(wd, 'metrics.csv'), epoch, row)
         if epoch % self.cfg['snapshot_freq'] == 0:
-            save_snapshot(wd, epoch, self.net, lr_next)
-            if self.cfg['keep_snapshots'] != 'all':
+            self.snapshot(epoch, lr_next)
+            if self.lead and self.cfg['keep_snapshots'] != 'all':
                 prune_snapshots(wd, self.cfg['keep_snapshots'], [r[0] for r in record])
+
+    def result(self):
+        """A context in which net.params hold the run's model: the exchange rule's (its centre,
+        say) where replicas differ, else the replica's own weights."""
+        return contextlib.nullcontext() if self.rule is None else self.rule.result()
+
+    def snapshot(self, epoch, lr, steps_done=None):
+        """Every replica: snapshot `epoch`, written by the lead; under an exchange rule each
+        replica first writes its own weights and momentum, and the lead the rule's state."""
+        wd = self.cfg['weights_dir']
+        shared = {}
+        if self.rule is not None:
+            os.makedirs(wd, exist_ok=True)
+            save_array(replica_file(wd, self.rank, epoch), self.net.state.cpu().numpy())
+            shared = {k: t.cpu().numpy() for k, t in self.rule.shared_state().items()}
+            self.exchanger.barrier()
+        with self.result():
+            if self.lead:
+                save_snapshot(wd, epoch, self.net, lr, steps_done, shared)
+
+    def load_rule_state(self, wd, epoch):
+        """This replica's own weights and momentum and the rule's state from snapshot `epoch`."""
+        path = replica_file(wd, self.rank, epoch)
+        if not os.path.exists(path) or (self.lead and os.path.exists(
+                replica_file(wd, self.world, epoch))):
+            raise SnapshotError(
+                f"snapshot {epoch} in {wd} was not written by {self.world} replicas under "
+                f"average: {self.rule.name} ({os.path.basename(path)} and no replica_"
+                f"{self.world}_{epoch}.npy expected); resume with the average and the number "
+                f"of replicas it was trained with")
+        state = self.net.state
+        state.copy_(torch.from_numpy(load_array(path, tuple(state.shape), 'replica')))
+        for name, t in self.rule.shared_state().items():
+            t.copy_(torch.from_numpy(load_array(exchange_file(wd, name, epoch), tuple(t.shape),
+                                                'exchange state')))
 
 
 def write_metrics(path, epoch, row):
@@ -313,7 +360,10 @@ def train(cfg, rank=0, world=1, device=None, exchanger=None, progress=True):
     stop = threading.Event()   # set by SIGTERM (what a cluster sends before it kills a job)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    if exchanger:
+    if exchanger and rep.rule is not None and cfg['resume_train']:
+        for name, t in rep.rule.shared_state().items():     # the replicas differ
+            exchanger.check_identical(t, f"the exchange rule's {name}")
+    elif exchanger:
         exchanger.check_identical(rep.net.state, 'parameters and momentum')
     data = rep.data
     n_files = len(data.train_files)
@@ -330,7 +380,8 @@ def train(cfg, rank=0, world=1, device=None, exchanger=None, progress=True):
             train_loss, train_err, ips = rep.train_epoch(epoch, lr, loader, progress,
                                                          start_step=start_step, stop=stop)
             start_step = 0
-            top1, top5, val_loss, n = rep.validate(loader)
+            with rep.result():
+                top1, top5, val_loss, n = rep.validate(loader)
             # weights spoilt by the epoch's last steps: no snapshot of them
             rep.check_finite(val_loss, epoch, None, 'validation loss')
             record.append([top1, val_loss])
@@ -340,9 +391,8 @@ def train(cfg, rank=0, world=1, device=None, exchanger=None, progress=True):
             rep.log(f"epoch {epoch}: train loss {train_loss:.4f} | validation top-1 error "
                     f"{top1:.4f}{top5_text} loss {val_loss:.4f} ({n} images) | "
                     f"{ips:.0f} img/s | lr {lr:g}")
-            if rep.lead:
-                rep.end_of_epoch(epoch, lr_next, record,
-                                 [lr, train_loss, top1, top5, val_loss, ips, time.time() - t0])
+            rep.end_of_epoch(epoch, lr_next, record,
+                             [lr, train_loss, top1, top5, val_loss, ips, time.time() - t0])
             lr = lr_next
             if epoch < cfg['n_epochs'] and rep.agreed_stop(stop):
                 rep.preempt_after_epoch(epoch, lr_next)

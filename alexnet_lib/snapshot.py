@@ -6,6 +6,9 @@ lr_{e}.npy, the learning rate the next epoch uses. lr_{e}.npy is written last: a
 lr file exists is complete. val_record.npy holds one row [val_error, val_loss] per epoch.
 A run stopped by SIGTERM (preemption) writes snapshot e in the middle of epoch e, with
 progress_{e}.npy holding the number of steps of epoch e done; resuming it finishes epoch e.
+Under an exchange rule whose replicas differ (exchange_rules.py), the W/b files hold the rule's
+model, replica_{r}_{e}.npy replica r's own weights and momentum (flat, alex_net's buffer layout)
+and exchange_{name}_{e}.npy the rule's shared state (its centre, mixing weights, outer momentum).
 
     save_snapshot('models', 3, net, lr=0.01)
     lr = load_snapshot('models', 3, net)     # parameters, momentum; returns lr
@@ -63,11 +66,19 @@ def progress_file(weights_dir, epoch):
     return os.path.join(weights_dir, f"progress_{epoch}.npy")
 
 
-def save_snapshot(weights_dir, epoch, net, lr, steps_done=None):
+def replica_file(weights_dir, rank, epoch):
+    return os.path.join(weights_dir, f"replica_{rank}_{epoch}.npy")
+
+
+def exchange_file(weights_dir, name, epoch):
+    return os.path.join(weights_dir, f"exchange_{name}_{epoch}.npy")
+
+
+def save_snapshot(weights_dir, epoch, net, lr, steps_done=None, exchange_state=None):
     """Snapshot ``epoch``: after the epoch (steps_done None), or in the middle of it, after
-    ``steps_done`` steps (a preempted run), marked by progress_{epoch}.npy. The lr file goes
-    first and comes back last, so a snapshot interrupted while being written is never taken
-    for a complete one."""
+    ``steps_done`` steps (a preempted run), marked by progress_{epoch}.npy; exchange_state:
+    {name: array} of an exchange rule. The lr file goes first and comes back last, so a
+    snapshot interrupted while being written is never taken for a complete one."""
     os.makedirs(weights_dir, exist_ok=True)
     _remove_stale_temporaries(weights_dir, epoch)
     for path in (lr_file(weights_dir, epoch), progress_file(weights_dir, epoch)):
@@ -80,6 +91,8 @@ def save_snapshot(weights_dir, epoch, net, lr, steps_done=None):
             save_array(param_file(weights_dir, name, epoch), a)
         for k, a in enumerate(net.momentum_to_original()):
             save_array(mom_file(weights_dir, k, epoch), a)
+        for name, a in (exchange_state or {}).items():
+            save_array(exchange_file(weights_dir, name, epoch), a)
         save_array(lr_file(weights_dir, epoch), np.float32(lr))
     except SnapshotError as e:
         last = latest_complete_snapshot(weights_dir)
@@ -181,7 +194,8 @@ def prune_snapshots(weights_dir, keep, val_errors):
     for e in epochs[:-keep]:
         if e == best:
             continue
-        names = re.compile(rf'(((W|b|W0|W1|b0|b1)_\d+|mom_\d+)_{e}|progress_{e})\.npy')
+        names = re.compile(rf'(((W|b|W0|W1|b0|b1)_\d+|mom_\d+|replica_\d+|exchange_[a-z_]+)_{e}'
+                           rf'|progress_{e})\.npy')
         os.unlink(lr_file(weights_dir, e))
         for f in os.listdir(weights_dir):
             if names.fullmatch(f):

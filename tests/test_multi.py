@@ -1,6 +1,9 @@
 """train_2gpu.py with real processes on the CPU: N replicas exchanging every step equal one
-replica on the combined batch; torchrun across two 'nodes'; a killed trainer ends the run."""
+replica on the combined batch; torchrun across two 'nodes'; a killed trainer ends the run; the
+exchange rules (elastic, gossip, outer) in the real loop: the exchange each makes equals its
+NumPy reference (tests/test_exchange_rules.py), and a resumed run equals one straight through."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +15,8 @@ import pytest
 import alex_net
 from alex_net import PARAMS
 from conftest import assert_same_change, make_dataset
+from test_exchange_rules import (elastic_exchange, gossip_draws, gossip_round,
+                                 outer_exchange)
 
 pytestmark = pytest.mark.slow   # real training runs: the full suite, not the fast tier
 
@@ -91,6 +96,80 @@ def test_exchange_every_third_step_trains_and_differs(data, reference, tmp_path)
     assert max(np.abs(a - b).max() for a, b in zip(got, reference)) > 1e-6
     rec = np.load(tmp_path / 'val_record.npy')
     assert rec.shape == (1, 2) and np.isfinite(rec).all()
+
+
+# one step of 16 images (2 replicas x 8) per epoch: epoch e ends with the rule's e-th exchange;
+# gossip_p 0.4015: in epoch 1 replica 0 alone sends (uneven mixing weights), in epoch 2 both
+RULES = {'elastic': ['average=elastic', 'elastic_alpha=0.3'],
+         'gossip': ['average=gossip', 'gossip_p=0.4015'],
+         'outer': ['average=outer', 'outer_lr=0.7', 'outer_momentum=0.9']}
+NO_EXCHANGE = {'elastic': ['exchange_freq=2'], 'gossip': ['gossip_p=0'],
+               'outer': ['exchange_freq=2']}
+SHARED = {'elastic': ('centre',), 'gossip': ('mixing_weights',), 'outer': ('weights', 'momentum')}
+
+
+def rule_run(data, rule, d, *extra, epochs=2):
+    run('train_2gpu.py', data + COMMON[1:] + RULES[rule] + [
+        f'n_epochs={epochs}', 'gpu0=cpu', 'gpu1=cpu', 'batch_size=8', 'exchange=gloo',
+        f'weights_dir={d}', *extra])
+
+
+def rule_state(d, rule, epoch):
+    """([replica states], {name: shared state}) of a rule's snapshot."""
+    states = [np.load(os.path.join(d, f'replica_{r}_{epoch}.npy')).astype(np.float64)
+              for r in (0, 1)]
+    return states, {k: np.load(os.path.join(d, f'exchange_{k}_{epoch}.npy')).astype(np.float64)
+                    for k in SHARED[rule]}
+
+
+def copy_epoch(src, dst, epoch):
+    """A run folder as it was after `epoch`: that snapshot's files, val_record and metrics."""
+    os.makedirs(dst)
+    for name in os.listdir(src):
+        if name.endswith(f'_{epoch}.npy') or name in ('val_record.npy', 'metrics.csv'):
+            shutil.copy(os.path.join(src, name), dst)
+
+
+@pytest.mark.parametrize('rule', list(RULES))
+def test_exchange_rule_in_the_loop_is_its_reference_and_resumes_exactly(data, tmp_path, rule):
+    """A: 2 epochs straight; C: A's snapshot 1 resumed for epoch 2; D: the same without the
+    exchange (the replicas' states before it). C equals A bit for bit (replica states, the
+    rule's state, the model); the rule applied by the NumPy reference to D's replicas and
+    snapshot 1's rule state gives C's, within float32 rounding."""
+    a, c, dd = (str(tmp_path / k) for k in 'acd')
+    rule_run(data, rule, a)
+    for target, extra in ((c, []), (dd, NO_EXCHANGE[rule])):
+        copy_epoch(a, target, 1)
+        rule_run(data, rule, target, 'resume_train=True', 'load_epoch=1', *extra)
+    for name in sorted(os.listdir(a)):
+        if name.endswith('_2.npy'):
+            assert np.array_equal(np.load(os.path.join(a, name)), np.load(os.path.join(c, name))), \
+                f'{rule}: {name} of the resumed run differs from the straight one'
+    n = alex_net.N_PARAMS
+    (x1, shared1), (before, _), (after, shared2) = (rule_state(a, rule, 1), rule_state(dd, rule, 2),
+                                                   rule_state(c, rule, 2))
+    xs, vs = [s[:n] for s in before], [s[n:] for s in before]
+    assert not np.array_equal(before[0], x1[0]), 'epoch 2 trained nothing'
+    if rule == 'elastic':
+        xs, centre = elastic_exchange(xs, shared1['centre'], 0.3)
+        want = {'centre': centre}
+    elif rule == 'gossip':
+        pushes = gossip_draws(2, 0.4015, 2, 0)
+        assert pushes, 'no replica sent in this step: choose another seed'
+        xs, weights = gossip_round(xs, shared1['mixing_weights'], pushes)
+        want = {'mixing_weights': np.array(weights)}
+    else:
+        xs, vs, theta, m = outer_exchange(xs, vs, shared1['weights'], shared1['momentum'], 0.7,
+                                          0.9)
+        want = {'weights': theta, 'momentum': m}
+    for r in (0, 1):
+        for got, ref, what in ((after[r][:n], xs[r], 'weights'), (after[r][n:], vs[r],
+                                                                  'momentum')):
+            scale = np.abs(ref).max()
+            assert np.abs(got - ref).max() <= 1e-6 * scale, f'{rule} replica {r} {what}'
+    assert any(not np.array_equal(x, y) for x, y in zip(after, before)), 'nothing exchanged'
+    for k, ref in want.items():
+        assert np.abs(shared2[k] - ref).max() <= 1e-6 * np.abs(ref).max(), f'{rule} {k}'
 
 
 def test_two_nodes_through_torchrun_equal_one_node(data, reference, tmp_path):
