@@ -24,25 +24,27 @@ def available(device):
 
 if triton is not None:
     @triton.jit
-    def _sgd_step_kernel(params, grad, momentum, lr_ptr, n_weights, n_params, decay, scale,
+    # (Triton's launcher binds the arguments in a function of its own with a local named
+    # `params`: no argument may take that name)
+    def _sgd_step_kernel(w_ptr, g_ptr, v_ptr, lr_ptr, n_weights, n_params, decay, scale,
                          weight_decay, USE_MOMENTUM: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inside = offs < n_params
-        w = tl.load(params + offs, mask=inside)
-        g = tl.load(grad + offs, mask=inside)
+        w = tl.load(w_ptr + offs, mask=inside)
+        g = tl.load(g_ptr + offs, mask=inside)
         lr = tl.load(lr_ptr)
         is_weight = offs < n_weights
         g = tl.where(is_weight, g + weight_decay * w, g)      # no weight decay for biases
         lr_eff = tl.where(is_weight, lr, 2 * lr)              # biases step at twice the rate
         if USE_MOMENTUM:
-            v = tl.load(momentum + offs, mask=inside)
+            v = tl.load(v_ptr + offs, mask=inside)
             v = v * decay + (-scale * g) * lr_eff
-            tl.store(momentum + offs, v, mask=inside)
+            tl.store(v_ptr + offs, v, mask=inside)
             w = w + v
         else:
             w = w + (-g) * lr_eff
-        tl.store(params + offs, w, mask=inside)
-        tl.store(grad + offs, tl.zeros_like(g), mask=inside)
+        tl.store(w_ptr + offs, w, mask=inside)
+        tl.store(g_ptr + offs, tl.zeros_like(g), mask=inside)
 
 
 @torch.no_grad()
