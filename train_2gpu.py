@@ -47,7 +47,8 @@ def run(cfg):
         rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
         local = int(os.environ.get('LOCAL_RANK', rank))
         problem = exchange_backends.node_problem(
-            cfg['exchange'], os.environ.get('LOCAL_WORLD_SIZE', world), world)
+            cfg['exchange'], os.environ.get('LOCAL_WORLD_SIZE', world), world) or \
+            exchange_backends.replicas_problem(cfg['average'], cfg['elastic_alpha'], world)
         if problem:
             raise ConfigError(problem)
         device = devices[local] if local < len(devices) else devices[0]

@@ -376,14 +376,10 @@ def check_combination(cfg):
                                                 cfg['exchange_dtype'], devices)
         if problem:         # the backends' rules (exchange_backends): what they need and take
             raise ConfigError(problem)
-        pull = cfg['elastic_alpha'] * len(devices)
-        if cfg['average'] == 'elastic' and pull > 1:
-            raise ConfigError(
-                f"average: elastic with {len(devices)} replicas moves the centre by "
-                f"elastic_alpha x replicas = {pull:g} of its distance to their mean, past it; "
-                f"set elastic_alpha to at most {1 / len(devices):g}")
-        if len(set(devices)) != len(devices) and 'cpu' not in devices:
-            raise ConfigError(f"the GPU list {devices} names a GPU twice")
+        problem = exchange_backends.replicas_problem(cfg['average'], cfg['elastic_alpha'],
+                                                     len(devices))
+        if problem:
+            raise ConfigError(problem)
 
 
 def devices_of(cfg):

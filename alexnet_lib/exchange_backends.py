@@ -42,6 +42,8 @@ class Backend:
                            # why); '': that is an error
     fallback_when: str = ''    # where the fallback is used, in the user's words (for --help)
     nccl_group: bool = False   # its data travel in an NCCL process group beside the control one
+    own_gpu: bool = False      # each replica needs a GPU of its own (NCCL refuses two ranks on
+                               # one GPU); the others let replicas share one
 
     def plane_class(self):
         """The class of its data plane (its module imported now: torch comes with it)."""
@@ -68,7 +70,7 @@ BACKENDS = {b.name: b for b in (
             fallback_when='the GPUs lack peer access'),
     Backend('nccl', 'NCCL all-reduce, averaging in the reduction; gradients travel while the '
             'backward pass runs', needs_gpus=True, across_nodes=True, averages=_COLLECTIVE,
-            constructor='alexnet_lib.exchange:Nccl', nccl_group=True),
+            constructor='alexnet_lib.exchange:Nccl', nccl_group=True, own_gpu=True),
     Backend('gloo', 'torch.distributed all-reduce with gloo, through host memory',
             needs_gpus=False, across_nodes=True, averages=_COLLECTIVE,
             constructor='alexnet_lib.exchange:Gloo'),
@@ -143,9 +145,31 @@ def node_problem(name, local_world, world, say=_config_words):
             f"WORLD_SIZE={world}); use {_either(takers, say)} across nodes")
 
 
+def replicas_problem(average, elastic_alpha, replicas):
+    """The rule cannot run with this many replicas: elastic moves the centre by elastic_alpha x
+    replicas of its distance to their mean, so above 1 it overshoots the mean."""
+    pull = elastic_alpha * replicas
+    if average != 'elastic' or pull <= 1:
+        return ''
+    return (f"average: elastic with {replicas} replicas moves the centre by elastic_alpha x "
+            f"replicas = {pull:g} of its distance to their mean, past it; set elastic_alpha to "
+            f"at most {1 / replicas:g}")
+
+
+def shared_gpu_problem(name, devices, say=_config_words):
+    """`devices` name a GPU twice and `name` needs a GPU per replica."""
+    gpus = [str(d) for d in devices if str(d) != 'cpu']
+    if len(set(gpus)) == len(gpus) or not get(name).own_gpu:
+        return ''
+    takers = [n for n, b in BACKENDS.items() if not b.own_gpu]
+    return (f"the GPU list {list(devices)} names a GPU twice, and {say(name)} needs a GPU per "
+            f"replica; replicas can share a GPU through {_either(takers, say)}")
+
+
 def run_problem(name, average, wire, devices, say=_config_words):
     """Every rule a run of several replicas on `devices` must pass: the first that fails."""
-    return average_problem(name, average, wire, say) or gpu_problem(name, devices, say)
+    return (average_problem(name, average, wire, say) or gpu_problem(name, devices, say)
+            or shared_gpu_problem(name, devices, say))
 
 
 def help_lines():

@@ -10,6 +10,8 @@
 #   bash bench/gpu_session.sh profile   OUT        # the compiled step's kernels (profile_step.py)
 #   bash bench/gpu_session.sh precision OUT        # bf16 vs fp32 on the toy data, 8 seeds each
 #   bash bench/gpu_session.sh modes     OUT        # 1 GPU, and 2 GPUs in every exchange x average
+#   bash bench/gpu_session.sh rules     OUT        # every exchange rule against every-step
+#                                                  # averaging: 2 replicas sharing GPU 0, toy data
 #   bash bench/gpu_session.sh scale128  OUT        # 1..N GPUs at 128 per GPU, nccl, gradients
 #   bash bench/gpu_session.sh scale256  OUT        # the same at 256 per GPU (the toy files twice)
 #
@@ -20,11 +22,11 @@
 case "${1:-}" in -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-usage="usage: gpu_session.sh tests|compare|table1|profile|precision|modes|scale128|scale256 OUT [OLD]"
+usage="usage: gpu_session.sh tests|compare|table1|profile|precision|modes|rules|scale128|scale256 OUT [OLD]"
 stage=${1:?$usage}
 out=${2:?$usage}
 case "$stage" in
-    tests | compare | table1 | profile | precision | modes | scale128 | scale256) ;;
+    tests | compare | table1 | profile | precision | modes | rules | scale128 | scale256) ;;
     *) echo "unknown stage '$stage': $usage"; exit 2 ;;
 esac
 mkdir -p "$out"
@@ -128,6 +130,32 @@ print(f"1 GPU at 128: {one:.0f} img/s")
 for mode, r in runs.items():
     two = r['rows']['2 GPUs, parallel loading']['images_per_s']
     print(f"2 GPUs x 128, {mode:18s} {two:8.0f} img/s  {two / one:5.2f}x")
+PY
+    ;;
+rules)
+    # 2 replicas sharing GPU 0 through gloo, spec_toy.yaml (32 images per replica and step, 20
+    # steps per epoch, 5 epochs); the snapshots stay out of OUT
+    rm -rf /tmp/rules && mkdir -p /tmp/rules
+    for run in "weights" "elastic exchange_freq=4 elastic_alpha=0.5" "gossip gossip_p=0.25" \
+        "outer exchange_freq=4"; do
+        set -- $run
+        avg=$1; shift
+        # shellcheck disable=SC2068  # the run's own key=value words
+        python3 train_2gpu.py spec_toy.yaml gpus=[0,0] exchange=gloo "average=$avg" $@ \
+            "weights_dir=/tmp/rules/$avg" overwrite=True
+        echo "$run" >"/tmp/rules/$avg/settings.txt"
+    done 2>&1 | tee "$out/rules.log"
+    python3 - "$out/rules_toy.json" <<'PY'
+import csv, json, sys
+runs = {}
+for avg in ('weights', 'elastic', 'gossip', 'outer'):
+    rows = list(csv.DictReader(open(f'/tmp/rules/{avg}/metrics.csv')))
+    runs[avg] = {'settings': open(f'/tmp/rules/{avg}/settings.txt').read().strip(),
+                 'val_top1_error': [float(r['val_top1_error']) for r in rows],
+                 'images_per_s': [float(r['images_per_s']) for r in rows]}
+    print(f"{runs[avg]['settings']:40s} top-1 error by epoch "
+          + ' '.join(f'{e:.3f}' for e in runs[avg]['val_top1_error']))
+json.dump(runs, open(sys.argv[1], 'w'), indent=1)
 PY
     ;;
 scale128 | scale256)

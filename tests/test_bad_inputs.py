@@ -257,6 +257,18 @@ CASES = [
          lambda w, c: ('train_2gpu.py', w.data + ['gpu0=cpu', 'gpu1=cpu', 'exchange=p2p']),
          ("exchange: p2p needs GPUs", "use exchange: host or exchange: gloo"), rc=2,
          mode='script'),
+    Case('gossip-on-p2p', 'config', 'a rule the backend cannot run: `train_2gpu.py '
+         'exchange=p2p average=gossip`',
+         lambda w, c: ('train_2gpu.py', w.data + ['gpu0=cpu', 'gpu1=cpu', 'exchange=p2p',
+                                                   'average=gossip']),
+         ("average: gossip needs exchange: nccl or exchange: gloo, not exchange: p2p",), rc=2,
+         mode='script'),
+    Case('elastic-overshoot', 'config', 'an elastic pull past the mean: `gpus=[cpu,cpu,cpu] '
+         'average=elastic elastic_alpha=0.5`',
+         lambda w, c: ('train_2gpu.py', w.data + ['gpus=[cpu,cpu,cpu]', 'exchange=gloo',
+                                                   'average=elastic']),
+         ("average: elastic with 3 replicas moves the centre by elastic_alpha x replicas = 1.5",
+          "set elastic_alpha to at most 0.333333"), rc=2, mode='script'),
     Case('missing-yaml', 'config', 'a yaml file that does not exist: `nowhere.yaml`',
          lambda w, c: (T, w.train_args(c, os.path.join(w.dir(c), 'nowhere.yaml'))),
          ("config file", "nowhere.yaml' not found"), rc=2),
@@ -519,16 +531,26 @@ def _a_file(w, c):
 
 def _locked_by_a_live_run(w, c):
     """A weights_dir whose lock names a live process of this host that is neither this process
-    nor its parent (pid 1 can be the parent, in a container): a sleep, ended at exit."""
+    nor its parent (pid 1 can be the parent, in a container): a sleep started by a shell that
+    exits at once, so that it is no child of ours (a child's exit would leave a zombie here),
+    killed at exit."""
     import atexit
+    import signal
     import socket
     import subprocess
     d = os.path.join(w.dir(c), 'w')
     os.makedirs(d, exist_ok=True)
-    owner = subprocess.Popen(['sleep', '600'])
-    atexit.register(owner.kill)
+    pid = int(subprocess.run(['sh', '-c', 'sleep 300 >/dev/null 2>&1 & echo $!'],
+                             capture_output=True, text=True, check=True).stdout)
+
+    def end():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    atexit.register(end)
     with open(os.path.join(d, '.run.lock'), 'w') as f:
-        f.write(f'{owner.pid} {socket.gethostname()}\n')
+        f.write(f'{pid} {socket.gethostname()}\n')
     return d
 
 

@@ -23,7 +23,7 @@ def test_bench_cpu_prints_table_1_and_writes_every_figure(small_dataset, tmp_pat
     for name in ('1 CPU process, parallel loading', '1 CPU process, serial loading',
                  '2 CPU processes, parallel loading', '2 CPU processes, serial loading',
                  'model step alone (data on the device)',
-                 'peer: plain eager PyTorch of this network'):
+                 'peer: this network in plain PyTorch'):
         assert rows[name]['s_per_20_iter'] > 0 and rows[name]['images_per_s'] > 0, name
     table = r.stdout[r.stdout.index('s/20 iter') - 50:]
     assert 'CPU (small' in r.stdout and '1 CPU process, parallel loading' in table
