@@ -307,7 +307,8 @@ class Replica:
         if self.rule is not None:
             os.makedirs(wd, exist_ok=True)
             save_array(replica_file(wd, self.rank, epoch), self.net.state.cpu().numpy())
-            shared = {k: t.cpu().numpy() for k, t in self.rule.shared_state().items()}
+            if self.lead:       # the rule's state is the same on every replica
+                shared = {k: t.cpu().numpy() for k, t in self.rule.shared_state().items()}
             self.exchanger.barrier()
         with self.result():
             if self.lead:
