@@ -14,7 +14,8 @@ try:
 except ImportError:      # a CPU build of torch: sgd_step_ compiled or eager serves
     triton = None
 
-BLOCK = 2048
+BLOCK = 1024       # elements per program
+NUM_WARPS = 16
 
 
 def available(device):
@@ -49,12 +50,13 @@ if triton is not None:
 
 @torch.no_grad()
 def sgd_step_(params, grad, momentum, lr, n_weights, mu, weight_decay, use_momentum=True,
-              nesterov=False):
+              nesterov=False, block=None, num_warps=None):
     """sgd.sgd_step_'s arguments and result; the buffers contiguous float32 on one CUDA device,
-    lr a 0-d float32 tensor there."""
+    lr a 0-d float32 tensor there. block, num_warps: the launch (BLOCK, NUM_WARPS by default)."""
     n_params = params.numel()
+    block, num_warps = block or BLOCK, num_warps or NUM_WARPS
     decay, scale = (mu * mu, 1 + mu) if nesterov else (mu, 1.0)
-    grid = (triton.cdiv(n_params, BLOCK),)
+    grid = (triton.cdiv(n_params, block),)
     _sgd_step_kernel[grid](params, grad, momentum, lr, n_weights, n_params, float(decay),
                            float(scale), float(weight_decay), USE_MOMENTUM=use_momentum,
-                           BLOCK=BLOCK)
+                           BLOCK=block, num_warps=num_warps)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import alex_net
+from alexnet_lib import fused_update
 from alexnet_lib.data import CROP, centre_draws
 from alexnet_lib.sgd import sgd_step_
 
@@ -159,7 +160,9 @@ class TrainStep:
             compile_cache()
             self.features_fn = torch.compile(augmented_features, mode=compile_mode)
             self.classifier_fn = torch.compile(classifier_loss, mode=compile_mode)
-            self.update_fn = torch.compile(sgd_step_)
+            # on a GPU the update is one hand-fused pass; compiled with a rate tensor it takes two
+            self.update_fn = (fused_update.sgd_step_ if fused_update.available(net.device)
+                              else torch.compile(sgd_step_))
         # a graph holds no exchange: only a step of one replica on a GPU is captured
         self.graphed = graphed and averaging is None and net.device.type == 'cuda'
         self.steps_run, self.graph, self.static, self.out = 0, None, None, None

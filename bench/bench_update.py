@@ -8,7 +8,7 @@ and each checked against the rule in float64. Run from the repository root on a 
 Ways: 'compiled, rate a number' (a compiled step with the rate as a Python float: one
 compilation and one CUDA graph per rate), 'compiled, rate a tensor' (torch.compile of
 sgd.sgd_step_ with the 0-d rate tensor), 'fused' (fused_update.sgd_step_, the Triton kernel the
-step uses on a GPU), 'eager'.
+step uses on a GPU, then with other launches: 'fused BLOCK x WARPS'), 'eager'.
 """
 import argparse
 import json
@@ -54,6 +54,11 @@ def main():
                 torch.compile(sgd_step_))}
     if fused_update.available(dev):
         ways['fused'] = lambda p, g, v: fused_update.sgd_step_(p, g, v, lr_tensor, n_w, MU, WD)
+        for block in (1024, 2048, 4096, 8192):     # the launch: elements per program, warps
+            for warps in (4, 8, 16):
+                ways[f'fused {block} x {warps}'] = (lambda b, w: lambda p, g, v: (
+                    fused_update.sgd_step_(p, g, v, lr_tensor, n_w, MU, WD, block=b,
+                                           num_warps=w)))(block, warps)
     results = {'device': torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu',
                'torch': torch.__version__, 'n_params': n, 'iters': args.iters, 'ways': {}}
     scale = (want_p - start[0].double()).abs().max().item()

@@ -76,7 +76,7 @@ counts() {   # 2,4,8 up to the GPUs here
 }
 case "$stage" in
 tests)
-    python3 -m pytest -m gpu -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" ;;
+    python3 -m pytest -m gpu -p no:cacheprovider -rP --durations=15 2>&1 | tee "$out/gpu_tests.log" ;;
 compare)
     old=$(cd "${3:?compare needs the path of the other checkout: $usage}" && pwd)
     [ -e "$old/data" ] || ln -s "$PWD/data" "$old/data"

@@ -266,22 +266,19 @@ def _first_step(cfg):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('device, precision, tol', [
-    ('cpu', 'fp32', 1e-4),
-    pytest.param('cuda:0', 'fp32', 1e-3, marks=pytest.mark.gpu)])
-def test_compiled_step_is_the_eager_step(small_dataset, tmp_path, device, precision, tol):
+def test_compiled_step_is_the_eager_step(small_dataset, tmp_path):
     """compile: True (augmentation, forward and backward, the max pool by window codes, the
-    update) makes the same training step as eager, within rounding (float32 on the CPU: ~1e-6
-    of each change; on the GPU cuDNN may choose other algorithms). One step: over several,
-    rounding grows (flipped ReLU and pooling choices of near-equal values move the small conv
-    gradients by a few percent). bf16 is compared through float64 below: at a batch of 4, eager
-    and compiled bf16 steps are each ~25% of conv1's change away from the float64 step, equally
-    far, so element by element they differ by as much."""
-    cfg = {c: cfg_for(small_dataset, tmp_path, f'gpu={device}', f'precision={precision}',
-                      f'compile={c}', 'batch_size=4') for c in (False, True)}
+    update) makes the same training step as eager on the CPU, element by element within float32
+    rounding (~1e-6 of each change). One step: over several, rounding grows (flipped ReLU and
+    pooling choices of near-equal values move the small conv gradients by a few percent). On a
+    GPU the same flips happen within one step (other convolution and reduction orders: a few
+    elements of a conv weight off by ~1% of its largest change, others in each run), so there
+    each step is compared with the float64 step instead (below), as bf16 is."""
+    cfg = {c: cfg_for(small_dataset, tmp_path, 'gpu=cpu', 'precision=fp32', f'compile={c}',
+                      'batch_size=4') for c in (False, True)}
     start, eager = first_step(cfg[False])
     _, compiled = first_step(cfg[True])
-    assert_same_change(compiled, eager, start, tol)
+    assert_same_change(compiled, eager, start, 1e-4)
 
 
 def reference_first_step(cfg, device):
@@ -356,11 +353,15 @@ def test_compiled_and_eager_steps_against_float64(small_dataset, tmp_path, devic
 def test_graphed_step_is_the_compiled_step(small_dataset, tmp_path):
     """cuda_graph: True (the compiled step captured after its warm-up steps and replayed) trains
     as the compiled step does, also when the learning rate changes on every step (a warm-up)
-    and between epochs: the rate is a tensor the graph reads, so one graph serves them all."""
+    and between epochs: the rate is a tensor the graph reads, so one graph serves them all.
+    Over eight steps rounding alone moves single elements by a percent (flipped ReLU and
+    pooling choices), so the measure is each array's distance ||a - b|| / ||change||, and the
+    bound is the distance between two runs of the compiled step without a graph, measured here:
+    a graph that lost an update or read a stale rate is tens of percent off."""
     from alex_net import N_PARAMS, PARAMS
     from alexnet_lib.sgd import warmup_factor
-    ends = {}
-    for graph in (False, True):
+
+    def run(graph):
         cfg = cfg_for(small_dataset, tmp_path, 'gpu=cuda:0', 'precision=fp32', 'compile=True',
                       f'cuda_graph={graph}', 'batch_size=4', 'lr_warmup_epochs=1')
         rep = train_loop.Replica(cfg, 0, 1)
@@ -376,12 +377,21 @@ def test_graphed_step_is_the_compiled_step(small_dataset, tmp_path):
             assert float(rep.step.lr) == pytest.approx(0.001 * warmup_factor(3, rep.warmup_steps))
         else:
             assert rep.step.graph is None
-        state = rep.net.state.cpu().numpy()
-        ends[graph] = [state[off + p.offset:off + p.offset + p.size] for off in (0, N_PARAMS)
-                       for p in PARAMS]
-    starts = [start[off + p.offset:off + p.offset + p.size] for off in (0, N_PARAMS)
-              for p in PARAMS]
-    assert_same_change(ends[True], ends[False], starts, 1e-3)
+        change = rep.net.state.cpu().numpy() - start
+        return [change[off + p.offset:off + p.offset + p.size] for off in (0, N_PARAMS)
+                for p in PARAMS]
+
+    compiled, again, graphed = run(False), run(False), run(True)
+    rows = []
+    for k, (c, c2, g) in enumerate(zip(compiled, again, graphed)):
+        scale = np.linalg.norm(c)
+        rows.append((PARAMS[k % len(PARAMS)].name + (' momentum' if k >= len(PARAMS) else ''),
+                     np.linalg.norm(c2 - c) / scale, np.linalg.norm(g - c) / scale))
+    print('array, run-to-run and graphed-to-compiled distance / change:',
+          *(f'{n:16s} {noise:.2e} {d:.2e}' for n, noise, d in rows), sep='\n  ')
+    # 4x the run-to-run distance, at least 1e-5 (runs that happen to agree bit for bit)
+    bad = [row for row in rows if row[2] > max(4 * row[1], 1e-5)]
+    assert not bad, f"the graphed run is further from the compiled one than run-to-run: {bad}"
 
 
 @pytest.mark.slow
