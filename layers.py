@@ -30,8 +30,12 @@ def conv_pool_relu(x, W, b, stride, pad, groups, pool):
     if x.shape[1] <= FEW_CHANNELS and groups == 1 and pad == 0:
         ys = [conv_by_blocks(x, W, stride)]
     else:
+        # a group's channels are a strided slice: made dense (channels-last) here, the copy
+        # fuses into the kernel that makes x, where cuDNN would copy it again on its own
+        xs = x.chunk(groups, 1) if groups == 1 else [
+            xg.contiguous(memory_format=torch.channels_last) for xg in x.chunk(groups, 1)]
         ys = [F.conv2d(xg, Wg, stride=stride, padding=pad)
-              for xg, Wg in zip(x.chunk(groups, 1), W.chunk(groups, 0))]
+              for xg, Wg in zip(xs, W.chunk(groups, 0))]
     if pool:
         ys = [max_pool(y) for y in ys]
     y = ys[0] if len(ys) == 1 else torch.cat(ys, 1)
@@ -121,7 +125,8 @@ class MaxPoolByCodes(torch.autograd.Function):
         quads = [by_parity(rows[0][py], rows[1][py], rows[2][py], 2) for py in range(2)]
         gx = torch.stack([torch.stack(quads[py], 3) for py in range(2)], 2)  # (B,Ho+1,2,Wo+1,2,C)
         gx = gx.reshape(g.shape[0], 2 * Ho + 2, 2 * Wo + 2, g.shape[3])[:, :H, :Wd]
-        return gx.permute(0, 3, 1, 2)
+        # dense, as cuDNN's backward of the convolution below wants it (else it copies)
+        return gx.contiguous().permute(0, 3, 1, 2)
 
 
 def lrn(x):

@@ -12,17 +12,18 @@ config.yaml + spec_1gpu.yaml as in train.py; the data they name give the mean
 (spec_toy.yaml: the quickstart's toy data, once quickstart.sh has made it).
 
 A variant is parts joined by "+" (base+ro): base (the compiled step as it is), eager (not
-compiled), lrnslice (LRN as a sum of five channel-shifted slices, in float32), patches (conv1
-as one matrix product of its patches), torchpool (inductor's own max pool), ro
-(mode=reduce-overhead), mat (mode=max-autotune-no-cudagraphs). Environment: B the batch
-(default 256), DEV the device (default cuda:0).
+compiled), nograph (compiled, without the CUDA graph: its kernel table also names the
+operator that launched each kernel), lrnslice (LRN as a sum of five channel-shifted slices, in
+float32), patches (conv1 as one matrix product of its patches), torchpool (inductor's own max
+pool), ro (mode=reduce-overhead), mat (mode=max-autotune-no-cudagraphs). Environment: B the
+batch (default 256), DEV the device (default cuda:0).
 """
 import argparse
 import os
 import sys
 import time
 
-VARIANT_PARTS = ('base', 'eager', 'lrnslice', 'patches', 'torchpool', 'ro', 'mat')
+VARIANT_PARTS = ('base', 'eager', 'nograph', 'lrnslice', 'patches', 'torchpool', 'ro', 'mat')
 
 B = int(os.environ.get('B', 256))
 dev = None     # the torch.device, set by main
@@ -81,7 +82,7 @@ def setup(variant):
             mode = 'reduce-overhead'
         elif v == 'mat':
             mode = 'max-autotune-no-cudagraphs'
-        elif v not in ('base', 'eager'):
+        elif v not in ('base', 'eager', 'nograph'):
             raise SystemExit(f"unknown variant {v}")
     # the real step (step.TrainStep, as the training loop builds it) on the configured mean
     cfg = load_config('spec_1gpu.yaml', CONFIG_WORDS + [f'gpu={dev}', f'batch_size={B}'])
@@ -94,9 +95,10 @@ def setup(variant):
     configure_device(dev, precision)
     compiled = 'eager' not in variant
     net = AlexNet(dev, n_classes=cfg['n_classes'])
+    graphed = compiled and mode is None and 'nograph' not in variant
     return TrainStep(net, mean_image_hwc(cfg['mean_file'], dev),
                      UpdateRule(cfg['momentum'], cfg['weight_decay']), precision=precision,
-                     compiled=compiled, graphed=compiled and mode is None, compile_mode=mode)
+                     compiled=compiled, graphed=graphed, compile_mode=mode)
 
 
 def run(variant, iters=40, warmup=12, profile=False):
@@ -130,7 +132,7 @@ def run(variant, iters=40, warmup=12, profile=False):
     if profile:
         from torch.profiler import profile as prof, ProfilerActivity
         with prof(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU],
-                  record_shapes=True) as p:
+                  record_shapes=True, with_stack=True) as p:
             for s in range(5):
                 one(s)
             torch.cuda.synchronize()
@@ -150,7 +152,34 @@ def run(variant, iters=40, warmup=12, profile=False):
         for e in ops[:12]:
             print(f"  op {e.device_time_total / 5000:7.3f} ms x{e.count // 5:3d}  {e.key} "
                   f"{str(e.input_shapes)[:120]}")
+        kernel_sources(p, 5)
     return ips
+
+
+def kernel_sources(p, steps, top=40):
+    """Which operator launched each GPU kernel (with its callers and the line of ours above
+    it), device ms per step: a graphed step's kernels have none, so run it with nograph."""
+    rows = {}
+    for e in p.events():
+        if not getattr(e, 'kernels', None):
+            continue
+        chain, q = [], e
+        while q is not None and len(chain) < 4:
+            chain.append(q.name)
+            q = q.cpu_parent
+        ours = [f for f in (e.stack or []) if 'alexnet_lib' in f or 'alex_net.py' in f
+                or 'layers.py' in f]
+        where = ours[0].rsplit('/', 1)[-1] if ours else ''
+        for k in e.kernels:
+            key = (k.name[:48], ' < '.join(chain)[:100], str(e.input_shapes)[:80], where)
+            t, n = rows.get(key, (0.0, 0))
+            rows[key] = (t + k.duration, n + 1)
+    if not rows:
+        return
+    print("kernels by the operator that launched them (ms per step, count per step)")
+    for key, (t, n) in sorted(rows.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"  {t / steps / 1000:7.3f} x{n / steps:4.1f}  {key[0]:48s} | {key[1]} | {key[2]}"
+              f" | {key[3]}")
 
 
 def check_variant(text):
