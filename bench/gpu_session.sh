@@ -8,6 +8,8 @@
 #   bash bench/gpu_session.sh table1    OUT        # one GPU, defaults (bf16): Table 1 with the
 #                                                  # peers; tf32 and strict fp32; the loader
 #   bash bench/gpu_session.sh profile   OUT        # the compiled step's kernels (profile_step.py)
+#   bash bench/gpu_session.sh probe     OUT        # where end to end loses time to loading
+#                                                  # (probe_loading.py: variants in turns)
 #   bash bench/gpu_session.sh precision OUT        # bf16 vs fp32 on the toy data, 8 seeds each
 #   bash bench/gpu_session.sh modes     OUT        # 1 GPU, and 2 GPUs in every exchange x average
 #   bash bench/gpu_session.sh rules     OUT        # every exchange rule against every-step
@@ -22,11 +24,11 @@
 case "${1:-}" in -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-usage="usage: gpu_session.sh tests|compare|table1|profile|precision|modes|rules|scale128|scale256 OUT [OLD]"
+usage="usage: gpu_session.sh tests|compare|table1|profile|probe|precision|modes|rules|scale128|scale256 OUT [OLD]"
 stage=${1:?$usage}
 out=${2:?$usage}
 case "$stage" in
-    tests | compare | table1 | profile | precision | modes | rules | scale128 | scale256) ;;
+    tests | compare | table1 | profile | probe | precision | modes | rules | scale128 | scale256) ;;
     *) echo "unknown stage '$stage': $usage"; exit 2 ;;
 esac
 mkdir -p "$out"
@@ -104,6 +106,8 @@ table1)
     python3 bench/bench_loader.py --json "$out/loader.json" 2>&1 | tee "$out/loader.log" ;;
 profile)
     python3 bench/profile_step.py 'base!' 2>&1 | tee "$out/profile.log" ;;
+probe)
+    python3 bench/probe_loading.py --rounds 2 --iters 300 2>&1 | tee "$out/probe.log" ;;
 precision)
     # the runs' snapshots stay out of OUT (what comes back is a few small files)
     python3 bench/bench_precision.py --seeds 1,2,3,4,5,6,7,8 --parallel 8 --out /tmp/precision \
