@@ -26,7 +26,8 @@ import time
 
 import torch
 
-from alexnet_lib.config import DATA_KEYS, ConfigError, help_text, load_config
+from alexnet_lib.config import DATA_KEYS, help_text, load_config
+from alexnet_lib.errors import run_main
 from alexnet_lib.step import amp_dtype_of, autocast, precision_of
 
 REPORT = {'1 GPU, parallel loading': 39.72, '1 GPU, serial loading': 49.11,
@@ -154,7 +155,7 @@ def time_peer(model, device, batch, amp_dtype, iters, warmup, size=227):
                    + {None: 'float32', torch.bfloat16: 'bf16 autocast'}[amp_dtype]}
 
 
-def main(argv):
+def bench(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter,
                                  epilog=help_text('spec_1gpu.yaml', 'Any setting as key=value:'))
     ap.add_argument('--cpu', action='store_true', help='a small run on the CPU (2 processes)')
@@ -178,31 +179,27 @@ def main(argv):
     base = ['print_freq=1000000000', 'snapshot_freq=1000000']
     if a.cpu:
         base += ['batch_size=8']
-    try:
-        given = {o.split('=', 1)[0] for o in overrides}
-        if not given & set(DATA_KEYS):
-            # speed needs batch files, not a particular data set: the quickstart's toy data
-            toy = load_config('spec_1gpu.yaml', ['spec_toy.yaml'])
-            base += [f'{k}={toy[k]}' for k in DATA_KEYS]
-            print(f"bench: batch files of spec_toy.yaml ({toy['train_folder']}); give "
-                  f"train_folder=... val_folder=... label_folder=... mean_file=... for others",
-                  file=sys.stderr)
-        cfg1 = load_config('spec_1gpu.yaml', base + (['gpu=cpu'] if a.cpu else []) + overrides)
-        counts = ([int(c) for c in a.gpu_counts.split(',')] if a.gpu_counts else [a.max_gpus])
-        counts = [2] if a.cpu else [min(c, gpus) for c in counts if c >= 2 and gpus >= 2]
-        multi = []   # (devices, config) of each multi-GPU row
-        for n_multi in dict.fromkeys(counts):
-            devices = ['cpu'] * 2 if a.cpu else [f'cuda:{i}' for i in range(n_multi)]
-            # Table 1: the GPUs share the global batch (2 x 128 = 256); --per-gpu-batch to scale
-            per_gpu = a.per_gpu_batch or cfg1['batch_size'] // n_multi
-            m = [o for o in overrides if not o.startswith('gpu=')]
-            extra = ['exchange=host'] if a.cpu else []
-            multi.append((devices, load_config(
-                'spec_2gpu.yaml', base + [f'batch_size={per_gpu}'] + extra + m
-                + [f'gpus=[{",".join(devices)}]'])))
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    given = {o.split('=', 1)[0] for o in overrides}
+    if not given & set(DATA_KEYS):
+        # speed needs batch files, not a particular data set: the quickstart's toy data
+        toy = load_config('spec_1gpu.yaml', ['spec_toy.yaml'])
+        base += [f'{k}={toy[k]}' for k in DATA_KEYS]
+        print(f"bench: batch files of spec_toy.yaml ({toy['train_folder']}); give "
+              f"train_folder=... val_folder=... label_folder=... mean_file=... for others",
+              file=sys.stderr)
+    cfg1 = load_config('spec_1gpu.yaml', base + (['gpu=cpu'] if a.cpu else []) + overrides)
+    counts = ([int(c) for c in a.gpu_counts.split(',')] if a.gpu_counts else [a.max_gpus])
+    counts = [2] if a.cpu else [min(c, gpus) for c in counts if c >= 2 and gpus >= 2]
+    multi = []   # (devices, config) of each multi-GPU row
+    for n_multi in dict.fromkeys(counts):
+        devices = ['cpu'] * 2 if a.cpu else [f'cuda:{i}' for i in range(n_multi)]
+        # Table 1: the GPUs share the global batch (2 x 128 = 256); --per-gpu-batch to scale
+        per_gpu = a.per_gpu_batch or cfg1['batch_size'] // n_multi
+        m = [o for o in overrides if not o.startswith('gpu=')]
+        extra = ['exchange=host'] if a.cpu else []
+        multi.append((devices, load_config(
+            'spec_2gpu.yaml', base + [f'batch_size={per_gpu}'] + extra + m
+            + [f'gpus=[{",".join(devices)}]'])))
     label = f"CPU (small: batch {cfg1['batch_size']}, {iters} iterations)" if a.cpu else \
         torch.cuda.get_device_name(0)
     results = {'machine': label, 'date': time.strftime('%Y-%m-%d'), 'argv': argv,
@@ -278,6 +275,11 @@ def main(argv):
         json.dump(results, f, indent=1)
     print(f"wrote {a.out}")
     return results
+
+
+def main(argv):
+    """bench(argv), a bad config or missing batch files ending in one line."""
+    return run_main(lambda: bench(argv))
 
 
 if __name__ == '__main__':

@@ -330,6 +330,12 @@ CASES = [
     Case('no-train-folder', 'batch files', 'a training folder that does not exist',
          lambda w, c: (T, w.train_args(c, train_folder=os.path.join(w.dir(c), 'nowhere'))),
          ("batch folder", "nowhere' does not exist: run preprocessing",)),
+    Case('bench-no-folder', 'batch files', '`bench.py --cpu` with a validation folder that '
+         'does not exist',
+         lambda w, c: ('bench.py', ['--cpu', f'--out={w.dir(c)}/bench.json'] + [
+             a for a in w.data if not a.startswith('val_folder=')]
+             + [f"val_folder={os.path.join(w.dir(c), 'nowhere')}"]),
+         ("batch folder", "nowhere' does not exist: run preprocessing",)),
     Case('empty-folder', 'batch files', 'a batch folder without .hkl files',
          lambda w, c: (T, w.train_args(c, train_folder=w.batch_folder(c, lambda d: None))),
          ("holds no .hkl batch files",)),
