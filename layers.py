@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from alexnet_lib import fused_pool
+
 LRN_N, LRN_K, LRN_ALPHA, LRN_BETA = 5, 2.0, 1e-4, 0.75  # pylearn2 defaults; alpha not divided by n
 POOL_SIZE, POOL_STRIDE = 3, 2
 FEW_CHANNELS = 4   # a convolution of at most this many input channels runs over pixel blocks
@@ -78,8 +80,9 @@ def max_pool(x):
 class MaxPoolByCodes(torch.autograd.Function):
     """F.max_pool2d(x, 3, 2), the forward also keeping, per output, the window position k =
     3*dy + dx (a byte) of its max -- the first one in row-major order, as PyTorch's pool picks,
-    and NaN wins as there. Written in channels-last (B, H, W, C) terms, so that compiled both
-    directions are single kernels that keep the channels-last layout."""
+    and NaN wins as there. Written in channels-last (B, H, W, C) terms, so that compiled the
+    forward is a single kernel that keeps the channels-last layout; the backward is one Triton
+    kernel on a GPU (alexnet_lib/fused_pool.py), elsewhere the composition below."""
 
     @staticmethod
     def forward(ctx, x):
@@ -109,6 +112,9 @@ class MaxPoolByCodes(torch.autograd.Function):
         interleave into the input's gradient."""
         code, = ctx.saved_tensors
         H, Wd = ctx.input_hw
+        if fused_pool.available(grad_y.device):     # the same sums in one kernel
+            return fused_pool.max_pool_backward(grad_y.permute(0, 2, 3, 1).contiguous(),
+                                                code.contiguous(), H, Wd).permute(0, 3, 1, 2)
         g = grad_y.permute(0, 2, 3, 1)                        # (B, Ho, Wo, C)
         Ho, Wo = g.shape[1:3]
         zero = torch.zeros((), dtype=g.dtype, device=g.device)

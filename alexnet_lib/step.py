@@ -10,8 +10,11 @@ layers and the loss (classifier_loss), the backward pass cut in two at the fc6 i
 rule (sgd.sgd_step_) and, with several replicas, the average (an exchange.Exchanger): with
 average='gradients' the fully connected gradients (96% of them, complete first) travel while the
 convolutional layers' backward runs; with average='weights' weights and momentum are averaged
-after the update, every `every` steps. Compiled, each piece is one torch.compile'd function;
-graphed (one GPU), the whole step is captured after WARMUP steps and replayed as one CUDA graph.
+after the update, every `every` steps. Gradients land in the flat buffer net.grad, which the
+update zeroes; the fully connected weights' gradients are written there as they come
+(WeightGradInto), not added to its zeros. Compiled, each piece is one torch.compile'd
+function; graphed (one GPU), the whole step is captured after WARMUP steps and replayed as one
+CUDA graph.
 The precision of every script (training, validation, classify.py, bench.py) comes from
 precision_of and autocast here.
 """
@@ -78,6 +81,22 @@ def augmented_features(conv_params, images, mean_hwc, offsets, mirror, amp_dtype
     x = crop_mirror(images, mean_hwc, offsets, mirror)
     with autocast(x.device.type, amp_dtype):
         return alex_net.features(conv_params, x)
+
+
+class WeightGradInto(torch.autograd.Function):
+    """W as a layer uses it (cast to dtype, or as it is), its gradient written into W.grad
+    (a view of net.grad, zero before the backward pass) instead of added to it by autograd:
+    the sum with zeros would be one more pass over the gradient, reading it twice."""
+
+    @staticmethod
+    def forward(ctx, W, dtype):
+        ctx.grad = W.grad
+        return W.view_as(W) if dtype is None else W.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.grad.copy_(grad)           # (a bf16 gradient becomes float32 here)
+        return None, None
 
 
 def classifier_loss(fc_params, feats, labels, masks, amp_dtype):
@@ -220,8 +239,10 @@ class TrainStep:
         feats = self.features_fn(net.layer_params[:first_fc], batch.images, self.mean,
                                  batch.offsets, batch.mirror, self.amp_dtype)
         cut = feats.detach().requires_grad_()
-        loss, errors = self.classifier_fn(net.layer_params[first_fc:], cut, batch.labels,
-                                          batch.masks, self.amp_dtype)
+        fc_params = [(WeightGradInto.apply(W, self.amp_dtype), b)
+                     for W, b in net.layer_params[first_fc:]]
+        loss, errors = self.classifier_fn(fc_params, cut, batch.labels, batch.masks,
+                                          self.amp_dtype)
         loss.backward()               # into the flat buffer net.grad, and cut.grad
         gradients = avg is not None and avg.average == 'gradients'
         if gradients:

@@ -109,12 +109,20 @@ def test_pool_by_codes_is_torch_max_pool(shape, channels_last):
 
 
 @pytest.mark.slow
-def test_compiled_max_pool_is_torch_max_pool():
-    """Compiled, max_pool is MaxPoolByCodes; the same values and gradients as eager."""
+@pytest.mark.parametrize('device, dtype, size', [
+    ('cpu', torch.float32, 27),
+    pytest.param('cuda:0', torch.float32, 27, marks=pytest.mark.gpu),
+    pytest.param('cuda:0', torch.bfloat16, 55, marks=pytest.mark.gpu),
+    pytest.param('cuda:0', torch.bfloat16, 14, marks=pytest.mark.gpu)])
+def test_compiled_max_pool_is_torch_max_pool(device, dtype, size):
+    """Compiled, max_pool is MaxPoolByCodes (its backward one Triton kernel on a GPU); the same
+    values and gradients as eager, bit for bit: small integers, many ties, sums exact in bf16;
+    an even size leaves the last row and column in no window."""
     g = torch.Generator().manual_seed(3)
-    x = torch.randint(-3, 4, (2, 6, 27, 27), generator=g).float()
+    x = torch.randint(-3, 4, (2, 6, size, size), generator=g).to(device, dtype)
     x = x.contiguous(memory_format=torch.channels_last)
-    gy = torch.randint(-5, 6, (2, 6, 13, 13), generator=g).float()
+    out = (size - 3) // 2 + 1
+    gy = torch.randint(-5, 6, (2, 6, out, out), generator=g).to(device, dtype)
     grads = []
     for fn in (max_pool, torch.compile(max_pool)):
         xi = x.clone().requires_grad_()

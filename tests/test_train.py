@@ -394,6 +394,50 @@ def test_graphed_step_is_the_compiled_step(small_dataset, tmp_path):
     assert not bad, f"the graphed run is further from the compiled one than run-to-run: {bad}"
 
 
+@pytest.mark.parametrize('precision', ['fp32', 'bf16'])
+def test_step_writes_fc_weight_gradients_and_updates_as_the_rule_says(precision):
+    """The step writes the fully connected weights' gradients into net.grad (they are not added
+    to what is there: the part holds garbage before the step here) and then updates: the same
+    parameters and momentum, bit for bit, as the rule written plainly (autocast's own casts,
+    the whole backward added into a zeroed net.grad, one update over the flat buffers), and
+    net.grad all zero after it, for the next step."""
+    from alexnet_lib.step import amp_dtype_of
+    from alex_net import AlexNet
+    from alexnet_lib.data import Batch
+    from alexnet_lib.sgd import sgd_step_
+    from alexnet_lib.step import (TrainStep, UpdateRule, augmented_features,
+                                  classifier_loss)
+    gen = torch.Generator().manual_seed(5)
+    n = 4
+    batch = Batch(torch.randint(0, 256, (n, 256, 256, 3), dtype=torch.uint8, generator=gen),
+                  torch.randint(0, 10, (n,), generator=gen),
+                  torch.randint(0, 30, (n, 2), generator=gen),
+                  torch.rand(n, generator=gen) < 0.5,
+                  (torch.rand(2, n, 4096, generator=gen) < 0.5).float())
+    mean = torch.rand(256, 256, 3, generator=gen) * 255
+    ours, plain = AlexNet('cpu', n_classes=10), AlexNet('cpu', n_classes=10)
+    # momentum from an earlier step, so that every term of the rule counts
+    ours.momentum.copy_(torch.randn(ours.momentum.shape, generator=gen) * 1e-3)
+    plain.momentum.copy_(ours.momentum)
+    ours.grad[ours.arch.fc_weights] = float('nan')
+    rule = UpdateRule(0.9, 0.0005)
+    step = TrainStep(ours, mean, rule, precision=precision)
+    step.set_lr(0.01)
+    step(batch, 0)
+    amp = amp_dtype_of(precision)
+    feats = augmented_features(plain.layer_params[:5], batch.images, mean, batch.offsets,
+                               batch.mirror, amp)
+    cut = feats.detach().requires_grad_()
+    loss, _ = classifier_loss(plain.layer_params[5:], cut, batch.labels, batch.masks, amp)
+    loss.backward()
+    feats.backward(cut.grad)
+    assert plain.grad[plain.arch.fc_weights].abs().sum() > 0
+    sgd_step_(plain.params, plain.grad, plain.momentum, torch.tensor(0.01),
+              plain.arch.n_weights, 0.9, 0.0005)
+    assert torch.equal(ours.state, plain.state)
+    assert not ours.grad.any()
+
+
 @pytest.mark.slow
 def test_sigterm_finishes_the_step_snapshots_and_resume_matches(small_dataset, two_epochs,
                                                                  tmp_path):
