@@ -1,5 +1,6 @@
-"""dual_mlp.py: the restricted unpickler, the data checks, and the two-process run against the
-one-process reference (CPU: shared host memory; GPU: peer-to-peer copies)."""
+"""dual_mlp.py: the restricted unpickler and the data checks (alexnet_lib/mnist.py), and the
+two-process run against the one-process reference (CPU: shared host memory; GPU: peer-to-peer
+copies)."""
 import gzip
 import json
 import os
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 import dual_mlp
+from alexnet_lib import mnist
 from conftest import call_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,13 +81,13 @@ def test_reads_python2_and_python3_pickles(tmp_path):
     data = _fake_mnist()
     raw = _py2_pickle(data)
     assert b'numpy.core.multiarray' in raw
-    assert _same(dual_mlp.load_mnist_pickle(_write_gz(tmp_path / 'py2.pkl.gz', raw)), data)
+    assert _same(mnist.load_mnist_pickle(_write_gz(tmp_path / 'py2.pkl.gz', raw)), data)
     for protocol in (2, 4, 5):
         path = _write_gz(tmp_path / f'p{protocol:d}.pkl.gz', pickle.dumps(data, protocol=protocol))
-        assert _same(dual_mlp.load_mnist_pickle(path), data), protocol
+        assert _same(mnist.load_mnist_pickle(path), data), protocol
     plain = tmp_path / 'plain.pkl'
     plain.write_bytes(pickle.dumps(data, protocol=2))
-    assert _same(dual_mlp.load_mnist_pickle(str(plain)), data)
+    assert _same(mnist.load_mnist_pickle(str(plain)), data)
 
 
 class _RunsCommand:
@@ -104,16 +106,16 @@ class _Evaluates:
 def test_malicious_pickle_is_refused(tmp_path):
     marker = tmp_path / 'pwned'
     evil = _write_gz(tmp_path / 'evil.pkl.gz', pickle.dumps(_RunsCommand(marker), protocol=2))
-    with pytest.raises(dual_mlp.DatasetError, match=r'refusing to load (posix|os|nt)\.system'):
-        dual_mlp.load_mnist_pickle(evil)
+    with pytest.raises(mnist.DatasetError, match=r'refusing to load (posix|os|nt)\.system'):
+        mnist.load_mnist_pickle(evil)
     assert not marker.exists()
     # inside an otherwise valid dataset too, and through builtins
     data = _fake_mnist()
     nested = ((data[0][0], data[0][1]), data[1], (data[2][0], _Evaluates()))
     path = _write_gz(tmp_path / 'nested.pkl.gz', pickle.dumps(nested, protocol=2))
-    with pytest.raises(dual_mlp.DatasetError,
+    with pytest.raises(mnist.DatasetError,
                        match=r'refusing to load (__builtin__|builtins)\.eval'):
-        dual_mlp.load_mnist_pickle(path)
+        mnist.load_mnist_pickle(path)
     # the command line says so and exits 1 (a bad file) before starting any worker
     assert dual_mlp.main(['cpu', 'cpu', '--dataset', evil]) == 1
     assert not marker.exists()
@@ -129,14 +131,14 @@ def test_malicious_pickle_is_refused(tmp_path):
 ])
 def test_wrong_shape_or_dtype_is_a_clear_error(tmp_path, change, complaint):
     path = _write_gz(tmp_path / 'bad.pkl.gz', pickle.dumps(change(_fake_mnist()), protocol=2))
-    with pytest.raises(dual_mlp.DatasetError, match=complaint):
-        dual_mlp.load_mnist_pickle(path)
+    with pytest.raises(mnist.DatasetError, match=complaint):
+        mnist.load_mnist_pickle(path)
 
 
 def test_not_a_pickle_is_a_clear_error(tmp_path):
     path = _write_gz(tmp_path / 'junk.pkl.gz', b'this is not a pickle')
-    with pytest.raises(dual_mlp.DatasetError, match='junk.pkl.gz'):
-        dual_mlp.load_mnist_pickle(path)
+    with pytest.raises(mnist.DatasetError, match='junk.pkl.gz'):
+        mnist.load_mnist_pickle(path)
 
 
 def _main(args, capsys):
@@ -224,7 +226,7 @@ def test_help_explains_every_option(capsys):
 
 
 def test_embedded_digits_have_the_mnist_format():
-    (tx, ty), (vx, vy), (sx, sy) = dual_mlp.embedded_digits()
+    (tx, ty), (vx, vy), (sx, sy) = mnist.embedded_digits()
     assert tx.shape == (1000, 784) and vx.shape == (397, 784) and sx.shape == (400, 784)
     assert tx.dtype == np.float32 and 0.0 <= tx.min() and tx.max() <= 1.0
     assert set(np.unique(ty)) == set(range(10))

@@ -9,11 +9,12 @@
   forged answers, garbage and an oversized message; the run finishes as if nothing happened.
 * The tracked source is scanned (parsed, not grepped, for Python): no wildcard or 0.0.0.0
   binds, no recv_pyobj/send_pyobj, no pickle.load/loads, Unpickler only with a restricting
-  find_class (dual_mlp's MNIST reader), no torch.load without weights_only=True, no
+  find_class (the MNIST reader of dual_mlp.py), no torch.load without weights_only=True, no
   hickle.load (it can unpickle), every np.load of the product code with allow_pickle=False
   and none anywhere with allow_pickle=True, yaml read with safe_load only, no shell=True. The
   scanner is first shown to find each of these in a planted sample, so it can fail. (That
-  RestrictedUnpickler refuses a malicious MNIST pickle is tested in test_dual_mlp.py.)
+  RestrictedUnpickler (alexnet_lib/mnist.py) refuses a malicious MNIST pickle is tested in
+  test_dual_mlp.py.)
 """
 import ast
 import os
