@@ -83,7 +83,7 @@ def split_args(argv):
 
 def names_from_devkit(meta_file):
     """Label i -> 'WNID words', from the devkit's leaf synsets (ids 1..1000 are the classes)."""
-    from alexnet_lib.imagenet import read_devkit_synsets
+    from alexnet_lib.devkit import read_devkit_synsets
     synsets = read_devkit_synsets(meta_file)
     classes = sorted(w for w, (cid, _) in synsets.items() if 1 <= cid <= N_CLASSES)
     if not classes:

@@ -32,10 +32,11 @@ import argparse
 import os
 
 
+from alexnet_lib.devkit import read_devkit_synsets
 from alexnet_lib.imagenet import (PrepError, add_paths_argument, list_class_folders,
                                   list_train_images, list_val_images, load_paths,
-                                  notice, read_devkit_synsets, require_dir, require_file,
-                                  run_main, write_text_atomic)
+                                  notice, require_dir, require_file, run_main,
+                                  write_text_atomic)
 
 
 def read_ground_truth(gt_file, n_val, val_dir):

@@ -22,7 +22,8 @@ from alexnet_lib import provenance
 from alexnet_lib.batch_files import batch_rows, list_batch_files
 from alexnet_lib.config import ConfigError
 from alexnet_lib.images import IMAGE_SUFFIXES, ImageDecodeError, is_image_name, load_image_256
-from alexnet_lib.imagenet import PrepError, load_paths, read_devkit_synsets
+from alexnet_lib.devkit import read_devkit_synsets
+from alexnet_lib.imagenet import PrepError, load_paths
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREP = os.path.join(REPO, 'preprocessing')
