@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from alexnet_lib import fused_pool
+from alexnet_lib import fused_layers
 
 LRN_N, LRN_K, LRN_ALPHA, LRN_BETA = 5, 2.0, 1e-4, 0.75  # pylearn2 defaults; alpha not divided by n
 POOL_SIZE, POOL_STRIDE = 3, 2
@@ -82,7 +82,7 @@ class MaxPoolByCodes(torch.autograd.Function):
     3*dy + dx (a byte) of its max -- the first one in row-major order, as PyTorch's pool picks,
     and NaN wins as there. Written in channels-last (B, H, W, C) terms, so that compiled the
     forward is a single kernel that keeps the channels-last layout; the backward is one Triton
-    kernel on a GPU (alexnet_lib/fused_pool.py), elsewhere the composition below."""
+    kernel on a GPU (alexnet_lib/fused_layers.py), elsewhere the composition below."""
 
     @staticmethod
     def forward(ctx, x):
@@ -112,8 +112,8 @@ class MaxPoolByCodes(torch.autograd.Function):
         interleave into the input's gradient."""
         code, = ctx.saved_tensors
         H, Wd = ctx.input_hw
-        if fused_pool.available(grad_y.device):     # the same sums in one kernel
-            return fused_pool.max_pool_backward(grad_y.permute(0, 2, 3, 1).contiguous(),
+        if fused_layers.available(grad_y.device):     # the same sums in one kernel
+            return fused_layers.max_pool_backward(grad_y.permute(0, 2, 3, 1).contiguous(),
                                                 code.contiguous(), H, Wd).permute(0, 3, 1, 2)
         g = grad_y.permute(0, 2, 3, 1)                        # (B, Ho, Wo, C)
         Ho, Wo = g.shape[1:3]
@@ -139,13 +139,39 @@ def lrn(x):
     """y = x / (k + alpha * sum_{5 adjacent channels} x^2) ^ beta, the window zero-padded at the
     ends. The window sums are one product with a band matrix of ones: compiled, the pooled
     input is then computed once rather than once per channel of the window (and faster than
-    torch's local_response_norm, which pads and average-pools)."""
+    torch's local_response_norm, which pads and average-pools). Compiled on a GPU, it is
+    LRNFromInput: the same forward, the backward one Triton kernel."""
+    if torch.compiler.is_compiling() and fused_layers.available(x.device):
+        return LRNFromInput.apply(x)
+    return lrn_formula(x)
+
+
+def lrn_formula(x):
+    """lrn(x) as PyTorch operations."""
     C = x.shape[1]
     i = torch.arange(C, device=x.device)
     xf = x.to(torch.promote_types(x.dtype, torch.float32))     # bf16 in, float32 inside
     band = ((i[:, None] - i[None, :]).abs() <= LRN_N // 2).to(xf.dtype)
     window_sums = torch.matmul((xf * xf).permute(0, 2, 3, 1), band).permute(0, 3, 1, 2)
     return (xf / (LRN_K + LRN_ALPHA * window_sums) ** LRN_BETA).to(x.dtype)
+
+
+class LRNFromInput(torch.autograd.Function):
+    """lrn(x), keeping only x for the backward pass, which is one Triton kernel on a GPU
+    (alexnet_lib/fused_layers.py: the window sums computed again from x, in float32)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return lrn_formula(x)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, = ctx.saved_tensors
+        gx = fused_layers.lrn_backward(x.permute(0, 2, 3, 1).contiguous(),
+                                       grad_y.permute(0, 2, 3, 1).contiguous(),
+                                       LRN_N, LRN_K, LRN_ALPHA, LRN_BETA)
+        return gx.permute(0, 3, 1, 2)
 
 
 def dropout(x, mask=None):

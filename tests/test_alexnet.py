@@ -90,6 +90,31 @@ def test_lrn_matches_float64_formula():
     np.testing.assert_allclose(got, np_lrn(x), rtol=1e-12)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('device, dtype, tol', [
+    ('cpu', torch.float32, 1e-5),
+    pytest.param('cuda:0', torch.float32, 1e-5, marks=pytest.mark.gpu),
+    pytest.param('cuda:0', torch.bfloat16, 2 ** -7, marks=pytest.mark.gpu)])
+def test_compiled_lrn_gradient_is_the_float64_gradient(device, dtype, tol):
+    """Compiled (on a GPU: LRNFromInput, its backward one Triton kernel), the LRN's values and
+    input gradient are those of the formula in float64 from the same inputs, up to float32
+    arithmetic and, in bf16, one rounding of the result: channels at both ends of the window,
+    3 channels (fewer than a window) and 96, channels-last as in the network."""
+    g = torch.Generator().manual_seed(4)
+    for C in (96, 3):
+        x = (torch.randn(2, C, 6, 5, generator=g) * 30).to(dtype)
+        gy = torch.randn(2, C, 6, 5, generator=g).to(dtype)
+        x64 = x.double().requires_grad_()
+        want_y = lrn(x64)
+        want_y.backward(gy.double())
+        xi = x.to(device).contiguous(memory_format=torch.channels_last).requires_grad_()
+        y = torch.compile(lrn)(xi)
+        y.backward(gy.to(device).contiguous(memory_format=torch.channels_last))
+        for got, want in ((y, want_y.detach()), (xi.grad, x64.grad)):
+            torch.testing.assert_close(got.detach().cpu().double(), want, rtol=tol,
+                                       atol=tol * want.abs().max().item())
+
+
 @pytest.mark.parametrize('shape', [(2, 5, 55, 55), (2, 4, 27, 27), (1, 3, 13, 13), (2, 3, 14, 16)])
 @pytest.mark.parametrize('channels_last', [False, True])
 def test_pool_by_codes_is_torch_max_pool(shape, channels_last):
