@@ -38,11 +38,14 @@ def sgd_update_(params, grad, momentum, lr, n_weights, mu, weight_decay, use_mom
 
 @torch.no_grad()
 def sgd_step_(params, grad, momentum, lr, n_weights, mu, weight_decay, use_momentum=True,
-              nesterov=False):
-    """sgd_update_, then the gradient buffer zeroed for the next backward pass; compiled, the
-    two are one pass over the buffers."""
+              nesterov=False, written=(0, 0)):
+    """sgd_update_, then the gradient buffer zeroed for the next backward pass to add into,
+    except grad[written[0]:written[1]], which the next backward pass writes (it is left as it
+    is: zeroing it would be a pass over it for nothing)."""
     sgd_update_(params, grad, momentum, lr, n_weights, mu, weight_decay, use_momentum, nesterov)
-    grad.zero_()
+    lo, hi = written
+    grad[:lo].zero_()
+    grad[max(lo, hi):].zero_()
 
 
 def warmup_factor(iteration, warmup_iterations):

@@ -10,9 +10,9 @@ layers and the loss (classifier_loss), the backward pass cut in two at the fc6 i
 rule (sgd.sgd_step_) and, with several replicas, the average (an exchange.Exchanger): with
 average='gradients' the fully connected gradients (96% of them, complete first) travel while the
 convolutional layers' backward runs; with average='weights' weights and momentum are averaged
-after the update, every `every` steps. Gradients land in the flat buffer net.grad, which the
-update zeroes; the fully connected weights' gradients are written there as they come
-(WeightGradInto), not added to its zeros. Compiled, each piece is one torch.compile'd
+after the update, every `every` steps. Gradients land in the flat buffer net.grad: the fully
+connected weights' (96%) are written there as they come (WeightGradInto), the rest added to
+zeros, and the update zeroes only the rest. Compiled, each piece is one torch.compile'd
 function; graphed (one GPU), the whole step is captured after WARMUP steps and replayed as one
 CUDA graph.
 The precision of every script (training, validation, classify.py, bench.py) comes from
@@ -84,9 +84,9 @@ def augmented_features(conv_params, images, mean_hwc, offsets, mirror, amp_dtype
 
 
 class WeightGradInto(torch.autograd.Function):
-    """W as a layer uses it (cast to dtype, or as it is), its gradient written into W.grad
-    (a view of net.grad, zero before the backward pass) instead of added to it by autograd:
-    the sum with zeros would be one more pass over the gradient, reading it twice."""
+    """W as a layer uses it (cast to dtype, or as it is), its gradient written into W.grad (a
+    view of net.grad) over whatever is there, not added to it by autograd: adding to zeros
+    would be one more pass over the gradient, and zeroing it after the update another."""
 
     @staticmethod
     def forward(ctx, W, dtype):
@@ -254,7 +254,8 @@ class TrainStep:
             pending.wait()
         rule = self.rule
         self.update_fn(net.params, net.grad, net.momentum, self.lr, arch.n_weights,
-                       rule.momentum, rule.weight_decay, rule.use_momentum, rule.nesterov)
+                       rule.momentum, rule.weight_decay, rule.use_momentum, rule.nesterov,
+                       written=(arch.fc_weights.start, arch.fc_weights.stop))
         if avg is not None and avg.average == 'weights' and (step + 1) % avg.every == 0:
             avg.exchanger.average_(net.state)
         # detached: no reference keeps this step's autograd graph (and the gradient

@@ -312,10 +312,12 @@ def test_update_step_against_hand_arithmetic(mode):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize('mode', ['momentum', 'nesterov', 'none'])
-def test_fused_update_is_the_rule(mode):
+@pytest.mark.parametrize('mode, written', [('momentum', (0, 0)), ('nesterov', (0, 0)),
+                                           ('none', (0, 0)), ('momentum', (1500, 4000))])
+def test_fused_update_is_the_rule(mode, written):
     """The one-pass Triton update equals sgd_step_ (eager, the rule as written) on buffers of
-    several blocks whose weight/bias boundary falls inside a block, at two rates of one tensor."""
+    several blocks whose weight/bias boundary falls inside a block, at two rates of one tensor;
+    the gradients zeroed but for the part `written` (inside blocks at both ends)."""
     from alexnet_lib import fused_update
     dev = torch.device('cuda:0')
     n, n_w = 5 * fused_update.BLOCK + 77, 3 * fused_update.BLOCK + 1000
@@ -328,14 +330,16 @@ def test_fused_update_is_the_rule(mode):
         ours[1].copy_(start[1])           # this step's gradients, the same for both
         rule[1].copy_(start[1])
         fused_update.sgd_step_(*ours, lr, n_w, 0.9, 0.0005, use_momentum=mode != 'none',
-                               nesterov=mode == 'nesterov')
+                               nesterov=mode == 'nesterov', written=written)
         sgd_step_(*rule, lr, n_w, 0.9, 0.0005, use_momentum=mode != 'none',
-                  nesterov=mode == 'nesterov')
+                  nesterov=mode == 'nesterov', written=written)
     change = (rule[0] - start[0]).abs().max()
     # float32 rounding of the same operations (a fused multiply-add may round once less)
     torch.testing.assert_close(ours[0], rule[0], rtol=2.5e-7, atol=1e-6 * change.item())
     torch.testing.assert_close(ours[2], rule[2], rtol=2.5e-7, atol=1e-6 * change.item())
-    assert not ours[1].any()              # the gradients zeroed for the next backward pass
+    lo, hi = written                      # zeroed for the next backward pass, but for those
+    assert not ours[1][:lo].any() and not ours[1][hi:].any()
+    assert torch.equal(ours[1][lo:hi], start[1][lo:hi])
 
 
 def test_learning_rate_policies():

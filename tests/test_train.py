@@ -399,8 +399,9 @@ def test_step_writes_fc_weight_gradients_and_updates_as_the_rule_says(precision)
     """The step writes the fully connected weights' gradients into net.grad (they are not added
     to what is there: the part holds garbage before the step here) and then updates: the same
     parameters and momentum, bit for bit, as the rule written plainly (autocast's own casts,
-    the whole backward added into a zeroed net.grad, one update over the flat buffers), and
-    net.grad all zero after it, for the next step."""
+    the whole backward added into a zeroed net.grad, one update over the flat buffers); after
+    it net.grad holds zeros for the next backward pass to add to, and in the written part this
+    step's gradients."""
     from alexnet_lib.step import amp_dtype_of
     from alex_net import AlexNet
     from alexnet_lib.data import Batch
@@ -431,11 +432,14 @@ def test_step_writes_fc_weight_gradients_and_updates_as_the_rule_says(precision)
     loss, _ = classifier_loss(plain.layer_params[5:], cut, batch.labels, batch.masks, amp)
     loss.backward()
     feats.backward(cut.grad)
-    assert plain.grad[plain.arch.fc_weights].abs().sum() > 0
+    fc = plain.arch.fc_weights
+    fc_grads = plain.grad[fc].clone()
+    assert fc_grads.abs().sum() > 0
     sgd_step_(plain.params, plain.grad, plain.momentum, torch.tensor(0.01),
               plain.arch.n_weights, 0.9, 0.0005)
     assert torch.equal(ours.state, plain.state)
-    assert not ours.grad.any()
+    assert torch.equal(ours.grad[fc], fc_grads)
+    assert not ours.grad[:fc.start].any() and not ours.grad[fc.stop:].any()
 
 
 @pytest.mark.slow
