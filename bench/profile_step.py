@@ -13,17 +13,20 @@ config.yaml + spec_1gpu.yaml as in train.py; the data they name give the mean
 
 A variant is parts joined by "+" (base+ro): base (the compiled step as it is), eager (not
 compiled), nograph (compiled, without the CUDA graph: its kernel table also names the
-operator that launched each kernel), lrnslice (LRN as a sum of five channel-shifted slices, in
-float32), patches (conv1 as one matrix product of its patches), torchpool (inductor's own max
-pool), ro (mode=reduce-overhead), mat (mode=max-autotune-no-cudagraphs). Environment: B the
-batch (default 256), DEV the device (default cuda:0).
+operator that launched each kernel), unfused (the max pool's and the LRN's backward passes as
+PyTorch compositions, not alexnet_lib/fused_layers.py's kernels), lrnslice (LRN as a sum of
+five channel-shifted slices, in float32), patches (conv1 as one matrix product of its
+patches), torchpool (inductor's own max pool), ro (mode=reduce-overhead), mat
+(mode=max-autotune-no-cudagraphs). Environment: B the batch (default 256), DEV the device
+(default cuda:0).
 """
 import argparse
 import os
 import sys
 import time
 
-VARIANT_PARTS = ('base', 'eager', 'nograph', 'lrnslice', 'patches', 'torchpool', 'ro', 'mat')
+VARIANT_PARTS = ('base', 'eager', 'nograph', 'unfused', 'lrnslice', 'patches', 'torchpool', 'ro',
+                 'mat')
 
 B = int(os.environ.get('B', 256))
 dev = None     # the torch.device, set by main
@@ -64,16 +67,20 @@ def setup(variant):
     import alex_net
     import layers
     from alexnet_lib.config import load_config
+    from alexnet_lib import fused_layers
     if not orig:
         orig.update(lrn=alex_net.lrn, conv_by_blocks=layers.conv_by_blocks,
-                    max_pool=layers.max_pool)
+                    max_pool=layers.max_pool, fused=fused_layers.available)
     torch._dynamo.reset()
     alex_net.lrn = orig['lrn']
     layers.conv_by_blocks, layers.max_pool = orig['conv_by_blocks'], orig['max_pool']
+    fused_layers.available = orig['fused']
     mode = None
     for v in variant.split('+'):
         if v == 'lrnslice':
             alex_net.lrn = lrn_fp32_slices
+        elif v == 'unfused':     # the pool's and the LRN's backward as PyTorch compositions
+            fused_layers.available = lambda device: False
         elif v == 'patches':
             layers.conv_by_blocks = conv_by_patches
         elif v == 'torchpool':   # inductor's own max pool (recomputes windows in the backward)
