@@ -113,8 +113,8 @@ class MaxPoolByCodes(torch.autograd.Function):
         code, = ctx.saved_tensors
         H, Wd = ctx.input_hw
         if fused_layers.available(grad_y.device):     # the same sums in one kernel
-            return fused_layers.max_pool_backward(grad_y.permute(0, 2, 3, 1).contiguous(),
-                                                code.contiguous(), H, Wd).permute(0, 3, 1, 2)
+            return fused_layers.max_pool_backward(dense_nhwc(grad_y), code.contiguous(), H,
+                                                Wd).permute(0, 3, 1, 2)
         g = grad_y.permute(0, 2, 3, 1)                        # (B, Ho, Wo, C)
         Ho, Wo = g.shape[1:3]
         zero = torch.zeros((), dtype=g.dtype, device=g.device)
@@ -168,10 +168,15 @@ class LRNFromInput(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, = ctx.saved_tensors
-        gx = fused_layers.lrn_backward(x.permute(0, 2, 3, 1).contiguous(),
-                                       grad_y.permute(0, 2, 3, 1).contiguous(),
-                                       LRN_N, LRN_K, LRN_ALPHA, LRN_BETA)
+        gx = fused_layers.lrn_backward(dense_nhwc(x), dense_nhwc(grad_y), LRN_N, LRN_K,
+                                       LRN_ALPHA, LRN_BETA)
         return gx.permute(0, 3, 1, 2)
+
+
+def dense_nhwc(x):
+    """(B, C, H, W) as the dense (B, H, W, C) tensor that fused_layers' kernels read (no copy
+    when x is channels-last already, as in the network)."""
+    return x.permute(0, 2, 3, 1).contiguous()
 
 
 def dropout(x, mask=None):

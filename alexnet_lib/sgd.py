@@ -43,9 +43,8 @@ def sgd_step_(params, grad, momentum, lr, n_weights, mu, weight_decay, use_momen
     except grad[written[0]:written[1]], which the next backward pass writes (it is left as it
     is: zeroing it would be a pass over it for nothing)."""
     sgd_update_(params, grad, momentum, lr, n_weights, mu, weight_decay, use_momentum, nesterov)
-    lo, hi = written
-    grad[:lo].zero_()
-    grad[max(lo, hi):].zero_()
+    grad[:written[0]].zero_()
+    grad[written[1]:].zero_()
 
 
 def warmup_factor(iteration, warmup_iterations):

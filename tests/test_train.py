@@ -402,11 +402,10 @@ def test_step_writes_fc_weight_gradients_and_updates_as_the_rule_says(precision)
     the whole backward added into a zeroed net.grad, one update over the flat buffers); after
     it net.grad holds zeros for the next backward pass to add to, and in the written part this
     step's gradients."""
-    from alexnet_lib.step import amp_dtype_of
-    from alex_net import AlexNet
+    from alex_net import FIRST_FC, AlexNet
     from alexnet_lib.data import Batch
     from alexnet_lib.sgd import sgd_step_
-    from alexnet_lib.step import (TrainStep, UpdateRule, augmented_features,
+    from alexnet_lib.step import (TrainStep, UpdateRule, amp_dtype_of, augmented_features,
                                   classifier_loss)
     gen = torch.Generator().manual_seed(5)
     n = 4
@@ -426,10 +425,11 @@ def test_step_writes_fc_weight_gradients_and_updates_as_the_rule_says(precision)
     step.set_lr(0.01)
     step(batch, 0)
     amp = amp_dtype_of(precision)
-    feats = augmented_features(plain.layer_params[:5], batch.images, mean, batch.offsets,
-                               batch.mirror, amp)
+    feats = augmented_features(plain.layer_params[:FIRST_FC], batch.images, mean,
+                               batch.offsets, batch.mirror, amp)
     cut = feats.detach().requires_grad_()
-    loss, _ = classifier_loss(plain.layer_params[5:], cut, batch.labels, batch.masks, amp)
+    loss, _ = classifier_loss(plain.layer_params[FIRST_FC:], cut, batch.labels, batch.masks,
+                              amp)
     loss.backward()
     feats.backward(cut.grad)
     fc = plain.arch.fc_weights
