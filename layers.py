@@ -139,15 +139,7 @@ def lrn(x):
     """y = x / (k + alpha * sum_{5 adjacent channels} x^2) ^ beta, the window zero-padded at the
     ends. The window sums are one product with a band matrix of ones: compiled, the pooled
     input is then computed once rather than once per channel of the window (and faster than
-    torch's local_response_norm, which pads and average-pools). Compiled on a GPU, it is
-    LRNFromInput: the same forward, the backward one Triton kernel."""
-    if torch.compiler.is_compiling() and fused_layers.available(x.device):
-        return LRNFromInput.apply(x)
-    return lrn_formula(x)
-
-
-def lrn_formula(x):
-    """lrn(x) as PyTorch operations."""
+    torch's local_response_norm, which pads and average-pools)."""
     C = x.shape[1]
     i = torch.arange(C, device=x.device)
     xf = x.to(torch.promote_types(x.dtype, torch.float32))     # bf16 in, float32 inside
@@ -156,25 +148,8 @@ def lrn_formula(x):
     return (xf / (LRN_K + LRN_ALPHA * window_sums) ** LRN_BETA).to(x.dtype)
 
 
-class LRNFromInput(torch.autograd.Function):
-    """lrn(x), keeping only x for the backward pass, which is one Triton kernel on a GPU
-    (alexnet_lib/fused_layers.py: the window sums computed again from x, in float32)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return lrn_formula(x)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, = ctx.saved_tensors
-        gx = fused_layers.lrn_backward(dense_nhwc(x), dense_nhwc(grad_y), LRN_N, LRN_K,
-                                       LRN_ALPHA, LRN_BETA)
-        return gx.permute(0, 3, 1, 2)
-
-
 def dense_nhwc(x):
-    """(B, C, H, W) as the dense (B, H, W, C) tensor that fused_layers' kernels read (no copy
+    """(B, C, H, W) as the dense (B, H, W, C) tensor that fused_layers' kernel reads (no copy
     when x is channels-last already, as in the network)."""
     return x.permute(0, 2, 3, 1).contiguous()
 

@@ -13,8 +13,8 @@ config.yaml + spec_1gpu.yaml as in train.py; the data they name give the mean
 
 A variant is parts joined by "+" (base+ro): base (the compiled step as it is), eager (not
 compiled), nograph (compiled, without the CUDA graph: its kernel table also names the
-operator that launched each kernel), unfused (the max pool's and the LRN's backward passes as
-PyTorch compositions, not alexnet_lib/fused_layers.py's kernels), lrnslice (LRN as a sum of
+operator that launched each kernel), unfused (the max pool's backward pass as a PyTorch
+composition, not alexnet_lib/fused_layers.py's kernel), lrnslice (LRN as a sum of
 five channel-shifted slices, in float32), patches (conv1 as one matrix product of its
 patches), torchpool (inductor's own max pool), ro (mode=reduce-overhead), mat
 (mode=max-autotune-no-cudagraphs). Environment: B the batch (default 256), DEV the device
@@ -79,7 +79,7 @@ def setup(variant):
     for v in variant.split('+'):
         if v == 'lrnslice':
             alex_net.lrn = lrn_fp32_slices
-        elif v == 'unfused':     # the pool's and the LRN's backward as PyTorch compositions
+        elif v == 'unfused':     # the pool's backward as a PyTorch composition
             fused_layers.available = lambda device: False
         elif v == 'patches':
             layers.conv_by_blocks = conv_by_patches

@@ -98,10 +98,11 @@ def test_lrn_matches_float64_formula():
     pytest.param('cuda:0', torch.bfloat16, 2 ** -7, 96, marks=pytest.mark.gpu),
     pytest.param('cuda:0', torch.bfloat16, 2 ** -7, 3, marks=pytest.mark.gpu)])
 def test_compiled_lrn_gradient_is_the_float64_gradient(device, dtype, tol, C):
-    """Compiled (on a GPU: LRNFromInput, its backward one Triton kernel), the LRN's values and
-    input gradient are those of the formula in float64 from the same inputs, up to float32
-    arithmetic and, in bf16, one rounding of the result: 96 channels (each end of the window)
-    and 3 (fewer than a window), channels-last as in the network."""
+    """Compiled, the LRN's values and input gradient are those of the formula in float64 from
+    the same inputs, up to float32 arithmetic and, in bf16, one rounding of the result: 96
+    channels (each end of the window) and 3 (fewer than a window), channels-last as in the
+    network. (A custom autograd.Function in its place once compiled to a zero gradient in
+    float32 on a GPU: the backward was traced into the forward graph.)"""
     g = torch.Generator().manual_seed(4)
     x = (torch.randn(2, C, 6, 5, generator=g) * 30).to(dtype)
     gy = torch.randn(2, C, 6, 5, generator=g).to(dtype)
