@@ -7,24 +7,22 @@ it is not meant to be started by hand (``python proc_load.py -h``).
 
 How it works
 ------------
-* Buffers. The trainer owns ``prefetch`` (>= 2) buffers of ``max_rows`` images: CUDA tensors
-  handed to the loader as CUDA IPC handles (the original handed over PyCUDA IPC handles), or on
-  the CPU anonymous shared-memory files (memfd) passed as inherited file descriptors, which no
-  other process can open and which cannot leak when a process is killed. ``prefetch`` counts
-  the buffer being trained on too: 2 is the original's double buffering.
+* Buffers. The trainer owns ``prefetch`` (>= 2) buffers of ``max_rows`` images: anonymous
+  shared-memory files (memfd) passed as inherited file descriptors, which no other process can
+  open and which cannot leak when a process is killed. ``prefetch`` counts the buffer being
+  trained on too: 2 is the original's double buffering. For a GPU the trainer pins them and
+  copies each batch it takes to the device itself, on a CUDA stream of its own that overlaps
+  the training step (the original's loader copied into the trainer's GPU memory through PyCUDA
+  IPC handles; done so here, through CUDA IPC, that cost 8% more waiting end to end).
 * Start. The trainer binds a ZeroMQ PAIR socket at an ipc:// path in a private folder
   (``proc_load-<trainer pid>-XXXXXXXX`` in the temporary folder, mode 0700: no other user can
   connect, and a PAIR socket hears one peer only), starts the loader in a session of its own
-  and writes one JSON line to its stdin: the endpoint, the buffers, the events. The pipe stays
+  and writes one JSON line to its stdin: the endpoint and the buffers. The pipe stays
   open; its end tells the loader that the trainer has gone.
 * Loading. Read threads read chunks of the requested rows (``batch_files.read_rows``: preadv at
-  the dataset's offset in the file) into pinned staging memory; the loader's main thread copies
-  each chunk, in order, into the trainer's buffer on its own CUDA stream, behind the trainer's
-  "free" event of that buffer. Once a request's copies are queued it records the buffer's
-  "ready" event and says 'ready'; the trainer's stream waits for that event before it uses the
-  buffer. Both events are interprocess CUDA events, so neither process waits on the host for
-  the other's GPU work, and reads, copies and training overlap. On the CPU the threads read
-  straight into the shared buffers.
+  the dataset's offset in the file) straight into the shared buffer; once a request's chunks
+  are all read the loader says 'ready'. The trainer asks for a buffer only when it is free
+  (its copy to the GPU done), so the loader never writes one that is being read.
 * Messages. JSON objects, never pickles, every field checked: to the loader 'load' (seq, path,
   lo, hi, buf) and 'stop'; to the trainer 'setup_ok', 'ready' (seq) and 'error' (seq or null,
   message). The loader answers requests in order.
@@ -65,8 +63,7 @@ from alexnet_lib.launch import remove_private_dir
 from alexnet_lib.parallel import (DIR_PREFIX, LOAD, MAX_MESSAGE_BYTES, POLL_MS,
                                   checked_message)
 
-STAGING_REQUESTS = 2        # pinned staging memory: this many full requests
-BUSY_POLL_S = 1e-4          # how often the loader looks at reads and copies in flight
+BUSY_POLL_S = 1e-4          # how often the loader looks at the reads in flight
 
 
 class _ParentGone(Exception):
@@ -88,39 +85,16 @@ class LoaderProcess:
         self.queue = collections.deque()     # chunks not yet read: (seq, buf, path, lo, a, b)
         self.inflight = collections.deque()  # chunks being read or copied, in order
         self.last_seq = 0
-        self.cuda = boot['device'] != 'cpu'
         self.boot = boot
 
     def open_buffers(self, boot):
         shape = (self.max_rows,) + IMAGE_SHAPE
-        if self.cuda:
-            import torch
-            self.torch = torch
-            dev = torch.device(boot['device'])
-            torch.cuda.set_device(dev)
-            self.buffers = []
-            for handle in boot['buffers']:
-                args = [bytes.fromhex(v) if isinstance(v, str) else v for v in handle]
-                t = torch.empty((0,), dtype=torch.uint8, device=dev)
-                t.set_(torch.UntypedStorage._new_shared_cuda(*args), 0, shape)
-                self.buffers.append(t)
-            self.free_events, self.ready_events = (
-                [torch.cuda.Event.from_ipc_handle(dev, bytes.fromhex(h)) for h in boot[k]]
-                for k in ('free_events', 'ready_events'))
-            self.stream = torch.cuda.Stream(dev)
-            slots = STAGING_REQUESTS * -(-self.max_rows // self.chunk_rows)
-            rows = min(self.chunk_rows, self.max_rows)
-            self.staging = [torch.empty((rows,) + IMAGE_SHAPE, dtype=torch.uint8,
-                                        pin_memory=True) for _ in range(slots)]
-            self.copied = [torch.cuda.Event() for _ in range(slots)]
-            self.free_slots = collections.deque(range(slots))
-        else:
-            nbytes = int(np.prod(shape))
-            self.buffers = []
-            for fd in boot['buffers']:
-                self.buffers.append(np.frombuffer(mmap.mmap(fd, nbytes), np.uint8,
-                                                  nbytes).reshape(shape))
-                os.close(fd)
+        nbytes = int(np.prod(shape))
+        self.buffers = []
+        for fd in boot['buffers']:
+            self.buffers.append(np.frombuffer(mmap.mmap(fd, nbytes), np.uint8,
+                                              nbytes).reshape(shape))
+            os.close(fd)
 
     def send(self, msg):
         self.sock.send(json.dumps(msg).encode())
@@ -160,57 +134,32 @@ class LoaderProcess:
         return True
 
     def start_reads(self):
-        while self.queue and (not self.cuda or self.free_slots):
+        while self.queue:
             seq, buf, path, lo, a, b = chunk = self.queue.popleft()
-            if self.cuda:
-                slot = self.free_slots.popleft()
-                out = self.staging[slot][:b - a].numpy()
-            else:
-                slot, out = None, self.buffers[buf][a - lo:b - lo]
-            future = self.pool.submit(read_rows, path, a, b, out)
-            self.inflight.append([chunk, slot, future, False])
+            future = self.pool.submit(read_rows, path, a, b, self.buffers[buf][a - lo:b - lo])
+            self.inflight.append((chunk, future))
 
     def advance(self):
-        """Copies the chunks that were read, in order; says 'ready' for each request whose
-        chunks are all copied (queued, on the GPU); frees the staging of finished copies."""
-        for item in self.inflight:
-            (seq, buf, path, lo, a, b), slot, future, copied = item
-            if copied:
-                continue
-            if not future.done():
-                break
+        """Says 'ready' for each request whose chunks are all read, in order."""
+        while self.inflight and self.inflight[0][1].done():
+            (seq, buf, path, lo, a, b), future = self.inflight.popleft()
             error = future.exception()
             if error is not None:
                 text = str(error) if isinstance(error, BatchFileError) else (
                     f"loader failed on rows [{a}, {b}) of {path!r}: "
                     f"{type(error).__name__}: {error}")
                 raise _Fatal(seq, text)
-            if self.cuda:
-                with self.torch.cuda.stream(self.stream):
-                    if a == lo:        # the trainer's work on this buffer comes first
-                        self.stream.wait_event(self.free_events[buf])
-                    self.buffers[buf][a - lo:b - lo].copy_(self.staging[slot][:b - a],
-                                                          non_blocking=True)
-                    self.copied[slot].record(self.stream)
-            item[3] = True
-            last = not any(c[0] == seq for c in self.queue) and \
-                all(c[0][0] != seq or c[3] for c in self.inflight)
-            if last:
-                if self.cuda:
-                    self.ready_events[buf].record(self.stream)
+            later = self.inflight[0][0] if self.inflight else (
+                self.queue[0] if self.queue else None)
+            if later is None or later[0] != seq:       # the request's last chunk
                 self.send({'type': 'ready', 'seq': seq})
-        while self.inflight and self.inflight[0][3] and (
-                not self.cuda or self.copied[self.inflight[0][1]].query()):
-            _, slot, _, _ = self.inflight.popleft()
-            if self.cuda:
-                self.free_slots.append(slot)
 
     def run(self):
         try:
             self.open_buffers(self.boot)
         except Exception as e:
-            raise _Fatal(None, f"loader cannot open the trainer's {self.boot['device']} "
-                               f"buffers: {type(e).__name__}: {e}") from e
+            raise _Fatal(None, f"loader cannot open the trainer's buffers: "
+                               f"{type(e).__name__}: {e}") from e
         self.send({'type': 'setup_ok'})
         while True:
             busy = bool(self.inflight)
@@ -223,12 +172,6 @@ class LoaderProcess:
                 time.sleep(BUSY_POLL_S)
 
     def close(self):
-        if self.cuda and self.inflight:
-            # copies already queued finish before the IPC mappings go (bounded: a copy may wait
-            # on an event of a trainer that died, which never completes)
-            end = time.monotonic() + 2.0
-            while time.monotonic() < end and not self.copied[self.inflight[-1][1]].query():
-                time.sleep(1e-3)
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.sock.close(linger=2000)     # an error message reaches the trainer before we go
         self.ctx.term()
@@ -260,7 +203,7 @@ def _read_boot(timeout):
         boot = json.loads(data.split(b'\n', 1)[0])
     except ValueError:
         boot = None
-    fields = {'endpoint': (str,), 'parent_pid': (int,), 'device': (str,), 'max_rows': (int,),
+    fields = {'endpoint': (str,), 'parent_pid': (int,), 'max_rows': (int,),
               'chunk_rows': (int,), 'read_threads': (int,), 'buffers': (list,)}
     if (checked_message(boot, fields) is None or not boot['endpoint'].startswith('ipc://')
             or min(boot['max_rows'], boot['chunk_rows'], boot['read_threads']) < 1):
@@ -274,7 +217,7 @@ def main(argv=None):
                     "alexnet_lib.parallel.ParallelLoader, one per trainer: it reads a start-up "
                     "line (the trainer's private ipc:// endpoint and buffers) from its stdin "
                     "and reads the requested rows of batch files into the trainer's buffers "
-                    "(CUDA IPC or shared memory), answering 'ready' for each. It exits on "
+                    "(shared memory), answering 'ready' for each. It exits on "
                     "'stop', when the trainer dies (stdin ends or the parent changes), and on "
                     "SIGINT; it ignores SIGTERM (its trainer decides). On its way out it "
                     "removes the trainer's socket folder.")
@@ -297,8 +240,7 @@ def main(argv=None):
             loader.send({'type': 'error', 'seq': e.seq, 'message': str(e)})
             return 1
         except _ParentGone:
-            # nobody is left to use the buffers: skip the interpreter's and CUDA's teardown,
-            # which could wait on GPU work of the dead trainer
+            # nobody is left to use the buffers: exit at once, reads in flight included
             remove_private_dir(folder, DIR_PREFIX)
             sys.stderr.flush()
             os._exit(0)

@@ -77,24 +77,17 @@ def _exit_text(returncode):
 # trainer side
 
 class SharedBuffers:
-    """The `prefetch` buffers the loader fills. On a GPU: CUDA tensors handed over as IPC
-    handles, each with an interprocess 'free' event (the trainer's work on it is done) and
-    'ready' event (the loader's copies into it are). On the CPU: anonymous shared-memory files
-    (memfd) passed to the loader as inherited file descriptors."""
+    """The `prefetch` buffers the loader fills: anonymous shared-memory files (memfd) passed to
+    the loader as inherited file descriptors. For a GPU the trainer pins them (cudaHostRegister)
+    and copies each taken batch into one of two device buffers on a stream of its own, behind
+    the GPU work that last read that device buffer; the loader itself needs no CUDA. (The
+    loader copying into the trainer's GPU buffers through CUDA IPC, behind interprocess events,
+    cost end to end 8% more waiting on one H200: BENCHMARKS.md.)"""
 
     def __init__(self, device, shape, prefetch):
         import torch
         self.device, self.cuda = device, device.type == 'cuda'
-        self.tensors, self.mmaps, self.fds = [], [], []
-        self.free_events = self.ready_events = None
-        if self.cuda:
-            with torch.cuda.device(device):
-                self.tensors = [torch.empty(shape, dtype=torch.uint8, device=device)
-                                for _ in range(prefetch)]
-                self.free_events, self.ready_events = (
-                    [torch.cuda.Event(interprocess=True) for _ in range(prefetch)]
-                    for _ in range(2))
-            return
+        self.tensors, self.mmaps, self.fds, self.pinned = [], [], [], []
         nbytes = int(np.prod(shape))
         for i in range(prefetch):
             fd = os.memfd_create(f'proc_load_buf{i}')
@@ -104,14 +97,25 @@ class SharedBuffers:
             self.mmaps.append(mm)
             self.tensors.append(torch.from_numpy(
                 np.frombuffer(mm, np.uint8, nbytes).reshape(shape)))
+        if self.cuda:
+            self.cudart = torch.cuda.cudart()
+            for t in self.tensors:
+                rc = self.cudart.cudaHostRegister(t.data_ptr(), nbytes, 0)
+                if int(rc) != 0:
+                    raise RuntimeError(f"cudaHostRegister of a {nbytes}-byte loader buffer "
+                                       f"failed: {rc}")
+                self.pinned.append(t.data_ptr())
+            with torch.cuda.device(device):
+                self.on_device = [torch.empty(shape, dtype=torch.uint8, device=device)
+                                  for _ in range(2)]
+                self.stream = torch.cuda.Stream(device)
+                self.copied, self.read = ([torch.cuda.Event() for _ in range(2)]
+                                          for _ in range(2))
+            self.next_slot, self.slot_of = 0, {}
 
     def boot(self):
         """What the loader's start-up line says of them."""
-        if not self.cuda:
-            return {'buffers': self.fds}
-        return {'buffers': [_ipc_handle(t) for t in self.tensors],
-                'free_events': [bytes(e.ipc_handle()).hex() for e in self.free_events],
-                'ready_events': [bytes(e.ipc_handle()).hex() for e in self.ready_events]}
+        return {'buffers': self.fds}
 
     def close_fds(self):
         """Once the loader has its own copies of the files (the mappings stay)."""
@@ -120,31 +124,44 @@ class SharedBuffers:
         self.fds = []
 
     def take(self, buf, rows):
-        """The first `rows` images of buffer `buf`, which the loader has filled (on the GPU:
-        the current stream waits for its copies)."""
-        if self.cuda:
-            import torch
-            torch.cuda.current_stream(self.device).wait_event(self.ready_events[buf])
-        return self.tensors[buf][:rows]
+        """The first `rows` images of buffer `buf`, which the loader has filled; on a GPU
+        their copy on the device, which the current stream waits for."""
+        if not self.cuda:
+            return self.tensors[buf][:rows]
+        import torch
+        slot, self.next_slot = self.next_slot, 1 - self.next_slot
+        self.slot_of[buf] = slot
+        out = self.on_device[slot][:rows]
+        self.stream.wait_event(self.read[slot])     # the work that last read this slot
+        with torch.cuda.stream(self.stream):
+            out.copy_(self.tensors[buf][:rows], non_blocking=True)
+            self.copied[slot].record(self.stream)
+        torch.cuda.current_stream(self.device).wait_event(self.copied[slot])
+        return out
 
     def give_back(self, buf):
-        """On the GPU: the loader may overwrite `buf` once the work queued on it so far is done."""
+        """The loader may refill `buf` (on a GPU once its copy is done: a wait of the host,
+        short, as the work queued since needed that copy first)."""
         if self.cuda:
             import torch
-            self.free_events[buf].record(torch.cuda.current_stream(self.device))
+            slot = self.slot_of.pop(buf)
+            self.read[slot].record(torch.cuda.current_stream(self.device))
+            self.copied[slot].synchronize()
 
     def close(self):
         self.close_fds()
-        self.tensors, self.free_events, self.ready_events = [], None, None
+        if self.pinned:
+            self.stream.synchronize()
+            for ptr in self.pinned:
+                self.cudart.cudaHostUnregister(ptr)
+            self.pinned = []
+        self.tensors = []
         for mm in self.mmaps:
             try:
                 mm.close()
             except BufferError:   # a consumer still holds a tensor: freed when it is dropped
                 pass
         self.mmaps = []
-        if self.cuda:
-            import torch
-            torch.cuda.ipc_collect()   # blocks the loader held through IPC, now released
 
 
 class ParallelLoader(BatchLoader):
@@ -185,7 +202,7 @@ class ParallelLoader(BatchLoader):
             self._sock.bind(self.endpoint)
             self._buffers = SharedBuffers(self.device, (max_rows,) + IMAGE_SHAPE, prefetch)
             boot = {'endpoint': self.endpoint, 'parent_pid': os.getpid(),
-                    'device': str(self.device), 'max_rows': max_rows,
+                    'max_rows': max_rows,
                     'chunk_rows': int(chunk_rows), 'read_threads': int(read_threads),
                     **self._buffers.boot()}
             self._stderr = tempfile.TemporaryFile()
@@ -500,7 +517,3 @@ def _file_tail(f):
     except (AttributeError, OSError, ValueError):
         return ''
 
-
-def _ipc_handle(t):
-    """A CUDA tensor's IPC handle (storage._share_cuda_()) as JSON: bytes in hex."""
-    return [v.hex() if isinstance(v, bytes) else v for v in t.untyped_storage()._share_cuda_()]

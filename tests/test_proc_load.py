@@ -1,5 +1,6 @@
 """Parallel loading (proc_load.py): a real loader process, real ZeroMQ sockets, real shared memory
-(CPU) or CUDA IPC (tests marked gpu), real batch files written with batch_files.write_batch."""
+(on a GPU, tests marked gpu: pinned and copied to the device by the trainer), real batch files
+written with batch_files.write_batch."""
 import json
 import os
 import select
@@ -481,8 +482,9 @@ def test_gpu_delivers_like_serial(dataset, prefetch):
 @gpu
 @needs_cuda
 def test_gpu_buffer_not_overwritten_while_gpu_still_reads_it(dataset):
-    """The consumer queues slow GPU work on an item and moves on at once: the loader must not
-    overwrite that buffer before the work has run (the interprocess 'free' event)."""
+    """The consumer queues slow GPU work on an item and moves on at once: neither the loader
+    (its shared buffer) nor a later copy (the device buffer) may overwrite the item before the
+    work has run."""
     files, _ = dataset
     reqs = [(f, 0, B) for f in files] * 2
     want = serial(reqs, 'cuda')
@@ -521,14 +523,14 @@ def test_gpu_loader_errors(dataset, tmp_path):
 @gpu
 @needs_cuda
 def test_gpu_dead_trainer_makes_loader_exit(dataset):
-    """The trainer dies while the loader's copy waits (GPU-side) on the trainer's event behind a
-    long kernel: the loader must still go within seconds."""
+    """The trainer dies while its GPU runs a long kernel that a batch's copy waits behind: the
+    loader must still go within seconds."""
     code = ("import time, torch\n"
             "from alexnet_lib.parallel import ParallelLoader\n"
             f"l = ParallelLoader('cuda', max_rows={B:d}, prefetch=2)\n"
             f"it = l.iterate([({files_0(dataset)!r}, 0, {B:d})] * 1000)\n"
             "x = next(it); torch.cuda._sleep(20_000_000_000); x.sum()\n"
-            "next(it)   # frees x's buffer: the loader's next copy into it waits for the sleep\n"
+            "next(it); next(it)   # the copy into x's device buffer waits for the sleep\n"
             "time.sleep(0.5)\n"
             "print(l.pid, flush=True)\n"
             "time.sleep(120)\n")
