@@ -8,7 +8,9 @@
 #   bash bench/gpu_session.sh table1    OUT        # one GPU, defaults (bf16): Table 1 with the
 #                                                  # peers; tf32 and strict fp32; the loader
 #   bash bench/gpu_session.sh profile   OUT        # the compiled step's kernels (profile_step.py),
-#                                                  # and without the fused_layers kernel
+#                                                  # also with the fc gradients from cuBLAS in
+#                                                  # float32 (fcinto), and without a graph (the
+#                                                  # table names each kernel's operator)
 #   bash bench/gpu_session.sh probe     OUT        # where end to end loses time to loading
 #                                                  # (probe_loading.py: variants in turns)
 #   bash bench/gpu_session.sh precision OUT        # bf16 vs fp32 on the toy data, 8 seeds each
@@ -106,7 +108,7 @@ table1)
         precision=fp32 2>&1 | tee "$out/table1_fp32.log"
     python3 bench/bench_loader.py --json "$out/loader.json" 2>&1 | tee "$out/loader.log" ;;
 profile)
-    python3 bench/profile_step.py 'base!' 'unfused!' spec_toy.yaml 2>&1 | tee "$out/profile.log" ;;
+    python3 bench/profile_step.py 'base!' 'fcinto!' 'nograph!' spec_toy.yaml 2>&1 | tee "$out/profile.log" ;;
 probe)
     python3 bench/probe_loading.py --rounds 2 --iters 300 2>&1 | tee "$out/probe.log" ;;
 precision)

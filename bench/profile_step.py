@@ -14,7 +14,9 @@ config.yaml + spec_1gpu.yaml as in train.py; the data they name give the mean
 A variant is parts joined by "+" (base+ro): base (the compiled step as it is), eager (not
 compiled), nograph (compiled, without the CUDA graph: its kernel table also names the
 operator that launched each kernel), unfused (the max pool's backward pass as a PyTorch
-composition, not alexnet_lib/fused_layers.py's kernel), lrnslice (LRN as a sum of
+composition, not alexnet_lib/fused_layers.py's kernel), fcinto (the fully connected layers
+eager, their backward writing the weights' gradients into net.grad in float32 from the matrix
+product itself: fc_grad_into below), lrnslice (LRN as a sum of
 five channel-shifted slices, in float32), patches (conv1 as one matrix product of its
 patches), torchpool (inductor's own max pool), ro (mode=reduce-overhead), mat
 (mode=max-autotune-no-cudagraphs). Environment: B the batch (default 256), DEV the device
@@ -25,8 +27,8 @@ import os
 import sys
 import time
 
-VARIANT_PARTS = ('base', 'eager', 'nograph', 'unfused', 'lrnslice', 'patches', 'torchpool', 'ro',
-                 'mat')
+VARIANT_PARTS = ('base', 'eager', 'nograph', 'unfused', 'fcinto', 'lrnslice', 'patches',
+                 'torchpool', 'ro', 'mat')
 
 B = int(os.environ.get('B', 256))
 dev = None     # the torch.device, set by main
@@ -57,6 +59,56 @@ def conv_by_patches(x, W, stride):
     return y.view(B, Ho, Wo, O).permute(0, 3, 1, 2)
 
 
+def fc_grad_into():
+    """The 'fcinto' variant's classifier_loss and WeightGradInto: the fully connected layers as
+    an autograd Function, run eagerly, whose backward has the matrix product write W's and b's
+    gradients into W.grad and b.grad (views of net.grad) in float32 itself (cuBLAS: bf16
+    products summed and written in float32), where the step casts the bf16 gradient autograd
+    made and copies it (WeightGradInto)."""
+    import torch
+    import torch.nn.functional as F
+    import alex_net
+
+    class FcGradInto(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, W, b, dtype):
+            dtype = dtype or W.dtype
+            xc, Wc = x.to(dtype), W.to(dtype)
+            ctx.save_for_backward(xc, Wc)
+            ctx.grads = W.grad, b.grad
+            return torch.addmm(b.to(dtype), xc, Wc)
+
+        @staticmethod
+        def backward(ctx, gy):
+            xc, Wc = ctx.saved_tensors
+            gW, gb = ctx.grads
+            if gy.dtype == gW.dtype:
+                torch.mm(xc.t(), gy, out=gW)
+            elif gy.is_cuda:
+                torch.mm(xc.t(), gy, out_dtype=gW.dtype, out=gW)
+            else:                # (out_dtype is CUDA's): the same products, in float32
+                torch.mm(xc.t().to(gW.dtype), gy.to(gW.dtype), out=gW)
+            torch.sum(gy, 0, dtype=gb.dtype, out=gb)
+            return gy.mm(Wc.t()), None, None, None
+
+    @torch.compiler.disable
+    def classifier_loss(fc_params, feats, labels, masks, amp_dtype):
+        x = feats
+        for i, (W, b) in enumerate(fc_params, alex_net.FIRST_FC):
+            x = FcGradInto.apply(x, W, b, amp_dtype)
+            if alex_net.LAYERS[i].relu:
+                x = torch.relu(x)
+            if alex_net.LAYERS[i].dropout:
+                x = alex_net.dropout(x, masks[alex_net.DROPOUT_LAYERS.index(i)])
+        loss = F.cross_entropy(x.float(), labels)
+        return loss, (x.argmax(1) != labels).sum()
+
+    class AsItIs:
+        apply = staticmethod(lambda W, dtype: W)
+
+    return classifier_loss, AsItIs
+
+
 CONFIG_WORDS = []    # key=value and yaml files of the command line
 
 
@@ -68,13 +120,18 @@ def setup(variant):
     import layers
     from alexnet_lib.config import load_config
     from alexnet_lib import fused_layers
+    from alexnet_lib import step as step_module
     if not orig:
         orig.update(lrn=alex_net.lrn, conv_by_blocks=layers.conv_by_blocks,
-                    max_pool=layers.max_pool, fused=fused_layers.available)
+                    max_pool=layers.max_pool, fused=fused_layers.available,
+                    classifier_loss=step_module.classifier_loss,
+                    weight_grad_into=step_module.WeightGradInto)
     torch._dynamo.reset()
     alex_net.lrn = orig['lrn']
     layers.conv_by_blocks, layers.max_pool = orig['conv_by_blocks'], orig['max_pool']
     fused_layers.available = orig['fused']
+    step_module.classifier_loss = orig['classifier_loss']
+    step_module.WeightGradInto = orig['weight_grad_into']
     mode = None
     for v in variant.split('+'):
         if v == 'lrnslice':
@@ -85,6 +142,8 @@ def setup(variant):
             layers.conv_by_blocks = conv_by_patches
         elif v == 'torchpool':   # inductor's own max pool (recomputes windows in the backward)
             layers.max_pool = lambda x: F.max_pool2d(x, 3, 2)
+        elif v == 'fcinto':
+            step_module.classifier_loss, step_module.WeightGradInto = fc_grad_into()
         elif v == 'ro':
             mode = 'reduce-overhead'
         elif v == 'mat':
