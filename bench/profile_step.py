@@ -1,6 +1,7 @@
-"""Device experiment: where the compiled bf16 training step spends its time, and
-variants of it. The variants patch the functions that the step compiles; those that became
-the code were taken out of this script (BENCHMARKS.md has their figures). Each variant times
+"""Device experiment: where the compiled training step (bf16 unless precision=... says
+otherwise) spends its time, and variants of it. The variants patch the functions that the
+step compiles; those that became the code were taken out of this script (BENCHMARKS.md has
+their figures). Each variant times
 step.TrainStep, the training loop's own step, on one batch already on the device (the
 configured data give the mean; the labels are random). Run from the repository root on a GPU:
 
@@ -16,19 +17,21 @@ compiled), nograph (compiled, without the CUDA graph: its kernel table also name
 operator that launched each kernel), unfused (the max pool's backward pass as a PyTorch
 composition, not alexnet_lib/fused_layers.py's kernel), fcinto (the fully connected layers
 eager, their backward writing the weights' gradients into net.grad in float32 from the matrix
-product itself: fc_grad_into below), lrnslice (LRN as a sum of
-five channel-shifted slices, in float32), patches (conv1 as one matrix product of its
-patches), torchpool (inductor's own max pool), ro (mode=reduce-overhead), mat
-(mode=max-autotune-no-cudagraphs). Environment: B the batch (default 256), DEV the device
-(default cuda:0).
+product itself: fc_grad_into below), nchw (every convolution's input contiguous (B, C, H, W),
+not channels-last: whether cuDNN's tf32 and fp32 algorithms run faster on that layout),
+lrnslice (LRN as a sum of five channel-shifted slices, in float32), patches (conv1 as one
+matrix product of its patches), torchpool (inductor's own max pool), ro
+(mode=reduce-overhead), mat (mode=max-autotune-no-cudagraphs). Environment: B the batch
+(default 256), DEV the device (default cuda:0).
 """
 import argparse
 import os
 import sys
 import time
+import types
 
-VARIANT_PARTS = ('base', 'eager', 'nograph', 'unfused', 'fcinto', 'lrnslice', 'patches',
-                 'torchpool', 'ro', 'mat')
+VARIANT_PARTS = ('base', 'eager', 'nograph', 'unfused', 'fcinto', 'nchw', 'lrnslice',
+                 'patches', 'torchpool', 'ro', 'mat')
 
 B = int(os.environ.get('B', 256))
 dev = None     # the torch.device, set by main
@@ -129,6 +132,7 @@ def setup(variant):
     torch._dynamo.reset()
     alex_net.lrn = orig['lrn']
     layers.conv_by_blocks, layers.max_pool = orig['conv_by_blocks'], orig['max_pool']
+    layers.F = F
     fused_layers.available = orig['fused']
     step_module.classifier_loss = orig['classifier_loss']
     step_module.WeightGradInto = orig['weight_grad_into']
@@ -142,6 +146,9 @@ def setup(variant):
             layers.conv_by_blocks = conv_by_patches
         elif v == 'torchpool':   # inductor's own max pool (recomputes windows in the backward)
             layers.max_pool = lambda x: F.max_pool2d(x, 3, 2)
+        elif v == 'nchw':        # every convolution's input contiguous (B, C, H, W)
+            layers.F = types.SimpleNamespace(**{
+                **vars(F), 'conv2d': lambda x, W, **kw: F.conv2d(x.contiguous(), W, **kw)})
         elif v == 'fcinto':
             step_module.classifier_loss, step_module.WeightGradInto = fc_grad_into()
         elif v == 'ro':
