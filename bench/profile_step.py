@@ -1,9 +1,9 @@
 """Device experiment: where the compiled training step (bf16 unless precision=... says
 otherwise) spends its time, and variants of it. The variants patch the functions that the
 step compiles; those that became the code were taken out of this script (BENCHMARKS.md has
-their figures). Each variant times
-step.TrainStep, the training loop's own step, on one batch already on the device (the
-configured data give the mean; the labels are random). Run from the repository root on a GPU:
+their figures). Each variant times step.TrainStep, the training loop's own step, on one batch
+already on the device (the configured data give the mean; the labels are random). Run from
+the repository root on a GPU:
 
     python3 bench/profile_step.py 'base!' patches torchpool   # "!" adds a kernel table
     B=2 DEV=cpu python3 bench/profile_step.py eager spec_toy.yaml   # a CPU check of the script
