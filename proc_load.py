@@ -60,8 +60,8 @@ import zmq
 
 from alexnet_lib.batch_files import IMAGE_SHAPE, BatchFileError, read_rows
 from alexnet_lib.launch import remove_private_dir
-from alexnet_lib.parallel import (DIR_PREFIX, LOAD, MAX_MESSAGE_BYTES, POLL_MS,
-                                  checked_message)
+from alexnet_lib.loader_messages import (DIR_PREFIX, LOAD, MAX_MESSAGE_BYTES, POLL_MS,
+                                         checked_message)
 
 BUSY_POLL_S = 1e-4          # how often the loader looks at the reads in flight
 

@@ -11,7 +11,6 @@ fills and hands out their images, request by request.
 """
 import collections
 import json
-import mmap
 import os
 import signal
 import subprocess
@@ -19,44 +18,28 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import zmq
 
 from alexnet_lib.batch_files import IMAGE_SHAPE
 from alexnet_lib.data import BatchLoader
 from alexnet_lib.errors import UserError
 from alexnet_lib.launch import private_dir, remove_private_dir
+from alexnet_lib.loader_messages import (DIR_PREFIX, MAX_MESSAGE_BYTES, POLL_MS, TO_TRAINER,
+                                         checked_message)
+from alexnet_lib.shared_buffers import SharedBuffers
 
 LOADER_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))),
                              'proc_load.py')
-CHUNK_ROWS = 32             # rows per read (6.3 MB) and per copy to the GPU
+CHUNK_ROWS = 32             # rows per read (6.3 MB)
 READ_THREADS = min(8, os.cpu_count() or 1)
-POLL_MS = 100               # liveness checks at least this often in every wait
 STOP_WAIT_S = 5.0           # how long close() waits for the loader before terminating it
 DEATH_GRACE_S = 0.5         # after the loader died: how long to wait for its last messages
-DIR_PREFIX = 'proc_load'    # the socket's private folder: proc_load-<trainer pid>-XXXXXXXX
 SOCKET_NAME = 'loader'
 STDERR_TAIL = 4000
-MAX_MESSAGE_BYTES = 1 << 16
 
 
 class LoaderError(UserError):
     """The loader process failed (a missing or corrupt batch file, named in the message) or died."""
-
-
-def checked_message(msg, fields):
-    """msg if it is a dict whose listed fields have exactly the listed types, else None."""
-    if not isinstance(msg, dict):
-        return None
-    for name, types in fields.items():
-        if type(msg.get(name, ...)) not in types:    # exact: no bool for int
-            return None
-    return msg
-
-
-TO_TRAINER = {'setup_ok': {}, 'ready': {'seq': (int,)},
-              'error': {'seq': (int, type(None)), 'message': (str,)}}
-LOAD = {'seq': (int,), 'path': (str,), 'lo': (int,), 'hi': (int,), 'buf': (int,)}
 
 
 def _interrupted(returncode):
@@ -75,94 +58,6 @@ def _exit_text(returncode):
 
 # ---------------------------------------------------------------------------------------------
 # trainer side
-
-class SharedBuffers:
-    """The `prefetch` buffers the loader fills: anonymous shared-memory files (memfd) passed to
-    the loader as inherited file descriptors. For a GPU the trainer pins them (cudaHostRegister)
-    and copies each taken batch into one of two device buffers on a stream of its own, behind
-    the GPU work that last read that device buffer; the loader itself needs no CUDA. (The
-    loader copying into the trainer's GPU buffers through CUDA IPC, behind interprocess events,
-    cost end to end 8% more waiting on one H200: BENCHMARKS.md.)"""
-
-    def __init__(self, device, shape, prefetch):
-        import torch
-        self.device, self.cuda = device, device.type == 'cuda'
-        self.tensors, self.mmaps, self.fds, self.pinned = [], [], [], []
-        nbytes = int(np.prod(shape))
-        for i in range(prefetch):
-            fd = os.memfd_create(f'proc_load_buf{i}')
-            self.fds.append(fd)
-            os.ftruncate(fd, nbytes)
-            mm = mmap.mmap(fd, nbytes)
-            self.mmaps.append(mm)
-            self.tensors.append(torch.from_numpy(
-                np.frombuffer(mm, np.uint8, nbytes).reshape(shape)))
-        if self.cuda:
-            self.cudart = torch.cuda.cudart()
-            for t in self.tensors:
-                rc = self.cudart.cudaHostRegister(t.data_ptr(), nbytes, 0)
-                if int(rc) != 0:
-                    raise RuntimeError(f"cudaHostRegister of a {nbytes}-byte loader buffer "
-                                       f"failed: {rc}")
-                self.pinned.append(t.data_ptr())
-            with torch.cuda.device(device):
-                self.on_device = [torch.empty(shape, dtype=torch.uint8, device=device)
-                                  for _ in range(2)]
-                self.stream = torch.cuda.Stream(device)
-                self.copied, self.read = ([torch.cuda.Event() for _ in range(2)]
-                                          for _ in range(2))
-            self.next_slot, self.slot_of = 0, {}
-
-    def boot(self):
-        """What the loader's start-up line says of them."""
-        return {'buffers': self.fds}
-
-    def close_fds(self):
-        """Once the loader has its own copies of the files (the mappings stay)."""
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
-
-    def take(self, buf, rows):
-        """The first `rows` images of buffer `buf`, which the loader has filled; on a GPU
-        their copy on the device, which the current stream waits for."""
-        if not self.cuda:
-            return self.tensors[buf][:rows]
-        import torch
-        slot, self.next_slot = self.next_slot, 1 - self.next_slot
-        self.slot_of[buf] = slot
-        out = self.on_device[slot][:rows]
-        self.stream.wait_event(self.read[slot])     # the work that last read this slot
-        with torch.cuda.stream(self.stream):
-            out.copy_(self.tensors[buf][:rows], non_blocking=True)
-            self.copied[slot].record(self.stream)
-        torch.cuda.current_stream(self.device).wait_event(self.copied[slot])
-        return out
-
-    def give_back(self, buf):
-        """The loader may refill `buf` (on a GPU once its copy is done: a wait of the host,
-        short, as the work queued since needed that copy first)."""
-        if self.cuda:
-            import torch
-            slot = self.slot_of.pop(buf)
-            self.read[slot].record(torch.cuda.current_stream(self.device))
-            self.copied[slot].synchronize()
-
-    def close(self):
-        self.close_fds()
-        if self.pinned:
-            self.stream.synchronize()
-            for ptr in self.pinned:
-                self.cudart.cudaHostUnregister(ptr)
-            self.pinned = []
-        self.tensors = []
-        for mm in self.mmaps:
-            try:
-                mm.close()
-            except BufferError:   # a consumer still holds a tensor: freed when it is dropped
-                pass
-        self.mmaps = []
-
 
 class ParallelLoader(BatchLoader):
     """Delivers batch-file rows into the trainer's memory from a loader process.
