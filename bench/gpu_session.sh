@@ -11,6 +11,8 @@
 #                                                  # also with the fc gradients from cuBLAS in
 #                                                  # float32 (fcinto), and without a graph (the
 #                                                  # table names each kernel's operator)
+#   bash bench/gpu_session.sh layouts   OUT        # tf32 and fp32 steps, channels-last (as they
+#                                                  # are) against NCHW convolution inputs
 #   bash bench/gpu_session.sh probe     OUT        # where end to end loses time to loading
 #                                                  # (probe_loading.py: variants in turns)
 #   bash bench/gpu_session.sh precision OUT        # bf16 vs fp32 on the toy data, 8 seeds each
@@ -27,11 +29,11 @@
 case "${1:-}" in -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-usage="usage: gpu_session.sh tests|compare|table1|profile|probe|precision|modes|rules|scale128|scale256 OUT [OLD]"
+usage="usage: gpu_session.sh tests|compare|table1|profile|layouts|probe|precision|modes|rules|scale128|scale256 OUT [OLD]"
 stage=${1:?$usage}
 out=${2:?$usage}
 case "$stage" in
-    tests | compare | table1 | profile | probe | precision | modes | rules | scale128 | scale256) ;;
+    tests | compare | table1 | profile | layouts | probe | precision | modes | rules | scale128 | scale256) ;;
     *) echo "unknown stage '$stage': $usage"; exit 2 ;;
 esac
 mkdir -p "$out"
@@ -109,6 +111,10 @@ table1)
     python3 bench/bench_loader.py --json "$out/loader.json" 2>&1 | tee "$out/loader.log" ;;
 profile)
     python3 bench/profile_step.py 'base!' 'fcinto!' 'nograph!' spec_toy.yaml 2>&1 | tee "$out/profile.log" ;;
+layouts)
+    for precision in tf32 fp32; do
+        python3 bench/profile_step.py base nchw base nchw spec_toy.yaml precision=$precision
+    done 2>&1 | tee "$out/layouts.log" ;;
 probe)
     python3 bench/probe_loading.py --rounds 2 --iters 300 2>&1 | tee "$out/probe.log" ;;
 precision)
