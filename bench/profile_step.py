@@ -13,14 +13,15 @@ config.yaml + spec_1gpu.yaml as in train.py; the data they name give the mean
 (spec_toy.yaml: the quickstart's toy data, once quickstart.sh has made it).
 
 A variant is parts joined by "+" (base+ro): base (the compiled step as it is), eager (not
-compiled), nograph (compiled, without the CUDA graph: its kernel table also names the
-operator that launched each kernel), unfused (the max pool's backward pass as a PyTorch
-composition, not alexnet_lib/fused_layers.py's kernel), fcinto (the fully connected layers
-eager, their backward writing the weights' gradients into net.grad in float32 from the matrix
-product itself: fc_grad_into below), nchw (every convolution's input contiguous (B, C, H, W),
-not channels-last: whether cuDNN's tf32 and fp32 algorithms run faster on that layout),
-lrnslice (LRN as a sum of five channel-shifted slices, in float32), patches (conv1 as one
-matrix product of its patches), torchpool (inductor's own max pool), ro
+compiled), nograph (compiled, without the CUDA graph: its kernel table also names the operator
+that launched each kernel), unfused (the max pool's backward pass as a PyTorch composition, not
+alexnet_lib/fused_layers.py's kernel), fcinto (the fully connected layers eager, their backward
+writing the weights' gradients into net.grad in float32 from the matrix product itself:
+fc_grad_into below), nchw (every convolution's input contiguous (B, C, H, W), not
+channels-last: whether cuDNN's tf32 and fp32 algorithms run faster on that layout), detconv
+(cuDNN's deterministic algorithms only: whether its weight gradients then need no workspace set
+to zeros each step), lrnslice (LRN as a sum of five channel-shifted slices, in float32),
+patches (conv1 as one matrix product of its patches), torchpool (inductor's own max pool), ro
 (mode=reduce-overhead), mat (mode=max-autotune-no-cudagraphs). Environment: B the batch
 (default 256), DEV the device (default cuda:0).
 """
@@ -30,8 +31,8 @@ import sys
 import time
 import types
 
-VARIANT_PARTS = ('base', 'eager', 'nograph', 'unfused', 'fcinto', 'nchw', 'lrnslice',
-                 'patches', 'torchpool', 'ro', 'mat')
+VARIANT_PARTS = ('base', 'eager', 'nograph', 'unfused', 'fcinto', 'nchw', 'detconv',
+                 'lrnslice', 'patches', 'torchpool', 'ro', 'mat')
 
 B = int(os.environ.get('B', 256))
 dev = None     # the torch.device, set by main
@@ -151,6 +152,8 @@ def setup(variant):
                 **vars(F), 'conv2d': lambda x, W, **kw: F.conv2d(x.contiguous(), W, **kw)})
         elif v == 'fcinto':
             step_module.classifier_loss, step_module.WeightGradInto = fc_grad_into()
+        elif v == 'detconv':     # (set below, after configure_device)
+            pass
         elif v == 'ro':
             mode = 'reduce-overhead'
         elif v == 'mat':
@@ -166,6 +169,7 @@ def setup(variant):
     require_data(cfg, ('mean_file',))
     precision = precision_of(cfg['precision'], dev)
     configure_device(dev, precision)
+    torch.backends.cudnn.deterministic = 'detconv' in variant.split('+')
     compiled = 'eager' not in variant
     net = AlexNet(dev, n_classes=cfg['n_classes'])
     graphed = compiled and mode is None and 'nograph' not in variant
