@@ -13,7 +13,7 @@ How it works
   trained on too: 2 is the original's double buffering. For a GPU the trainer pins them and
   copies each batch it takes to the device itself, on a CUDA stream of its own that overlaps
   the training step (the original's loader copied into the trainer's GPU memory through PyCUDA
-  IPC handles; done so here, through CUDA IPC, that cost 8% more waiting end to end).
+  IPC handles; done so here, through CUDA IPC, the trainer waited longer: BENCHMARKS.md).
 * Start. The trainer binds a ZeroMQ PAIR socket at an ipc:// path in a private folder
   (``proc_load-<trainer pid>-XXXXXXXX`` in the temporary folder, mode 0700: no other user can
   connect, and a PAIR socket hears one peer only), starts the loader in a session of its own

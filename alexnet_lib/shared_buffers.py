@@ -11,12 +11,20 @@ class SharedBuffers:
     and copies each taken batch into one of two device buffers on a stream of its own, behind
     the GPU work that last read that device buffer; the loader itself needs no CUDA. (The
     loader copying into the trainer's GPU buffers through CUDA IPC, behind interprocess events,
-    cost end to end 8% more waiting on one H200: BENCHMARKS.md.)"""
+    made the trainer wait longer: BENCHMARKS.md.)"""
 
     def __init__(self, device, shape, prefetch):
-        import torch
         self.device, self.cuda = device, device.type == 'cuda'
         self.tensors, self.mmaps, self.fds, self.pinned = [], [], [], []
+        self.stream = None
+        try:
+            self._open(shape, prefetch)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, shape, prefetch):
+        import torch
         nbytes = int(np.prod(shape))
         for i in range(prefetch):
             fd = os.memfd_create(f'proc_load_buf{i}')
@@ -26,21 +34,22 @@ class SharedBuffers:
             self.mmaps.append(mm)
             self.tensors.append(torch.from_numpy(
                 np.frombuffer(mm, np.uint8, nbytes).reshape(shape)))
-        if self.cuda:
-            self.cudart = torch.cuda.cudart()
-            for t in self.tensors:
-                rc = self.cudart.cudaHostRegister(t.data_ptr(), nbytes, 0)
-                if int(rc) != 0:
-                    raise RuntimeError(f"cudaHostRegister of a {nbytes}-byte loader buffer "
-                                       f"failed: {rc}")
-                self.pinned.append(t.data_ptr())
-            with torch.cuda.device(device):
-                self.on_device = [torch.empty(shape, dtype=torch.uint8, device=device)
-                                  for _ in range(2)]
-                self.stream = torch.cuda.Stream(device)
-                self.copied, self.read = ([torch.cuda.Event() for _ in range(2)]
-                                          for _ in range(2))
-            self.next_slot, self.slot_of = 0, {}
+        if not self.cuda:
+            return
+        device = self.device
+        with torch.cuda.device(device):
+            self.on_device = [torch.empty(shape, dtype=torch.uint8, device=device)
+                              for _ in range(2)]
+            self.stream = torch.cuda.Stream(device)
+            self.copied, self.read = ([torch.cuda.Event() for _ in range(2)] for _ in range(2))
+        self.next_slot, self.slot_of = 0, {}
+        self.cudart = torch.cuda.cudart()
+        for t in self.tensors:
+            rc = self.cudart.cudaHostRegister(t.data_ptr(), nbytes, 0)
+            if int(rc) != 0:
+                raise RuntimeError(f"cudaHostRegister of a {nbytes}-byte loader buffer failed: "
+                                   f"{rc}")
+            self.pinned.append(t.data_ptr())
 
     def boot(self):
         """What the loader's start-up line says of them."""
@@ -79,8 +88,9 @@ class SharedBuffers:
 
     def close(self):
         self.close_fds()
-        if self.pinned:
+        if self.stream is not None:
             self.stream.synchronize()
+        if self.pinned:
             for ptr in self.pinned:
                 self.cudart.cudaHostUnregister(ptr)
             self.pinned = []
