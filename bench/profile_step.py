@@ -20,10 +20,12 @@ writing the weights' gradients into net.grad in float32 from the matrix product 
 fc_grad_into below), nchw (every convolution's input contiguous (B, C, H, W), not
 channels-last: whether cuDNN's tf32 and fp32 algorithms run faster on that layout), detconv
 (cuDNN's deterministic algorithms only: whether its weight gradients then need no workspace set
-to zeros each step), lrnslice (LRN as a sum of five channel-shifted slices, in float32),
-patches (conv1 as one matrix product of its patches), torchpool (inductor's own max pool), ro
-(mode=reduce-overhead), mat (mode=max-autotune-no-cudagraphs). Environment: B the batch
-(default 256), DEV the device (default cuda:0).
+to zeros each step), noassert (compiled without inductor's device-side bounds checks of
+indirect indexing: the augmentation's gather of crops from the uint8 batch checks every index),
+lrnslice (LRN as a sum of five channel-shifted slices, in float32), patches (conv1 as one
+matrix product of its patches), torchpool (inductor's own max pool), ro (mode=reduce-overhead),
+mat (mode=max-autotune-no-cudagraphs). Environment: B the batch (default 256), DEV the device
+(default cuda:0).
 """
 import argparse
 import os
@@ -31,7 +33,7 @@ import sys
 import time
 import types
 
-VARIANT_PARTS = ('base', 'eager', 'nograph', 'unfused', 'fcinto', 'nchw', 'detconv',
+VARIANT_PARTS = ('base', 'eager', 'nograph', 'unfused', 'fcinto', 'nchw', 'detconv', 'noassert',
                  'lrnslice', 'patches', 'torchpool', 'ro', 'mat')
 
 B = int(os.environ.get('B', 256))
@@ -152,7 +154,7 @@ def setup(variant):
                 **vars(F), 'conv2d': lambda x, W, **kw: F.conv2d(x.contiguous(), W, **kw)})
         elif v == 'fcinto':
             step_module.classifier_loss, step_module.WeightGradInto = fc_grad_into()
-        elif v == 'detconv':     # (set below, after configure_device)
+        elif v in ('detconv', 'noassert'):     # (set below, after configure_device)
             pass
         elif v == 'ro':
             mode = 'reduce-overhead'
@@ -170,6 +172,7 @@ def setup(variant):
     precision = precision_of(cfg['precision'], dev)
     configure_device(dev, precision)
     torch.backends.cudnn.deterministic = 'detconv' in variant.split('+')
+    torch._inductor.config.assert_indirect_indexing = 'noassert' not in variant.split('+')
     compiled = 'eager' not in variant
     net = AlexNet(dev, n_classes=cfg['n_classes'])
     graphed = compiled and mode is None and 'nograph' not in variant
