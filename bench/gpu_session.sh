@@ -5,6 +5,9 @@
 #   bash bench/gpu_session.sh tests     OUT        # every GPU-marked test this machine can run
 #   bash bench/gpu_session.sh compare   OUT OLD    # bench.py (bf16 compiled) and the loader
 #                                                  # benchmark on the checkout OLD, then on this one
+#   bash bench/gpu_session.sh abab      OUT OTHER  # bench.py (defaults, no peers) on this checkout
+#                                                  # and OTHER in turns, twice each, then OTHER's
+#                                                  # GPU tests of the step
 #   bash bench/gpu_session.sh table1    OUT        # one GPU, defaults (bf16): Table 1 with the
 #                                                  # peers; tf32 and strict fp32; the loader
 #   bash bench/gpu_session.sh profile   OUT        # the compiled step's kernels (profile_step.py),
@@ -32,11 +35,11 @@
 case "${1:-}" in -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-usage="usage: gpu_session.sh tests|compare|table1|profile|layouts|probe|precision|modes|rules|scale128|scale256 OUT [OLD]"
+usage="usage: gpu_session.sh tests|compare|abab|table1|profile|layouts|probe|precision|modes|rules|scale128|scale256 OUT [OLD]"
 stage=${1:?$usage}
 out=${2:?$usage}
 case "$stage" in
-    tests | compare | table1 | profile | layouts | probe | precision | modes | rules | scale128 | scale256) ;;
+    tests | compare | abab | table1 | profile | layouts | probe | precision | modes | rules | scale128 | scale256) ;;
     *) echo "unknown stage '$stage': $usage"; exit 2 ;;
 esac
 mkdir -p "$out"
@@ -89,7 +92,7 @@ tests)
     python3 -m pytest -m gpu -p no:cacheprovider -rP --durations=15 2>&1 | tee "$out/gpu_tests.log" ;;
 compare)
     old=$(cd "${3:?compare needs the path of the other checkout: $usage}" && pwd)
-    [ -e "$old/data" ] || ln -s "$PWD/data" "$old/data"
+    [ -e "$old/data" ] || ln -sfn "$PWD/data" "$old/data"
     # the same runs in the same order: the other checkout first (its own layout, no PYTHONPATH
     # of ours), then this one
     loader_old=$old/bench/bench_loader.py
@@ -105,6 +108,19 @@ compare)
         2>&1 | tee "$out/compare_new_bench.log"
     python3 bench.py --no-peers --parallel-only --out "$out/compare_new_nograph_bench.json" \
         compile=True cuda_graph=False 2>&1 | tee "$out/compare_new_nograph_bench.log" ;;
+abab)
+    other=$(cd "${3:?abab needs the path of the other checkout: $usage}" && pwd)
+    [ -e "$other/data" ] || ln -sfn "$PWD/data" "$other/data"
+    for round in 1 2; do
+        for tree in "$PWD" "$other"; do
+            name=$([ "$tree" = "$PWD" ] && echo this || echo other)
+            echo "== $name, round $round"
+            (cd "$tree" && PYTHONPATH=$tree${site:+:$site} python3 bench.py --no-peers \
+                --parallel-only --out "$out/abab_${name}_$round.json")
+        done
+    done 2>&1 | grep -v 'it/s\]' | tee "$out/abab.log"
+    (cd "$other" && PYTHONPATH=$other${site:+:$site} python3 -m pytest -m gpu -p no:cacheprovider \
+        -q tests/test_train.py tests/test_alexnet.py) 2>&1 | tail -30 | tee "$out/abab_tests.log" ;;
 table1)
     python3 bench.py --out "$out/table1_bf16.json" 2>&1 | tee "$out/table1_bf16.log"
     python3 bench.py --no-peers --iters 60 --out "$out/table1_tf32.json" precision=tf32 \
