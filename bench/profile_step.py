@@ -22,10 +22,11 @@ channels-last: whether cuDNN's tf32 and fp32 algorithms run faster on that layou
 (cuDNN's deterministic algorithms only: whether its weight gradients then need no workspace set
 to zeros each step), noassert (compiled without inductor's device-side bounds checks of
 indirect indexing: the augmentation's gather of crops from the uint8 batch checks every index),
-lrnslice (LRN as a sum of five channel-shifted slices, in float32), patches (conv1 as one
-matrix product of its patches), torchpool (inductor's own max pool), ro (mode=reduce-overhead),
-mat (mode=max-autotune-no-cudagraphs). Environment: B the batch (default 256), DEV the device
-(default cuda:0).
+augkernel (the crop, mirror and mean subtraction as one Triton kernel that reads each row in
+order: bench/aug_kernel.py), lrnslice (LRN as a sum of five channel-shifted slices, in
+float32), patches (conv1 as one matrix product of its patches), torchpool (inductor's own max
+pool), ro (mode=reduce-overhead), mat (mode=max-autotune-no-cudagraphs). Environment: B the
+batch (default 256), DEV the device (default cuda:0).
 """
 import argparse
 import os
@@ -34,7 +35,7 @@ import time
 import types
 
 VARIANT_PARTS = ('base', 'eager', 'nograph', 'unfused', 'fcinto', 'nchw', 'detconv', 'noassert',
-                 'lrnslice', 'patches', 'torchpool', 'ro', 'mat')
+                 'augkernel', 'lrnslice', 'patches', 'torchpool', 'ro', 'mat')
 
 B = int(os.environ.get('B', 256))
 dev = None     # the torch.device, set by main
@@ -131,7 +132,8 @@ def setup(variant):
         orig.update(lrn=alex_net.lrn, conv_by_blocks=layers.conv_by_blocks,
                     max_pool=layers.max_pool, fused=fused_layers.available,
                     classifier_loss=step_module.classifier_loss,
-                    weight_grad_into=step_module.WeightGradInto)
+                    weight_grad_into=step_module.WeightGradInto,
+                    crop_mirror=step_module.crop_mirror)
     torch._dynamo.reset()
     alex_net.lrn = orig['lrn']
     layers.conv_by_blocks, layers.max_pool = orig['conv_by_blocks'], orig['max_pool']
@@ -139,6 +141,7 @@ def setup(variant):
     fused_layers.available = orig['fused']
     step_module.classifier_loss = orig['classifier_loss']
     step_module.WeightGradInto = orig['weight_grad_into']
+    step_module.crop_mirror = orig['crop_mirror']
     mode = None
     for v in variant.split('+'):
         if v == 'lrnslice':
@@ -152,6 +155,9 @@ def setup(variant):
         elif v == 'nchw':        # every convolution's input contiguous (B, C, H, W)
             layers.F = types.SimpleNamespace(**{
                 **vars(F), 'conv2d': lambda x, W, **kw: F.conv2d(x.contiguous(), W, **kw)})
+        elif v == 'augkernel':   # crop, mirror and mean as one Triton kernel (aug_kernel.py)
+            import aug_kernel
+            step_module.crop_mirror = aug_kernel.crop_mirror
         elif v == 'fcinto':
             step_module.classifier_loss, step_module.WeightGradInto = fc_grad_into()
         elif v in ('detconv', 'noassert'):     # (set below, after configure_device)
