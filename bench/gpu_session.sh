@@ -15,7 +15,8 @@
 #                                                  # float32 (fcinto), with cuDNN's deterministic
 #                                                  # algorithms (detconv), without inductor's
 #                                                  # bounds checks of indexing (noassert), with
-#                                                  # the crop as one kernel (augkernel), and
+#                                                  # the crop as one kernel (augkernel), with one
+#                                                  # set of dropout masks (fixedmasks), and
 #                                                  # without a graph (the table names each
 #                                                  # kernel's operator)
 #   bash bench/gpu_session.sh layouts   OUT        # tf32 and fp32 steps, channels-last (as they
@@ -130,9 +131,8 @@ table1)
         precision=fp32 2>&1 | tee "$out/table1_fp32.log"
     python3 bench/bench_loader.py --json "$out/loader.json" 2>&1 | tee "$out/loader.log" ;;
 profile)
-    python3 bench/profile_step.py 'base!' fcinto detconv noassert augkernel 'nograph!' \
-        spec_toy.yaml 2>&1 \
-        | tee "$out/profile.log" ;;
+    python3 bench/profile_step.py 'base!' fcinto detconv noassert augkernel fixedmasks \
+        'nograph!' spec_toy.yaml 2>&1 | tee "$out/profile.log" ;;
 layouts)
     for precision in tf32 fp32; do
         python3 bench/profile_step.py base nchw base nchw spec_toy.yaml precision=$precision

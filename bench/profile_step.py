@@ -23,10 +23,12 @@ channels-last: whether cuDNN's tf32 and fp32 algorithms run faster on that layou
 to zeros each step), noassert (compiled without inductor's device-side bounds checks of
 indirect indexing: the augmentation's gather of crops from the uint8 batch checks every index),
 augkernel (the crop, mirror and mean subtraction as one Triton kernel that reads each row in
-order: bench/aug_kernel.py), lrnslice (LRN as a sum of five channel-shifted slices, in
-float32), patches (conv1 as one matrix product of its patches), torchpool (inductor's own max
-pool), ro (mode=reduce-overhead), mat (mode=max-autotune-no-cudagraphs). Environment: B the
-batch (default 256), DEV the device (default cuda:0).
+order: bench/aug_kernel.py), fixedmasks (one set of dropout masks for every step: what making
+and copying each step's masks outside the graph costs), lrnslice (LRN as a sum of five
+channel-shifted slices, in float32), patches (conv1 as one matrix product of its patches),
+torchpool (inductor's own max pool), ro (mode=reduce-overhead), mat
+(mode=max-autotune-no-cudagraphs). Environment: B the batch (default 256), DEV the device
+(default cuda:0).
 """
 import argparse
 import os
@@ -35,7 +37,7 @@ import time
 import types
 
 VARIANT_PARTS = ('base', 'eager', 'nograph', 'unfused', 'fcinto', 'nchw', 'detconv', 'noassert',
-                 'augkernel', 'lrnslice', 'patches', 'torchpool', 'ro', 'mat')
+                 'augkernel', 'fixedmasks', 'lrnslice', 'patches', 'torchpool', 'ro', 'mat')
 
 B = int(os.environ.get('B', 256))
 dev = None     # the torch.device, set by main
@@ -160,7 +162,7 @@ def setup(variant):
             step_module.crop_mirror = aug_kernel.crop_mirror
         elif v == 'fcinto':
             step_module.classifier_loss, step_module.WeightGradInto = fc_grad_into()
-        elif v in ('detconv', 'noassert'):     # (set below, after configure_device)
+        elif v in ('detconv', 'noassert', 'fixedmasks'):     # (applied below)
             pass
         elif v == 'ro':
             mode = 'reduce-overhead'
@@ -197,10 +199,12 @@ def run(variant, iters=40, warmup=12, profile=False):
     images = torch.randint(0, 256, (B, 256, 256, 3), dtype=torch.uint8, device=dev, generator=g)
     labels = torch.randint(0, train_step.net.arch.n_classes, (B,), device=dev)
 
+    fixed = dropout_masks(0, B, 0, B, dev) if 'fixedmasks' in variant.split('+') else None
+
     def one(step):
         offs = torch.randint(0, 30, (B, 2), device=dev)
         mirr = torch.rand(B, device=dev) < 0.5
-        masks = dropout_masks(step, B, 0, B, dev)
+        masks = fixed if fixed is not None else dropout_masks(step, B, 0, B, dev)
         return train_step(Batch(images, labels, offs, mirr, masks), step)[0]
 
     for s in range(warmup):
