@@ -85,19 +85,12 @@ def time_model_step(cfg, device, iters, warmup):
     rep = Replica(cfg, 0, 1, device)
     path, lo, hi, _ = rep.data.train_requests(1)[0]
     from alexnet_lib.batch_files import read_rows
-    from alexnet_lib.data import SerialLoader
-    images = torch.from_numpy(read_rows(path, lo, hi)).to(rep.device)
-
-    class Resident(SerialLoader):   # a loader whose every batch is the one already on the device
-        def read(self, path, lo, hi):
-            return images
-
+    from alexnet_lib.data import ResidentLoader
+    loader = ResidentLoader(rep.device, torch.from_numpy(read_rows(path, lo, hi)).to(rep.device))
     reqs = cyclic_requests(rep, warmup + iters)
-    rep.train_epoch(1, cfg['learning_rate'], Resident(rep.device), progress=False,
-                    requests=reqs[:warmup])
+    rep.train_epoch(1, cfg['learning_rate'], loader, progress=False, requests=reqs[:warmup])
     t0 = time.time()
-    rep.train_epoch(1, cfg['learning_rate'], Resident(rep.device), progress=False,
-                    requests=reqs[warmup:])
+    rep.train_epoch(1, cfg['learning_rate'], loader, progress=False, requests=reqs[warmup:])
     elapsed = time.time() - t0
     return {'s_per_20_iter': 20 * elapsed / iters,
             'images_per_s': iters * rep.data.batch / elapsed}

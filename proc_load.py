@@ -46,7 +46,6 @@ How it works
 import argparse
 import collections
 import json
-import mmap
 import os
 import select
 import signal
@@ -55,13 +54,13 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import zmq
 
 from alexnet_lib.batch_files import IMAGE_SHAPE, BatchFileError, read_rows
 from alexnet_lib.launch import remove_private_dir
 from alexnet_lib.loader_messages import (DIR_PREFIX, LOAD, MAX_MESSAGE_BYTES, POLL_MS,
                                          checked_message)
+from alexnet_lib.shared_buffers import map_buffer
 
 BUSY_POLL_S = 1e-4          # how often the loader looks at the reads in flight
 
@@ -83,17 +82,14 @@ class LoaderProcess:
         self.sock.connect(boot['endpoint'])
         self.pool = ThreadPoolExecutor(boot['read_threads'], thread_name_prefix='read')
         self.queue = collections.deque()     # chunks not yet read: (seq, buf, path, lo, a, b)
-        self.inflight = collections.deque()  # chunks being read or copied, in order
+        self.inflight = collections.deque()  # chunks being read, in order
         self.last_seq = 0
         self.boot = boot
 
     def open_buffers(self, boot):
-        shape = (self.max_rows,) + IMAGE_SHAPE
-        nbytes = int(np.prod(shape))
         self.buffers = []
         for fd in boot['buffers']:
-            self.buffers.append(np.frombuffer(mmap.mmap(fd, nbytes), np.uint8,
-                                              nbytes).reshape(shape))
+            self.buffers.append(map_buffer(fd, (self.max_rows,) + IMAGE_SHAPE)[1])
             os.close(fd)
 
     def send(self, msg):

@@ -80,6 +80,18 @@ class SerialLoader(BatchLoader):
         self._pinned = None
 
 
+class ResidentLoader(SerialLoader):
+    """Every request is the same `images`, already on the device: the step without loading
+    (bench.py's "step alone")."""
+
+    def __init__(self, device, images):
+        super().__init__(device)
+        self.images = images
+
+    def read(self, path, lo, hi):
+        return self.images
+
+
 class SerialFeed:
     """SerialLoader's pass over requests: take() reads the next one."""
 

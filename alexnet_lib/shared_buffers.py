@@ -5,6 +5,13 @@ import os
 import numpy as np
 
 
+def map_buffer(fd, shape):
+    """The shared-memory file `fd` mapped as a uint8 array of `shape`: (mmap, array)."""
+    nbytes = int(np.prod(shape))
+    mm = mmap.mmap(fd, nbytes)
+    return mm, np.frombuffer(mm, np.uint8, nbytes).reshape(shape)
+
+
 class SharedBuffers:
     """The `prefetch` buffers the loader fills: anonymous shared-memory files (memfd) passed to
     the loader as inherited file descriptors. For a GPU the trainer pins them (cudaHostRegister)
@@ -30,10 +37,9 @@ class SharedBuffers:
             fd = os.memfd_create(f'proc_load_buf{i}')
             self.fds.append(fd)
             os.ftruncate(fd, nbytes)
-            mm = mmap.mmap(fd, nbytes)
+            mm, array = map_buffer(fd, shape)
             self.mmaps.append(mm)
-            self.tensors.append(torch.from_numpy(
-                np.frombuffer(mm, np.uint8, nbytes).reshape(shape)))
+            self.tensors.append(torch.from_numpy(array))
         if not self.cuda:
             return
         device = self.device

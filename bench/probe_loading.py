@@ -25,7 +25,7 @@ import torch
 from alexnet_lib import parallel
 from alexnet_lib.batch_files import read_rows
 from alexnet_lib.config import DATA_KEYS, load_config
-from alexnet_lib.data import SerialLoader
+from alexnet_lib.data import ResidentLoader, SerialLoader
 from alexnet_lib.loop import Replica
 
 VARIANTS = ('resident', 'parallel', 'serial')
@@ -52,22 +52,11 @@ class TimedFeed:
         return self.feed.__exit__(*exc)
 
 
-class Resident(SerialLoader):
-    """Every request is the one batch already on the device."""
-
-    def __init__(self, device, images):
-        super().__init__(device)
-        self.images = images
-
-    def read(self, path, lo, hi):
-        return self.images
-
-
 def make_loader(variant, rep, cfg):
     device, rows = rep.device, rep.data.batch
     if variant == 'resident':
         path, lo, hi, _ = rep.data.train_requests(1)[0]
-        return Resident(device, torch.from_numpy(read_rows(path, lo, hi)).to(device))
+        return ResidentLoader(device, torch.from_numpy(read_rows(path, lo, hi)).to(device))
     if variant == 'serial':
         return SerialLoader(device)
     return parallel.ParallelLoader(device, rows, cfg['prefetch'])
