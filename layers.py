@@ -51,7 +51,7 @@ def conv_by_blocks(x, W, stride):
     a ceil(k/s)-square kernel over blocks, zero where the original kernel ends (conv1: 11x11/4
     over 3 channels -> 3x3/1 over 48). The same sums of products: cuDNN pads 3 channels to 8 and
     runs a slow kernel, and a product of the 11x11 patches writes each pixel 7.6 times; compiled,
-    the blocks are gathered straight from the uint8 batch. Returns (B, out, Ho, Wo)."""
+    the rearrangement is fused with what makes its input. Returns (B, out, Ho, Wo)."""
     O, C, k, _ = W.shape
     B, _, H, Wd = x.shape
     kb = -(-k // stride)                                   # kernel size in blocks

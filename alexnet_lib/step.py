@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import alex_net
-from alexnet_lib import fused_update
+from alexnet_lib import fused_layers, fused_update
 from alexnet_lib.data import CROP, centre_draws
 from alexnet_lib.sgd import sgd_step_
 
@@ -66,7 +66,13 @@ def crop_mirror(images, mean_hwc, offsets, mirror):
     """Mean-subtracted 227x227 crops, mirrored where asked, as float (B, 3, 227, 227) whose
     memory is channels-last. images: uint8 (B, 256, 256, 3) on the device; offsets (B, 2) and
     mirror (B,) tensors on the device. The mean is subtracted before cropping, as the original
-    did, so crop and mirror apply to the mean too. One gather does all of it."""
+    did, so crop and mirror apply to the mean too. On a GPU one kernel does all of it
+    (fused_layers.crop_mirror), elsewhere one gather."""
+    if fused_layers.available(images.device):
+        return fused_layers.crop_mirror(images.contiguous(), mean_hwc.contiguous(),
+                                        offsets.to(torch.int64).contiguous(),
+                                        mirror.to(torch.uint8).contiguous(),
+                                        CROP).permute(0, 3, 1, 2)
     ar = torch.arange(CROP, device=images.device)
     rows = offsets[:, 0, None] + ar
     cols = offsets[:, 1, None] + torch.where(mirror[:, None], CROP - 1 - ar, ar)

@@ -11,14 +11,10 @@
 #   bash bench/gpu_session.sh table1    OUT        # one GPU, defaults (bf16): Table 1 with the
 #                                                  # peers; tf32 and strict fp32; the loader
 #   bash bench/gpu_session.sh profile   OUT        # the compiled step's kernels (profile_step.py),
-#                                                  # also with the fc gradients from cuBLAS in
-#                                                  # float32 (fcinto), with cuDNN's deterministic
-#                                                  # algorithms (detconv), without inductor's
-#                                                  # bounds checks of indexing (noassert), with
-#                                                  # the crop as one kernel (augkernel), with one
-#                                                  # set of dropout masks (fixedmasks), and
-#                                                  # without a graph (the table names each
-#                                                  # kernel's operator)
+#                                                  # also without fused_layers' kernels
+#                                                  # (unfused), with the fc gradients from cuBLAS
+#                                                  # in float32 (fcinto), and without a graph (the
+#                                                  # table names each kernel's operator)
 #   bash bench/gpu_session.sh layouts   OUT        # tf32 and fp32 steps, channels-last (as they
 #                                                  # are) against NCHW convolution inputs
 #   bash bench/gpu_session.sh probe     OUT        # where end to end loses time to loading
@@ -131,8 +127,7 @@ table1)
         precision=fp32 2>&1 | tee "$out/table1_fp32.log"
     python3 bench/bench_loader.py --json "$out/loader.json" 2>&1 | tee "$out/loader.log" ;;
 profile)
-    python3 bench/profile_step.py 'base!' fcinto detconv noassert augkernel fixedmasks \
-        'nograph!' spec_toy.yaml 2>&1 | tee "$out/profile.log" ;;
+    python3 bench/profile_step.py 'base!' unfused fcinto base 'nograph!' spec_toy.yaml 2>&1 | tee "$out/profile.log" ;;
 layouts)
     for precision in tf32 fp32; do
         python3 bench/profile_step.py base nchw base nchw spec_toy.yaml precision=$precision

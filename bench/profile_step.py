@@ -13,22 +13,16 @@ config.yaml + spec_1gpu.yaml as in train.py; the data they name give the mean
 (spec_toy.yaml: the quickstart's toy data, once quickstart.sh has made it).
 
 A variant is parts joined by "+" (base+ro): base (the compiled step as it is), eager (not
-compiled), nograph (compiled, without the CUDA graph: its kernel table also names the operator
-that launched each kernel), unfused (the max pool's backward pass as a PyTorch composition, not
-alexnet_lib/fused_layers.py's kernel), fcinto (the fully connected layers eager, their backward
-writing the weights' gradients into net.grad in float32 from the matrix product itself:
-fc_grad_into below), nchw (every convolution's input contiguous (B, C, H, W), not
-channels-last: whether cuDNN's tf32 and fp32 algorithms run faster on that layout), detconv
-(cuDNN's deterministic algorithms only: whether its weight gradients then need no workspace set
-to zeros each step), noassert (compiled without inductor's device-side bounds checks of
-indirect indexing: the augmentation's gather of crops from the uint8 batch checks every index),
-augkernel (the crop, mirror and mean subtraction as one Triton kernel that reads each row in
-order: bench/aug_kernel.py), fixedmasks (one set of dropout masks for every step: what making
-and copying each step's masks outside the graph costs), lrnslice (LRN as a sum of five
-channel-shifted slices, in float32), patches (conv1 as one matrix product of its patches),
-torchpool (inductor's own max pool), ro (mode=reduce-overhead), mat
-(mode=max-autotune-no-cudagraphs). Environment: B the batch (default 256), DEV the device
-(default cuda:0).
+compiled), nograph (compiled, without the CUDA graph: its kernel table also names the operator that
+launched each kernel), unfused (the max pool's backward pass and the augmentation's crop as PyTorch
+compositions, not alexnet_lib/fused_layers.py's kernels), fcinto (the fully connected layers eager,
+their backward writing the weights' gradients into net.grad in float32 from the matrix product
+itself: fc_grad_into below), nchw (every convolution's input contiguous (B, C, H, W), not
+channels-last: whether cuDNN's tf32 and fp32 algorithms run faster on that layout), lrnslice (LRN
+as a sum of five channel-shifted slices, in float32), patches (conv1 as one matrix product of its
+patches), torchpool (inductor's own max pool), ro (mode=reduce-overhead), mat
+(mode=max-autotune-no-cudagraphs). Environment: B the batch (default 256), DEV the device (default
+cuda:0).
 """
 import argparse
 import os
@@ -36,8 +30,8 @@ import sys
 import time
 import types
 
-VARIANT_PARTS = ('base', 'eager', 'nograph', 'unfused', 'fcinto', 'nchw', 'detconv', 'noassert',
-                 'augkernel', 'fixedmasks', 'lrnslice', 'patches', 'torchpool', 'ro', 'mat')
+VARIANT_PARTS = ('base', 'eager', 'nograph', 'unfused', 'fcinto', 'nchw', 'lrnslice', 'patches',
+                 'torchpool', 'ro', 'mat')
 
 B = int(os.environ.get('B', 256))
 dev = None     # the torch.device, set by main
@@ -134,8 +128,7 @@ def setup(variant):
         orig.update(lrn=alex_net.lrn, conv_by_blocks=layers.conv_by_blocks,
                     max_pool=layers.max_pool, fused=fused_layers.available,
                     classifier_loss=step_module.classifier_loss,
-                    weight_grad_into=step_module.WeightGradInto,
-                    crop_mirror=step_module.crop_mirror)
+                    weight_grad_into=step_module.WeightGradInto)
     torch._dynamo.reset()
     alex_net.lrn = orig['lrn']
     layers.conv_by_blocks, layers.max_pool = orig['conv_by_blocks'], orig['max_pool']
@@ -143,12 +136,11 @@ def setup(variant):
     fused_layers.available = orig['fused']
     step_module.classifier_loss = orig['classifier_loss']
     step_module.WeightGradInto = orig['weight_grad_into']
-    step_module.crop_mirror = orig['crop_mirror']
     mode = None
     for v in variant.split('+'):
         if v == 'lrnslice':
             alex_net.lrn = lrn_fp32_slices
-        elif v == 'unfused':     # the pool's backward as a PyTorch composition
+        elif v == 'unfused':     # the pool's backward and the crop as PyTorch compositions
             fused_layers.available = lambda device: False
         elif v == 'patches':
             layers.conv_by_blocks = conv_by_patches
@@ -157,13 +149,8 @@ def setup(variant):
         elif v == 'nchw':        # every convolution's input contiguous (B, C, H, W)
             layers.F = types.SimpleNamespace(**{
                 **vars(F), 'conv2d': lambda x, W, **kw: F.conv2d(x.contiguous(), W, **kw)})
-        elif v == 'augkernel':   # crop, mirror and mean as one Triton kernel (aug_kernel.py)
-            import aug_kernel
-            step_module.crop_mirror = aug_kernel.crop_mirror
         elif v == 'fcinto':
             step_module.classifier_loss, step_module.WeightGradInto = fc_grad_into()
-        elif v in ('detconv', 'noassert', 'fixedmasks'):     # (applied below)
-            pass
         elif v == 'ro':
             mode = 'reduce-overhead'
         elif v == 'mat':
@@ -179,8 +166,6 @@ def setup(variant):
     require_data(cfg, ('mean_file',))
     precision = precision_of(cfg['precision'], dev)
     configure_device(dev, precision)
-    torch.backends.cudnn.deterministic = 'detconv' in variant.split('+')
-    torch._inductor.config.assert_indirect_indexing = 'noassert' not in variant.split('+')
     compiled = 'eager' not in variant
     net = AlexNet(dev, n_classes=cfg['n_classes'])
     graphed = compiled and mode is None and 'nograph' not in variant
@@ -199,12 +184,10 @@ def run(variant, iters=40, warmup=12, profile=False):
     images = torch.randint(0, 256, (B, 256, 256, 3), dtype=torch.uint8, device=dev, generator=g)
     labels = torch.randint(0, train_step.net.arch.n_classes, (B,), device=dev)
 
-    fixed = dropout_masks(0, B, 0, B, dev) if 'fixedmasks' in variant.split('+') else None
-
     def one(step):
         offs = torch.randint(0, 30, (B, 2), device=dev)
         mirr = torch.rand(B, device=dev) < 0.5
-        masks = fixed if fixed is not None else dropout_masks(step, B, 0, B, dev)
+        masks = dropout_masks(step, B, 0, B, dev)
         return train_step(Batch(images, labels, offs, mirr, masks), step)[0]
 
     for s in range(warmup):

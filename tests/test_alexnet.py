@@ -117,19 +117,26 @@ def test_compiled_lrn_gradient_is_the_float64_gradient(device, dtype, tol, C):
                                    atol=tol * want.abs().max().item())
 
 
-@pytest.mark.parametrize('shape', [(2, 5, 55, 55), (2, 4, 27, 27), (1, 3, 13, 13), (2, 3, 14, 16)])
+@pytest.mark.parametrize('shape', [(2, 5, 55, 55), (2, 4, 27, 27), (1, 3, 13, 13), (2, 3, 14, 16),
+                                   (3, 96, 55, 55), (2, 128, 27, 27)])
 @pytest.mark.parametrize('channels_last', [False, True])
-def test_pool_by_codes_is_torch_max_pool(shape, channels_last):
+@pytest.mark.parametrize('device, dtype', [
+    ('cpu', torch.float64),
+    pytest.param('cuda:0', torch.float32, marks=pytest.mark.gpu),
+    pytest.param('cuda:0', torch.bfloat16, marks=pytest.mark.gpu)])
+def test_pool_by_codes_is_torch_max_pool(shape, channels_last, device, dtype):
     """Values and gradients equal F.max_pool2d's, ties included (small integers tie often; the
-    gradient must go to the same, first, element of a window)."""
+    gradient must go to the same, first, element of a window). On a GPU the backward is
+    fused_layers' kernel, on the CPU the composition."""
     g = torch.Generator().manual_seed(sum(shape))
-    x = torch.randint(-3, 4, shape, generator=g).double()
+    x = torch.randint(-3, 4, shape, generator=g).to(device, dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     y1, y2 = F.max_pool2d(x1, 3, 2), MaxPoolByCodes.apply(x2)
     assert torch.equal(y1, y2)
-    gy = torch.randint(-5, 6, y1.shape, generator=g).double()   # integers: sums are exact
+    # integers: sums are exact, in bf16 too
+    gy = torch.randint(-5, 6, y1.shape, generator=g).to(device, dtype)
     y1.backward(gy)
     y2.backward(gy)
     assert torch.equal(x1.grad, x2.grad)

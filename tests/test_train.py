@@ -91,16 +91,20 @@ def test_each_replica_slice_of_the_draws_is_the_global_draw():
     assert (centre[0] == 14).all() and not centre[1].any()
 
 
-def test_crop_mirror_is_the_original_crop_of_image_minus_mean():
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda:0', marks=pytest.mark.gpu)])
+def test_crop_mirror_is_the_original_crop_of_image_minus_mean(device):
+    """The crop of (image - mean), mirrored where asked: on a GPU fused_layers' kernel, on the
+    CPU one gather; both in float32 bit for bit, and channels-last."""
     from alexnet_lib.step import crop_mirror
     rng = np.random.RandomState(0)
-    img = rng.randint(0, 256, (2, 256, 256, 3)).astype(np.uint8)
+    img = rng.randint(0, 256, (3, 256, 256, 3)).astype(np.uint8)
     mean = rng.rand(256, 256, 3).astype(np.float32) * 255
-    offs = np.array([[3, 29], [0, 14]])
-    mirror = np.array([True, False])
-    got = crop_mirror(torch.from_numpy(img), torch.from_numpy(mean), torch.from_numpy(offs),
-                      torch.from_numpy(mirror)).numpy()
-    for i in range(2):
+    offs = np.array([[3, 29], [0, 14], [29, 0]])
+    mirror = np.array([True, False, True])
+    got = crop_mirror(*(torch.from_numpy(a).to(device) for a in (img, mean, offs, mirror)))
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    got = got.cpu().numpy()
+    for i in range(3):
         want = (img[i].astype(np.float32) - mean)[offs[i, 0]:offs[i, 0] + 227,
                                                   offs[i, 1]:offs[i, 1] + 227]
         if mirror[i]:
