@@ -16,7 +16,8 @@ crop_mirror        the augmentation (step.crop_mirror): a crop of each uint8 ima
 
 The shapes are compile-time constants of the kernels (a network has few of them): indexing then
 divides by constants, which the compiler turns into multiplications, and 32-bit indices serve
-whenever the tensors are under 2^31 elements.
+whenever the tensors are under 2^31 elements. So code that calls them compiles with static
+shapes (torch.compile(..., dynamic=False)): a size traced as a symbol cannot be a constant.
 """
 import torch
 

@@ -183,8 +183,9 @@ class TrainStep:
         self.compiled = compiled
         if compiled:
             compile_cache()
-            self.features_fn = torch.compile(augmented_features, mode=compile_mode)
-            self.classifier_fn = torch.compile(classifier_loss, mode=compile_mode)
+            # static shapes: fused_layers' kernels take them as constants, and a step has one
+            self.features_fn = torch.compile(augmented_features, mode=compile_mode, dynamic=False)
+            self.classifier_fn = torch.compile(classifier_loss, mode=compile_mode, dynamic=False)
             # on a GPU the update is one hand-fused pass; compiled with a rate tensor it takes two
             self.update_fn = (fused_update.sgd_step_ if fused_update.available(net.device)
                               else torch.compile(sgd_step_))
