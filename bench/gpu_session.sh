@@ -10,7 +10,8 @@
 #                                                  # GPU tests of the step
 #   bash bench/gpu_session.sh table1    OUT        # one GPU, defaults (bf16): Table 1 with the
 #                                                  # peers; tf32 and strict fp32; the loader
-#   bash bench/gpu_session.sh profile   OUT        # the compiled step's kernels (profile_step.py),
+#   bash bench/gpu_session.sh profile   OUT [P]    # the compiled step's kernels (profile_step.py,
+#                                                  # precision P, bf16 unless given),
 #                                                  # also without fused_layers' kernels
 #                                                  # (unfused), with the fc gradients from cuBLAS
 #                                                  # in float32 (fcinto), and without a graph (the
@@ -33,7 +34,7 @@
 case "${1:-}" in -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-usage="usage: gpu_session.sh tests|compare|abab|table1|profile|layouts|probe|precision|modes|rules|scale128|scale256 OUT [OLD]"
+usage="usage: gpu_session.sh tests|compare|abab|table1|profile|layouts|probe|precision|modes|rules|scale128|scale256 OUT [OLD|P]"
 stage=${1:?$usage}
 out=${2:?$usage}
 case "$stage" in
@@ -127,7 +128,8 @@ table1)
         precision=fp32 2>&1 | tee "$out/table1_fp32.log"
     python3 bench/bench_loader.py --json "$out/loader.json" 2>&1 | tee "$out/loader.log" ;;
 profile)
-    python3 bench/profile_step.py 'base!' unfused fcinto base 'nograph!' spec_toy.yaml 2>&1 | tee "$out/profile.log" ;;
+    python3 bench/profile_step.py 'base!' unfused fcinto base 'nograph!' spec_toy.yaml \
+        "precision=${3:-bf16}" 2>&1 | tee "$out/profile.log" ;;
 layouts)
     for precision in tf32 fp32; do
         python3 bench/profile_step.py base nchw base nchw spec_toy.yaml precision=$precision
