@@ -21,8 +21,14 @@ itself: fc_grad_into below), nchw (every convolution's input contiguous (B, C, H
 channels-last: whether cuDNN's tf32 and fp32 algorithms run faster on that layout), lrnslice (LRN
 as a sum of five channel-shifted slices, in float32), patches (conv1 as one matrix product of its
 patches), torchpool (inductor's own max pool), ro (mode=reduce-overhead), mat
-(mode=max-autotune-no-cudagraphs). Environment: B the batch (default 256), DEV the device (default
-cuda:0).
+(mode=max-autotune-no-cudagraphs), blim0 (cuDNN's benchmark times every algorithm, not the ten
+its heuristics rank first: torch.backends.cudnn.benchmark_limit = 0; the choices of a process
+stay cached, so time it in a process of its own), grouped (a 2-group convolution as one cuDNN
+call with groups=2, not one call per group), direct1 (conv1 as cuDNN's 11x11/4 convolution of
+the 3-channel image, not over blocks of pixels), nolayout (inductor keeps the layouts eager
+PyTorch gives, torch._inductor.config.layout_optimization = False; without it inductor makes
+every convolution's arguments channels-last, nchw's copies included). Environment: B the batch
+(default 256), DEV the device (default cuda:0).
 """
 import argparse
 import os
@@ -31,7 +37,8 @@ import time
 import types
 
 VARIANT_PARTS = ('base', 'eager', 'nograph', 'unfused', 'fcinto', 'nchw', 'lrnslice', 'patches',
-                 'torchpool', 'ro', 'mat')
+                 'torchpool', 'ro', 'mat', 'blim0', 'grouped', 'direct1',
+                 'nolayout')
 
 B = int(os.environ.get('B', 256))
 dev = None     # the torch.device, set by main
@@ -60,6 +67,18 @@ def conv_by_patches(x, W, stride):
     patches = p.permute(0, 2, 3, 4, 5, 1).reshape(B * Ho * Wo, kh * kw * C)
     y = patches @ W.permute(0, 2, 3, 1).reshape(O, kh * kw * C).t()
     return y.view(B, Ho, Wo, O).permute(0, 3, 1, 2)
+
+
+def conv_pool_relu_grouped(x, W, b, stride, pad, groups, pool):
+    """layers.conv_pool_relu with a 2-group convolution as one call (groups=2)."""
+    import torch.nn.functional as F
+    import layers
+    if groups == 1:
+        return orig['conv_pool_relu'](x, W, b, stride, pad, groups, pool)
+    y = F.conv2d(x, W, stride=stride, padding=pad, groups=groups)
+    if pool:
+        y = layers.max_pool(y)
+    return F.relu(y + b.to(y.dtype)[:, None, None])
 
 
 def fc_grad_into():
@@ -126,12 +145,14 @@ def setup(variant):
     from alexnet_lib import step as step_module
     if not orig:
         orig.update(lrn=alex_net.lrn, conv_by_blocks=layers.conv_by_blocks,
+                    conv_pool_relu=layers.conv_pool_relu,
                     max_pool=layers.max_pool, fused=fused_layers.available,
                     classifier_loss=step_module.classifier_loss,
                     weight_grad_into=step_module.WeightGradInto)
     torch._dynamo.reset()
     alex_net.lrn = orig['lrn']
     layers.conv_by_blocks, layers.max_pool = orig['conv_by_blocks'], orig['max_pool']
+    layers.conv_pool_relu = alex_net.conv_pool_relu = orig['conv_pool_relu']
     layers.F = F
     fused_layers.available = orig['fused']
     step_module.classifier_loss = orig['classifier_loss']
@@ -144,18 +165,22 @@ def setup(variant):
             fused_layers.available = lambda device: False
         elif v == 'patches':
             layers.conv_by_blocks = conv_by_patches
+        elif v == 'direct1':
+            layers.conv_by_blocks = lambda x, W, stride: F.conv2d(x, W, stride=stride)
         elif v == 'torchpool':   # inductor's own max pool (recomputes windows in the backward)
             layers.max_pool = lambda x: F.max_pool2d(x, 3, 2)
         elif v == 'nchw':        # every convolution's input contiguous (B, C, H, W)
             layers.F = types.SimpleNamespace(**{
                 **vars(F), 'conv2d': lambda x, W, **kw: F.conv2d(x.contiguous(), W, **kw)})
+        elif v == 'grouped':
+            layers.conv_pool_relu = alex_net.conv_pool_relu = conv_pool_relu_grouped
         elif v == 'fcinto':
             step_module.classifier_loss, step_module.WeightGradInto = fc_grad_into()
         elif v == 'ro':
             mode = 'reduce-overhead'
         elif v == 'mat':
             mode = 'max-autotune-no-cudagraphs'
-        elif v not in ('base', 'eager', 'nograph'):
+        elif v not in ('base', 'eager', 'nograph', 'blim0', 'nolayout'):
             raise SystemExit(f"unknown variant {v}")
     # the real step (step.TrainStep, as the training loop builds it) on the configured mean
     cfg = load_config('spec_1gpu.yaml', CONFIG_WORDS + [f'gpu={dev}', f'batch_size={B}'])
@@ -166,6 +191,10 @@ def setup(variant):
     require_data(cfg, ('mean_file',))
     precision = precision_of(cfg['precision'], dev)
     configure_device(dev, precision)
+    import torch._inductor.config as inductor_config
+    inductor_config.layout_optimization = 'nolayout' not in variant.split('+')
+    if 'blim0' in variant.split('+'):
+        torch.backends.cudnn.benchmark_limit = 0
     compiled = 'eager' not in variant
     net = AlexNet(dev, n_classes=cfg['n_classes'])
     graphed = compiled and mode is None and 'nograph' not in variant
