@@ -16,8 +16,9 @@
 #                                                  # (unfused), with the fc gradients from cuBLAS
 #                                                  # in float32 (fcinto), and without a graph (the
 #                                                  # table names each kernel's operator)
-#   bash bench/gpu_session.sh layouts   OUT        # fp32 and tf32 steps, channels-last (as they
-#                                                  # are) against NCHW convolution inputs
+#   bash bench/gpu_session.sh convs     OUT [P]    # the step's convolutions at precision P
+#                                                  # (fp32 unless given): gradients as forward
+#                                                  # convolutions, NCHW inputs (profile_step.py)
 #   bash bench/gpu_session.sh probe     OUT        # where end to end loses time to loading
 #                                                  # (probe_loading.py: variants in turns)
 #   bash bench/gpu_session.sh precision OUT        # bf16 vs fp32 on the toy data, 8 seeds each
@@ -34,11 +35,11 @@
 case "${1:-}" in -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-usage="usage: gpu_session.sh tests|compare|abab|table1|profile|layouts|probe|precision|modes|rules|scale128|scale256 OUT [OLD|P]"
+usage="usage: gpu_session.sh tests|compare|abab|table1|profile|convs|probe|precision|modes|rules|scale128|scale256 OUT [OLD|P]"
 stage=${1:?$usage}
 out=${2:?$usage}
 case "$stage" in
-    tests | compare | abab | table1 | profile | layouts | probe | precision | modes | rules | scale128 | scale256) ;;
+    tests | compare | abab | table1 | profile | convs | probe | precision | modes | rules | scale128 | scale256) ;;
     *) echo "unknown stage '$stage': $usage"; exit 2 ;;
 esac
 mkdir -p "$out"
@@ -130,13 +131,15 @@ table1)
 profile)
     python3 bench/profile_step.py 'base!' unfused fcinto base 'nograph!' spec_toy.yaml \
         "precision=${3:-bf16}" 2>&1 | tee "$out/profile.log" ;;
-layouts)
-    # nolayout+nchw: inductor keeps eager's layouts, so the convolutions' inputs are NCHW (with
-    # inductor's layout optimisation on, nchw's copies are made channels-last again)
-    for precision in fp32 tf32; do
-        python3 bench/profile_step.py base nolayout+nchw base 'nolayout+nchw!' spec_toy.yaml \
-            precision=$precision
-    done 2>&1 | grep -v 'it/s\]' | tee "$out/layouts.log" ;;
+convs)
+    # each variant in a process of its own: cuDNN's choices stay cached in a process.
+    # dgradfwd/wgradfwd: gradients of stride-1 convolutions as forward convolutions;
+    # nolayout+nchw: inductor keeps eager's layouts, the convolutions' inputs NCHW
+    for v in base 'dgradfwd+wgradfwd!' dgradfwd wgradfwd nolayout+nchw \
+        nolayout+nchw+dgradfwd+wgradfwd; do
+        timeout 150 python3 bench/profile_step.py "$v" spec_toy.yaml "precision=${3:-fp32}" \
+            || echo "$v: exit $?"
+    done 2>&1 | grep -v 'it/s\]' | tee "$out/convs.log" ;;
 probe)
     python3 bench/probe_loading.py --rounds 2 --iters 300 2>&1 | tee "$out/probe.log" ;;
 precision)
