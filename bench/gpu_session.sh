@@ -135,8 +135,9 @@ convs)
     # each variant in a process of its own: cuDNN's choices stay cached in a process.
     # dgradfwd/wgradfwd: gradients of stride-1 convolutions as forward convolutions;
     # nolayout+nchw: inductor keeps eager's layouts, the convolutions' inputs NCHW
-    for v in base 'dgradfwd+wgradfwd!' dgradfwd wgradfwd nolayout+nchw \
-        nolayout+nchw+dgradfwd+wgradfwd; do
+    # (nograph!: the kernel table names each kernel's operator and shapes, layer by layer)
+    for v in base dgradfwd+wgradfwd 'nograph+dgradfwd+wgradfwd!' dgradfwd wgradfwd \
+        nolayout+nchw+dgradfwd+wgradfwd nolayout+nchw; do
         timeout 150 python3 bench/profile_step.py "$v" spec_toy.yaml "precision=${3:-fp32}" \
             || echo "$v: exit $?"
     done 2>&1 | grep -v 'it/s\]' | tee "$out/convs.log" ;;
