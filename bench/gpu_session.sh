@@ -23,8 +23,9 @@
 #                                                  # (probe_loading.py: variants in turns)
 #   bash bench/gpu_session.sh precision OUT        # bf16 vs fp32 on the toy data, 8 seeds each
 #   bash bench/gpu_session.sh modes     OUT        # 1 GPU, and 2 GPUs in every exchange x average
-#   bash bench/gpu_session.sh rules     OUT        # every exchange rule against every-step
-#                                                  # averaging: 2 replicas sharing GPU 0, toy data
+#   bash bench/gpu_session.sh rules     OUT [EX]   # every exchange rule against every-step
+#                                                  # averaging, toy data: 2 replicas sharing GPU 0
+#                                                  # through gloo, or over EX=nccl|p2p on 2 GPUs
 #   bash bench/gpu_session.sh scale128  OUT        # 1..N GPUs at 128 per GPU, nccl, gradients
 #   bash bench/gpu_session.sh scale256  OUT        # the same at 256 per GPU (the toy files twice)
 #
@@ -35,7 +36,7 @@
 case "${1:-}" in -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-usage="usage: gpu_session.sh tests|compare|abab|table1|profile|convs|probe|precision|modes|rules|scale128|scale256 OUT [OLD|P]"
+usage="usage: gpu_session.sh tests|compare|abab|table1|profile|convs|probe|precision|modes|rules|scale128|scale256 OUT [OLD|P|EX]"
 stage=${1:?$usage}
 out=${2:?$usage}
 case "$stage" in
@@ -172,22 +173,35 @@ for mode, r in runs.items():
 PY
     ;;
 rules)
-    # 2 replicas sharing GPU 0 through gloo, spec_toy.yaml (32 images per replica and step, 20
-    # steps per epoch, 5 epochs); the snapshots stay out of OUT
+    # 2 replicas, spec_toy.yaml (32 images per replica and step, 20 steps per epoch, 5 epochs),
+    # through EXCHANGE (the third word): gloo (default) with both sharing GPU 0; nccl or p2p on
+    # GPUs 0 and 1 (p2p has no gossip: no point-to-point sends). The snapshots stay out of OUT
+    ex=${3:-gloo}
+    case "$ex" in
+        gloo) devs="[0,0]" ;;
+        nccl | p2p)
+            [ "$gpus" -ge 2 ] || { echo "rules over $ex need two GPUs; this machine has $gpus"
+                exit 1; }
+            devs="[0,1]" ;;
+        *) echo "rules: exchange '$ex' is not gloo, nccl or p2p"; exit 2 ;;
+    esac
     rm -rf /tmp/rules && mkdir -p /tmp/rules
     for run in "weights" "elastic exchange_freq=4 elastic_alpha=0.5" "gossip gossip_p=0.25" \
         "outer exchange_freq=4"; do
         set -- $run
         avg=$1; shift
+        [ "$ex" = p2p ] && [ "$avg" = gossip ] && continue
         # shellcheck disable=SC2068  # the run's own key=value words
-        python3 train_2gpu.py spec_toy.yaml gpus=[0,0] exchange=gloo "average=$avg" $@ \
+        python3 train_2gpu.py spec_toy.yaml "gpus=$devs" "exchange=$ex" "average=$avg" $@ \
             "weights_dir=/tmp/rules/$avg" overwrite=True
         echo "$run" >"/tmp/rules/$avg/settings.txt"
-    done 2>&1 | tee "$out/rules.log"
-    python3 - "$out/rules_toy.json" <<'PY'
-import csv, json, sys
+    done 2>&1 | tee "$out/rules_$ex.log"
+    python3 - "$out/rules_toy_$ex.json" <<'PY'
+import csv, json, os, sys
 runs = {}
 for avg in ('weights', 'elastic', 'gossip', 'outer'):
+    if not os.path.exists(f'/tmp/rules/{avg}/metrics.csv'):
+        continue
     rows = list(csv.DictReader(open(f'/tmp/rules/{avg}/metrics.csv')))
     runs[avg] = {'settings': open(f'/tmp/rules/{avg}/settings.txt').read().strip(),
                  'val_top1_error': [float(r['val_top1_error']) for r in rows],
