@@ -18,7 +18,7 @@ launched each kernel), unfused (the max pool's backward pass and the augmentatio
 compositions, not alexnet_lib/fused_layers.py's kernels), fcinto (the fully connected layers eager,
 their backward writing the weights' gradients into net.grad in float32 from the matrix product
 itself: fc_grad_into below), nchw (every convolution's input contiguous (B, C, H, W), not
-channels-last: whether cuDNN's tf32 and fp32 algorithms run faster on that layout), lrnslice (LRN
+channels-last; inductor makes it channels-last again unless nolayout is given too), lrnslice (LRN
 as a sum of five channel-shifted slices, in float32), patches (conv1 as one matrix product of its
 patches), torchpool (inductor's own max pool), ro (mode=reduce-overhead), mat
 (mode=max-autotune-no-cudagraphs), blim0 (cuDNN's benchmark times every algorithm, not the ten
@@ -232,7 +232,8 @@ def setup(variant):
         conv2d = conv2d_by_forward_convs('dgradfwd' in parts, 'wgradfwd' in parts)
     if 'nchw' in parts:   # every convolution's input contiguous (B, C, H, W)
         conv2d = (lambda inner: lambda x, W, **kw: inner(x.contiguous(), W, **kw))(conv2d)
-    layers.F = types.SimpleNamespace(**{**vars(F), 'conv2d': conv2d})
+    if conv2d is not F.conv2d:
+        layers.F = types.SimpleNamespace(**{**vars(F), 'conv2d': conv2d})
     # the real step (step.TrainStep, as the training loop builds it) on the configured mean
     cfg = load_config('spec_1gpu.yaml', CONFIG_WORDS + [f'gpu={dev}', f'batch_size={B}'])
     from alex_net import AlexNet
