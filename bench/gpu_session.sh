@@ -3,6 +3,8 @@
 # short lease of a GPU machine goes on measuring rather than typing:
 #
 #   bash bench/gpu_session.sh tests     OUT        # every GPU-marked test this machine can run
+#   bash bench/gpu_session.sh checks    OUT        # what a change of the step must pass: the GPU
+#                                                  # tests three times in a row, then precision
 #   bash bench/gpu_session.sh compare   OUT OLD    # bench.py (bf16 compiled) and the loader
 #                                                  # benchmark on the checkout OLD, then on this one
 #   bash bench/gpu_session.sh abab      OUT OTHER  # bench.py (defaults, no peers) on this checkout
@@ -36,11 +38,11 @@
 case "${1:-}" in -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-usage="usage: gpu_session.sh tests|compare|abab|table1|profile|convs|probe|precision|modes|rules|scale128|scale256 OUT [OLD|P|EX]"
+usage="usage: gpu_session.sh tests|checks|compare|abab|table1|profile|convs|probe|precision|modes|rules|scale128|scale256 OUT [OLD|P|EX]"
 stage=${1:?$usage}
 out=${2:?$usage}
 case "$stage" in
-    tests | compare | abab | table1 | profile | convs | probe | precision | modes | rules | scale128 | scale256) ;;
+    tests | checks | compare | abab | table1 | profile | convs | probe | precision | modes | rules | scale128 | scale256) ;;
     *) echo "unknown stage '$stage': $usage"; exit 2 ;;
 esac
 mkdir -p "$out"
@@ -83,6 +85,12 @@ np.save('$d/labels/train_labels.npy', np.concatenate([l, l]))"
     echo "train_folder=$d/train val_folder=$d/val label_folder=$d/labels \
 mean_file=$d/misc/img_mean.npy"
 }
+bf16_against_fp32() {   # 8 seeds each; the runs' snapshots stay out of OUT (what comes back is
+    # a few small files)
+    python3 bench/bench_precision.py --seeds 1,2,3,4,5,6,7,8 --parallel 8 --out /tmp/precision \
+        2>&1 | tee "$out/precision.log"
+    cp /tmp/precision/precision.json "$out/precision_toy.json"
+}
 counts() {   # 2,4,8 up to the GPUs here
     local c list=""
     for c in 2 4 8; do [ "$c" -le "$gpus" ] && list="$list${list:+,}$c"; done
@@ -91,6 +99,12 @@ counts() {   # 2,4,8 up to the GPUs here
 case "$stage" in
 tests)
     python3 -m pytest -m gpu -p no:cacheprovider -rP --durations=15 2>&1 | tee "$out/gpu_tests.log" ;;
+checks)
+    for i in 1 2 3; do
+        echo "== pytest -m gpu, run $i of 3"
+        python3 -m pytest -m gpu -p no:cacheprovider -q 2>&1 | tail -15 || true
+    done 2>&1 | tee "$out/gpu_tests_x3.log"
+    bf16_against_fp32 ;;
 compare)
     old=$(cd "${3:?compare needs the path of the other checkout: $usage}" && pwd)
     [ -e "$old/data" ] || ln -sfn "$PWD/data" "$old/data"
@@ -145,10 +159,7 @@ convs)
 probe)
     python3 bench/probe_loading.py --rounds 2 --iters 300 2>&1 | tee "$out/probe.log" ;;
 precision)
-    # the runs' snapshots stay out of OUT (what comes back is a few small files)
-    python3 bench/bench_precision.py --seeds 1,2,3,4,5,6,7,8 --parallel 8 --out /tmp/precision \
-        2>&1 | tee "$out/precision.log"
-    cp /tmp/precision/precision.json "$out/precision_toy.json" ;;
+    bf16_against_fp32 ;;
 modes)
     [ "$gpus" -ge 2 ] || { echo "modes needs two GPUs; this machine has $gpus"; exit 1; }
     rm -rf /tmp/modes && mkdir -p /tmp/modes
