@@ -19,8 +19,10 @@
 #                                                  # in float32 (fcinto), and without a graph (the
 #                                                  # table names each kernel's operator)
 #   bash bench/gpu_session.sh convs     OUT [P]    # the step's convolutions at precision P
-#                                                  # (fp32 unless given): gradients as forward
-#                                                  # convolutions, NCHW inputs (profile_step.py)
+#                                                  # (fp32 unless given): each alone
+#                                                  # (bench_convs.py), then in the step with
+#                                                  # gradients as forward convolutions, NCHW
+#                                                  # inputs (profile_step.py)
 #   bash bench/gpu_session.sh probe     OUT        # where end to end loses time to loading
 #                                                  # (probe_loading.py: variants in turns)
 #   bash bench/gpu_session.sh precision OUT        # bf16 vs fp32 on the toy data, 8 seeds each
@@ -150,7 +152,10 @@ convs)
     # each variant in a process of its own: cuDNN's choices stay cached in a process.
     # dgradfwd/wgradfwd: gradients of stride-1 convolutions as forward convolutions;
     # nolayout+nchw: inductor keeps eager's layouts, the convolutions' inputs NCHW
-    # (nograph!: the kernel table names each kernel's operator and shapes, layer by layer)
+    # (nograph!: the kernel table names each kernel's operator and shapes, layer by layer);
+    # first each convolution alone, its passes both ways and in both layouts (bench_convs.py)
+    timeout 120 python3 bench/bench_convs.py --precision "${3:-fp32}" \
+        --json "$out/convs_alone_${3:-fp32}.json" 2>&1 | tee "$out/convs_alone.log" || true
     for v in base dgradfwd+wgradfwd 'nograph+dgradfwd+wgradfwd!' dgradfwd wgradfwd \
         nolayout+nchw+dgradfwd+wgradfwd nolayout+nchw; do
         timeout 150 python3 bench/profile_step.py "$v" spec_toy.yaml "precision=${3:-fp32}" \

@@ -15,6 +15,7 @@ SCRIPTS = CONFIG_SCRIPTS + [
     'preprocessing/make_labels.py', 'preprocessing/make_toy_imagenet.py',
     'preprocessing/bench_preprocess.py', 'bench/bench_loader.py', 'bench/bench_precision.py',
     'bench/profile_step.py', 'bench/bench_update.py', 'bench/probe_loading.py',
+    'bench/bench_convs.py',
     'quickstart.sh', 'run_tests.sh', 'setup.sh', 'preprocessing/generate_data.sh',
     'preprocessing/generate_toy_data.sh', 'bench/gpu_session.sh']
 
