@@ -104,7 +104,7 @@ tests)
 checks)
     for i in 1 2 3; do
         echo "== pytest -m gpu, run $i of 3"
-        python3 -m pytest -m gpu -p no:cacheprovider -q 2>&1 | tail -15 || true
+        python3 -m pytest -m gpu -p no:cacheprovider -q 2>&1 | tail -25 || true
     done 2>&1 | tee "$out/gpu_tests_x3.log"
     bf16_against_fp32 ;;
 compare)
