@@ -73,6 +73,21 @@ def conv_by_patches(x, W, stride):
     return y.view(B, Ho, Wo, O).permute(0, 3, 1, 2)
 
 
+def input_grad_by_forward(grad_y, W, pad):
+    """The input's gradient of F.conv2d(x, W, padding=pad) at stride 1, as a forward
+    convolution: the output's gradient with the kernel flipped, in and out swapped."""
+    import torch.nn.functional as F
+    return F.conv2d(grad_y, W.transpose(0, 1).flip(2, 3), padding=W.shape[-1] - 1 - pad)
+
+
+def weight_grad_by_forward(x, grad_y, pad):
+    """The kernel's gradient of F.conv2d(x, W, padding=pad) at stride 1, as a forward
+    convolution: the input, batch and channels swapped, with the output's gradient as the
+    kernel."""
+    import torch.nn.functional as F
+    return F.conv2d(x.transpose(0, 1), grad_y.transpose(0, 1), padding=pad).transpose(0, 1)
+
+
 def conv2d_by_forward_convs(dgrad, wgrad):
     """F.conv2d whose backward, for stride 1, computes the input gradient (dgrad) and/or the
     weight gradient (wgrad) as forward convolutions; the rest from aten.convolution_backward."""
@@ -93,13 +108,13 @@ def conv2d_by_forward_convs(dgrad, wgrad):
         @staticmethod
         def backward(ctx, gy):
             x, W = ctx.saved_tensors
-            p, k = ctx.padding, W.shape[-1]
+            p = ctx.padding
             need_x, need_W = ctx.needs_input_grad[:2]
             gx = gW = None
             if need_x and dgrad:
-                gx = F.conv2d(gy, W.transpose(0, 1).flip(2, 3), padding=k - 1 - p)
+                gx = input_grad_by_forward(gy, W, p)
             if need_W and wgrad:
-                gW = F.conv2d(x.transpose(0, 1), gy.transpose(0, 1), padding=p).transpose(0, 1)
+                gW = weight_grad_by_forward(x, gy, p)
             rest = [need_x and gx is None, need_W and gW is None, False]
             if any(rest):
                 gx2, gW2, _ = torch.ops.aten.convolution_backward(
