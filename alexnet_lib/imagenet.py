@@ -177,6 +177,10 @@ def load_paths(paths_file):
         paths[key] = resolve(raw[key], paths['tar_root_dir'])
     paths['train_batch_dir'] = paths['tar_train_dir'] + BATCH_SUFFIX
     paths['val_batch_dir'] = paths['tar_val_dir'] + BATCH_SUFFIX
+    if os.path.realpath(paths['train_batch_dir']) == os.path.realpath(paths['val_batch_dir']):
+        raise PrepError(f"paths file {paths_file}: tar_train_dir and tar_val_dir give the same "
+                        f"batch folder {paths['train_batch_dir']}; the training and validation "
+                        f"batches need folders of their own: give tar_val_dir another name")
     paths['labels_dir'] = os.path.join(paths['tar_root_dir'], 'labels')
     paths['paths_file'] = paths_file
     return paths
@@ -291,7 +295,9 @@ def shuffled_train_file(paths):
 
 
 def load_shuffled_train_list(paths):
-    """misc/shuffled_train_filenames.npy as a list of 'wnid/name' strings."""
+    """misc/shuffled_train_filenames.npy as a list of 'wnid/name' strings. The original's
+    preprocessing saved full paths ('{train_img_dir}/wnid/name'): they are taken as their last
+    two parts, the same order."""
     path = shuffled_train_file(paths)
     if not os.path.isfile(path):
         raise PrepError(f"{path} does not exist: run make_hkl.py first")
@@ -301,7 +307,8 @@ def load_shuffled_train_list(paths):
         raise PrepError(f"cannot read {path}: {e}; delete it to make a new one") from None
     if names.ndim != 1 or names.dtype.kind != 'U':
         raise PrepError(f"{path} is not a 1-D array of file names; delete it to make a new one")
-    return names.tolist()
+    return [name if name.count('/') == 1 else '/'.join(name.rsplit('/', 2)[-2:])
+            for name in names.tolist()]
 
 
 def train_order(paths, files):
@@ -317,9 +324,10 @@ def train_order(paths, files):
             extra = sorted(set(shuffled) - set(files))[:1]
             example = (f"it lacks {missing[0]}" if missing else
                        f"{extra[0]} is not in the tree" if extra else "it repeats a file")
-            raise PrepError(f"{path} lists {len(shuffled)} images but train_img_dir "
-                            f"{paths['train_img_dir']} holds {len(files)} ({example}): delete it "
-                            f"and the batch folders to start over")
+            raise PrepError(f"{path} is not an order of the images of train_img_dir "
+                            f"{paths['train_img_dir']} ({len(shuffled)} listed, {len(files)} "
+                            f"there; {example}): put the images back, or delete it to start "
+                            f"over with a new order (every batch is made again)")
         return shuffled, False
     order = np.asarray(files)
     np.random.RandomState(SHUFFLE_SEED).shuffle(order)

@@ -52,6 +52,38 @@ def make_record(train_names, train_batches, val_names, val_batches, batch_size=2
 
 TRAINED_ON = 'trained_on.json'   # a run's weights_dir: the record of the data it trains on
 
+# A batch folder's record of the images each of its batch files holds, kept while the batches
+# are being made (preprocessing.json comes only when all are complete): a batch is kept on a
+# re-run only when it was cut from the images the run would put in it.
+BATCH_IMAGES = 'batch_images.json'
+
+
+def batch_fingerprints(names, n_batches, batch_size=256):
+    """The fingerprint of each batch's image names: batch k holds names[k*B:(k+1)*B]."""
+    return [fingerprint(names[k * batch_size:(k + 1) * batch_size]) for k in range(n_batches)]
+
+
+def batch_images_text(fingerprints):
+    return json.dumps({'format': FORMAT, 'batch_sha1': fingerprints}) + '\n'
+
+
+def read_batch_images(folder):
+    """The batch fingerprints (batch_fingerprints) the batch files of ``folder`` were cut
+    from, or None when it has no BATCH_IMAGES; DataError when that file is malformed."""
+    path = record_path(folder, BATCH_IMAGES)
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        record = e
+    if not isinstance(record, dict) or record.get('format') != FORMAT or \
+            not isinstance(record.get('batch_sha1'), list):
+        raise DataError(f"{path} cannot be read: delete it and the batch files beside it, and "
+                        f"run preprocessing again")
+    return record['batch_sha1']
+
 
 def record_path(folder, name=RECORD_NAME):
     return os.path.join(folder, name)

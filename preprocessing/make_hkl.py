@@ -15,6 +15,11 @@ Writes, as the original preprocessing did:
                                             the last batch may be short
   {misc_dir}/img_mean.npy                   float32 (3, 256, 256): the mean of the training
                                             batch images (channel first, as the original)
+  batch_images.json in both batch folders:  the sha1 of each batch's image names, written before
+                                            the batches: a re-run keeps a batch file only when
+                                            it holds the images the run puts in it (after a new
+                                            training order, or other images left out, the
+                                            batches that changed are made again)
   preprocessing.json in both batch folders and misc_dir: the same record of this output
                                             (alexnet_lib/provenance.py), written last, when
                                             both splits and the mean are complete; removed
@@ -55,9 +60,11 @@ from alexnet_lib.imagenet import (BATCH_SIZE, TOY_IMAGES, PrepError, add_paths_a
                                   load_paths, read_skipped, remove_records, require_dir,
                                   run_main, save_npy, save_train_order, shuffled_train_file,
                                   skipped_report_file, train_order, write_file_atomic, write_record,
-                                  write_skipped)
+                                  write_skipped, write_text_atomic)
 from alexnet_lib.images import ImageDecodeError, load_image_256
-from alexnet_lib.provenance import RECORD_NAME, make_record
+from alexnet_lib.provenance import (BATCH_IMAGES, RECORD_NAME, batch_fingerprints,
+                                    batch_images_text, fingerprint, make_record,
+                                    read_batch_images, read_record, record_path)
 
 
 def n_batches_text(n):
@@ -242,12 +249,34 @@ def plan_batches(name, files, skipped, out_dir, drop_last):
     return plan, n_batches
 
 
+def batches_made_from(name, plan, n_batches, out_dir):
+    """The fingerprints of the images the batch files in ``out_dir`` were cut from
+    (batch_images.json), to keep a batch only when it holds the images this run puts in it.
+    Batches of an output made before that file existed are taken as this run's when the
+    output's record (preprocessing.json) describes this run's images; other batches without
+    it are a PrepError: what they hold cannot be known."""
+    made_from = read_batch_images(out_dir) if os.path.isdir(out_dir) else []
+    if made_from is None:
+        if not existing_batches(out_dir):
+            return []
+        record = read_record(out_dir)
+        sha1 = 'train_order_sha1' if name == 'train' else 'val_list_sha1'
+        if (record is None or record[f'{name}_images'] != len(plan)
+                or record[f'{name}_batches'] != n_batches or record[sha1] != fingerprint(plan)):
+            raise PrepError(f"{out_dir} holds batch files but no {BATCH_IMAGES}, the record of "
+                            f"the images they hold (an older or unfinished make_hkl.py made "
+                            f"them, or they were copied in): delete them and run again")
+        made_from = batch_fingerprints(plan, n_batches, BATCH_SIZE)
+    return made_from
+
+
 def make_split(pool, workers, name, files, src_dir, out_dir, report_file, drop_last, sums,
-               skip_bad):
+               skip_bad, made_from):
     """Write the batches of one split; return ({batch index: n_images}, the images the batches
     were cut from, in their order: those of a dropped last partial batch included). With a
     BatchSums ``sums``, add the sum of every batch's images to it (complete batches are read
-    back)."""
+    back). A batch file is kept only when ``made_from`` (batches_made_from) says it holds the
+    images this run puts in it."""
     os.makedirs(out_dir, exist_ok=True)
     remove_leftover_tmp_files(out_dir)
     skipped = read_skipped(report_file)
@@ -256,7 +285,18 @@ def make_split(pool, workers, name, files, src_dir, out_dir, report_file, drop_l
     done = {}
     while True:
         plan, n_batches = plan_batches(name, files, skipped, out_dir, drop_last)
+        fingerprints = batch_fingerprints(plan, n_batches, BATCH_SIZE)
         existing = existing_batches(out_dir)
+        stale = sorted(k for k in existing
+                       if k >= len(made_from) or made_from[k] != fingerprints[k])
+        if stale:
+            print(f"  {n_batches_text(len(stale))} in {out_dir} were cut from other images "
+                  f"(another training order, or other images left out): making them again")
+        for k in stale:
+            os.unlink(existing.pop(k))
+        # what the batches hold is on the disk before any batch is made
+        write_text_atomic(record_path(out_dir, BATCH_IMAGES), batch_images_text(fingerprints))
+        made_from = fingerprints
         tasks = []
         for k in range(n_batches):
             if k in done:
@@ -298,9 +338,12 @@ def make_split(pool, workers, name, files, src_dir, out_dir, report_file, drop_l
             for i, message in items:
                 newly_bad[plan[k * BATCH_SIZE + i]] = message
         if not skip_bad:
+            # deleting the file is no way out: the validation ground truth goes by position,
+            # and the training order must list every training image
             message = next(iter(newly_bad.values()))
-            raise PrepError(f"{message} -- replace or delete the file, or run with --skip-bad "
-                            f"to leave such images out (listed in {report_file})")
+            raise PrepError(f"{message} -- replace the file with a readable image of the same "
+                            f"name, or run with --skip-bad to leave such images out (listed in "
+                            f"{report_file})")
         # The batches after the first left-out image now hold other images: delete them first,
         # then record the images, so that an interruption never leaves a batch made under the
         # old list next to a report that already leaves the images out.
@@ -348,9 +391,11 @@ def main():
     train_out, val_out, misc_dir = paths['train_batch_dir'], paths['val_batch_dir'], \
         paths['misc_dir']
     splits = (('train', train_files, train_out, True), ('val', val_files, val_out, False))
+    made_from = {}
     for name, files, out_dir, drop_last in splits:
-        plan_batches(name, files, read_skipped(skipped_report_file(paths, name)), out_dir,
-                     drop_last)
+        plan, n_batches = plan_batches(name, files, read_skipped(skipped_report_file(paths, name)),
+                                       out_dir, drop_last)
+        made_from[name] = batches_made_from(name, plan, n_batches, out_dir)
 
     # from here on the outputs change: their record goes first, and comes back at the end
     remove_records(train_out, val_out, misc_dir)
@@ -365,7 +410,8 @@ def main():
         sums = BatchSums()
         _, train_plan = make_split(pool, args.workers, 'train', train_files, train_dir, train_out,
                                    skipped_report_file(paths, 'train'), drop_last=True,
-                                   sums=sums, skip_bad=args.skip_bad)
+                                   sums=sums, skip_bad=args.skip_bad,
+                                   made_from=made_from['train'])
         mean_file = os.path.join(misc_dir, 'img_mean.npy')
         save_npy(mean_file, sums.mean())
         print(f"train: {n_batches_text(sums.n_batches)}; mean of their {sums.n_images} images -> "
@@ -373,7 +419,8 @@ def main():
 
         done, val_plan = make_split(pool, args.workers, 'val', val_files, val_dir, val_out,
                                     skipped_report_file(paths, 'val'), drop_last=False,
-                                    sums=None, skip_bad=args.skip_bad)
+                                    sums=None, skip_bad=args.skip_bad,
+                                    made_from=made_from['val'])
         print(f"val: {n_batches_text(len(done))}, {sum(done.values())} images")
 
     record = make_record(train_plan, sums.n_batches, val_plan, len(done), BATCH_SIZE)

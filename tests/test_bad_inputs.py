@@ -184,6 +184,13 @@ def _paths_yaml_without_misc(w, case):
     return _yaml(w, case, 'paths.yaml', ''.join(f'{k}: somewhere/{k}\n' for k in keys))
 
 
+def _paths_yaml_one_batch_folder(w, case):
+    keys = ['train_img_dir', 'val_img_dir', 'tar_root_dir', 'misc_dir', 'meta_clsloc_mat',
+            'val_label_file', 'valtxt_filename', 'traintxt_filename']
+    return _yaml(w, case, 'paths.yaml', ''.join(f'{k}: somewhere/{k}\n' for k in keys)
+                 + 'tar_train_dir: train_hkl\ntar_val_dir: train_hkl\n')
+
+
 def _mnist(w, case, obj):
     path = os.path.join(w.dir(case), 'mnist.pkl.gz')
     with gzip.open(path, 'wb') as f:
@@ -453,6 +460,12 @@ CASES = [
     Case('paths-key', 'preprocessing', 'preprocessing/paths.yaml without `misc_dir`',
          lambda w, c: ('preprocessing/make_hkl.py', ['--paths', _paths_yaml_without_misc(w, c)]),
          ("paths.yaml has no key 'misc_dir'",), mode='script'),
+    Case('one-batch-folder', 'preprocessing', 'preprocessing/paths.yaml with `tar_val_dir` the '
+         'same as `tar_train_dir`',
+         lambda w, c: ('preprocessing/make_hkl.py',
+                       ['--paths', _paths_yaml_one_batch_folder(w, c)]),
+         ("tar_train_dir and tar_val_dir give the same batch folder",
+          "give tar_val_dir another name"), mode='script'),
     Case('folder-in-class-folder', 'preprocessing', 'a folder inside a class folder of '
          'train_img_dir', lambda w, c: ('preprocessing/make_hkl.py',
                                         ['--paths', _folder_in_a_class_folder(w, c)]),

@@ -428,6 +428,114 @@ def test_skip_bad_leaves_images_out_of_batches_and_labels(bad_tree):
     assert '(1 complete, 0 to make)' in result.stdout
     assert_record_describes(paths, good, [n for n, _ in val_good])
 
+    # the image downloaded again and the report deleted: the batches from it on hold other
+    # images now, and are made again
+    write_image(os.path.join(tree.train_dir, bad_train), 'rgb', np.random.RandomState(5))
+    os.unlink(os.path.join(paths['misc_dir'], 'skipped_train_images.txt'))
+    result = ok(run(['generate_data.sh', yaml_path, '--workers', '2'], REPO))
+    assert f"2 batches in {paths['train_batch_dir']} were cut from other images" in result.stdout
+    assert '(0 complete, 2 to make)' in result.stdout
+    assert_batches_hold(paths, tree, order, [n for n, _ in val_good])
+
+
+# ---------------------------------------------------------------- what each batch holds
+
+@pytest.fixture
+def one_batch_tree(tmp_path):
+    """260 training images (one full batch, 4 dropped), 6 validation images."""
+    tree = build_tree(tmp_path / 'imagenet', per_class=(100, 100, 60), n_val=6, quirks=False)
+    yaml_path = tree.write_paths_yaml(tmp_path / 'paths.yaml', tmp_path / 'out')
+    return tree, yaml_path, load_paths(yaml_path)
+
+
+def assert_batches_hold(paths, tree, order, val_names=None):
+    """Every row of the training batches is its image of ``order``, the labels follow
+    ``order``, and the record describes both (and ``val_names``, all of them unless given)."""
+    rows = np.concatenate(read_batches(paths['train_batch_dir']))
+    assert len(rows) == len(order) // 256 * 256
+    for row, name in zip(rows, order):
+        np.testing.assert_array_equal(row, load_image_256(os.path.join(tree.train_dir, name)),
+                                      err_msg=name)
+    labels = load(os.path.join(paths['labels_dir'], 'train_labels.npy'))
+    assert labels.tolist() == [tree.train_label[name] for name in order]
+    assert_record_describes(paths, order, tree.val_names if val_names is None else val_names)
+
+
+def test_a_new_training_order_makes_the_batches_again(one_batch_tree):
+    """An image gone from the tree: the saved order no longer fits and says so; deleting it
+    (as the error says) gives a new order, and the batch cut from the old one is made again."""
+    tree, yaml_path, paths = one_batch_tree
+    ok(run(['generate_data.sh', yaml_path, '--workers', '2'], REPO))
+    first = shuffled_order(paths)
+    os.unlink(os.path.join(tree.train_dir, first[0]))
+    del tree.train_label[first[0]]
+    order_file = os.path.join(paths['misc_dir'], 'shuffled_train_filenames.npy')
+    line = error_line(run(['make_hkl.py', '--paths', yaml_path, '--workers', '2'], REPO))
+    assert line == (f"error: {order_file} is not an order of the images of train_img_dir "
+                    f"{tree.train_dir} (260 listed, 259 there; {first[0]} is not in the tree): "
+                    f"put the images back, or delete it to start over with a new order (every "
+                    f"batch is made again)")
+    os.unlink(order_file)
+    result = ok(run(['generate_data.sh', yaml_path, '--workers', '2'], REPO))
+    assert (f"1 batch in {paths['train_batch_dir']} were cut from other images (another "
+            f"training order, or other images left out): making them again") in result.stdout
+    second = shuffled_order(paths)
+    assert len(second) == 259 and second[:256] != first[1:257]
+    assert_batches_hold(paths, tree, second)
+
+
+def test_batches_without_their_images_record_are_kept_only_when_the_output_record_fits(
+        one_batch_tree):
+    """Batches of a complete output made before batch_images.json existed are kept (its
+    preprocessing.json describes them); without that record what they hold is unknown."""
+    tree, yaml_path, paths = one_batch_tree
+    ok(run(['generate_data.sh', yaml_path, '--workers', '2'], REPO))
+    folders = (paths['train_batch_dir'], paths['val_batch_dir'])
+    for folder in folders:
+        os.unlink(os.path.join(folder, 'batch_images.json'))
+    result = ok(run(['make_hkl.py', '--paths', yaml_path, '--workers', '2'], REPO))
+    assert result.stdout.count('(1 complete, 0 to make)') == 2
+    assert all(os.path.isfile(os.path.join(f, 'batch_images.json')) for f in folders)
+    assert_batches_hold(paths, tree, shuffled_order(paths))
+
+    os.unlink(os.path.join(paths['train_batch_dir'], 'batch_images.json'))
+    os.unlink(os.path.join(paths['train_batch_dir'], 'preprocessing.json'))
+    line = error_line(run(['make_hkl.py', '--paths', yaml_path, '--workers', '2'], REPO))
+    assert line == (f"error: {paths['train_batch_dir']} holds batch files but no "
+                    f"batch_images.json, the record of the images they hold (an older or "
+                    f"unfinished make_hkl.py made them, or they were copied in): delete them "
+                    f"and run again")
+
+
+def test_the_originals_order_of_full_paths_is_reused(one_batch_tree):
+    """The original's preprocessing saved the shuffled order as full paths (every class
+    folder's JPEGs, sorted, then np.random.seed(1); np.random.shuffle)."""
+    tree, yaml_path, paths = one_batch_tree
+    src = tree.train_dir + '/'
+    names = []
+    for folder in os.listdir(src):
+        names += [src + folder + '/' + name for name in os.listdir(src + folder)]
+    names = np.asarray(sorted(names))
+    np.random.RandomState(1).shuffle(names)
+    os.makedirs(paths['misc_dir'])
+    np.save(os.path.join(paths['misc_dir'], 'shuffled_train_filenames.npy'), names)
+    result = ok(run(['generate_data.sh', yaml_path, '--workers', '2'], REPO))
+    assert 'training order: reusing' in result.stdout
+    order = [name[len(src):] for name in names.tolist()]
+    ours = np.asarray(tree.train_files())
+    np.random.RandomState(1).shuffle(ours)
+    assert order == ours.tolist()  # the same order as one of our own
+    assert_batches_hold(paths, tree, order)
+
+
+def test_generate_data_takes_the_paths_file_as_an_option_too(one_batch_tree, tmp_path):
+    """--paths, as every script takes it: all three steps read that file."""
+    tree, yaml_path, paths = one_batch_tree
+    result = ok(run(['generate_data.sh', '--paths', str(yaml_path), '--workers', '2'], tmp_path))
+    assert os.path.isfile(os.path.join(paths['misc_dir'], 'train.txt'))
+    assert f"paths from {yaml_path}" in result.stdout
+    assert_batches_hold(paths, tree, shuffled_order(paths))
+
 
 # ---------------------------------------------------------------- configuration errors
 
@@ -444,6 +552,18 @@ def test_missing_paths_key_is_named(small_tree):
         line = error_line(run([script, '--paths', yaml_path], tmp))
         assert "'misc_dir'" in line and 'paths.yaml' in line
     assert run(['generate_data.sh', yaml_path], tmp).returncode != 0
+
+
+def test_one_batch_folder_for_both_splits_is_refused(small_tree):
+    tree, tmp = small_tree
+    yaml_path = tree.write_paths_yaml(tmp / 'paths.yaml', tmp / 'out', tar_val_dir='train_hkl')
+    for script in ('make_hkl.py', 'make_train_val_txt.py', 'make_labels.py'):
+        line = error_line(run([script, '--paths', yaml_path], tmp))
+        assert line == (f"error: paths file {yaml_path}: tar_train_dir and tar_val_dir give the "
+                        f"same batch folder {tmp / 'out' / 'train_hkl_b256_b_256'}; the training "
+                        f"and validation batches need folders of their own: give tar_val_dir "
+                        f"another name")
+    assert not os.path.exists(tmp / 'out')
 
 
 def test_missing_paths_file_is_named(small_tree):
