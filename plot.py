@@ -102,8 +102,16 @@ def main(argv):
     ap.add_argument('weights_dir')
     ap.add_argument('-o', '--output', help='PNG to write (default WEIGHTS_DIR/plot.png)')
     a = ap.parse_args(argv)
+    out = a.output or os.path.join(a.weights_dir, 'plot.png')
+    from matplotlib.backend_bases import FigureCanvasBase
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if os.path.splitext(out)[1][1:].lower() not in formats:
+        print(f"error: cannot write a plot to {out}: name a file ending in one of "
+              f"{', '.join('.' + f for f in sorted(formats))} (.png for a picture)",
+              file=sys.stderr)
+        raise SystemExit(1)
     try:
-        out = plot(a.weights_dir, a.output or os.path.join(a.weights_dir, 'plot.png'))
+        out = plot(a.weights_dir, out)
     except NoCurves as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None

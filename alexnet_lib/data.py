@@ -213,13 +213,17 @@ class RunData:
     and ``record`` is None."""
 
     def __init__(self, cfg, world=1, device='cpu', for_training=True, rank=0):
-        from alexnet_lib.provenance import check_together
+        from alexnet_lib.provenance import check_together, read_record
         self.cfg, self.world, self.rank = cfg, world, rank
         self.device = torch.device(device)
         keys = DATA_KEYS if for_training else ('val_folder', 'label_folder', 'mean_file')
         require_data(cfg, keys)
-        self.record = check_together(
-            {k: os.path.dirname(cfg[k]) if k == 'mean_file' else cfg[k] for k in keys})
+        folders = {k: os.path.dirname(cfg[k]) if k == 'mean_file' else cfg[k] for k in keys}
+        if read_record(folders['mean_file']) is None:
+            # a mean image from elsewhere (the original's released one) goes with any data;
+            # only one of another preprocessing output is refused
+            del folders['mean_file']
+        self.record = check_together(folders)
         self.batch = cfg['batch_size']
         self.global_batch = self.batch * self.world
         self.val_files = list_batch_files(cfg['val_folder'], 'val_folder')

@@ -129,8 +129,10 @@ def read_record(folder, name=RECORD_NAME):
 def check_together(folders):
     """{config key: folder} -> the one record they share, or None when none of them has one.
     Folders whose records differ, or some with a record and some without, are a ConfigError
-    naming the keys that differ from the most: they come from another preprocessing output."""
-    records = {key: read_record(folder) for key, folder in folders.items()}
+    naming the keys that differ from the most: they come from another preprocessing output.
+    A folder that does not exist is left out: the reader of its files names it."""
+    records = {key: read_record(folder) for key, folder in folders.items()
+               if os.path.isdir(folder)}
     have = {key: r for key, r in records.items() if r is not None}
     if not have:
         return None

@@ -151,7 +151,7 @@ def check_weights_dir(weights_dir):
         raise ReleaseError(f"WEIGHTS_DIR {weights_dir} exists and is not a folder")
     if not os.path.isdir(weights_dir):
         return
-    ours = set(expected_names())
+    ours = set(expected_names()) | {'plot.png'}   # plot.py's default output there
     foreign = sorted(f for f in os.listdir(weights_dir) if f not in ours)
     if foreign:
         more = f" and {len(foreign) - 1} other file(s)" if len(foreign) > 1 else ""
@@ -281,6 +281,9 @@ def main(argv):
                     help="import even if ZIP's sha1 is not the release's")
     args = ap.parse_args(argv)
     try:
+        if os.path.isdir(args.zip):
+            raise ReleaseError(f"ZIP {args.zip} is a folder: give the zip file itself "
+                               f"(parameters_releasing.zip, as downloaded; no need to unzip it)")
         if not os.path.isfile(args.zip):
             raise ReleaseError(f"ZIP {args.zip} not found")
         check_weights_dir(args.weights_dir)

@@ -456,6 +456,10 @@ CASES = [
     Case('plot-no-epoch', 'plots', 'plot.py on a run whose metrics.csv has only its header',
          lambda w, c: ('plot.py', [_header_only_run(w, c)]),
          ("metrics.csv holds no epoch yet",)),
+    Case('plot-format', 'plots', 'plot.py -o with a mistyped file type: `-o curves.pgn`',
+         lambda w, c: ('plot.py', [_header_only_run(w, c), '-o',
+                                   os.path.join(w.dir(c), 'curves.pgn')]),
+         ("cannot write a plot to", "curves.pgn: name a file ending in one of", ".png")),
     # -- preprocessing, MNIST, release ---------------------------------------------------------
     Case('paths-key', 'preprocessing', 'preprocessing/paths.yaml without `misc_dir`',
          lambda w, c: ('preprocessing/make_hkl.py', ['--paths', _paths_yaml_without_misc(w, c)]),
@@ -491,6 +495,10 @@ CASES = [
          lambda w, c: ('dual_mlp.py', ['cpu', 'cpu', '--dataset', _mnist(
              w, c, (_mnist_rows(20, 783), _mnist_rows(10), _mnist_rows(10)))]),
          ("train x should be a float32 array of shape (n, 784)",), rc=1),
+    Case('release-folder', 'release zip', 'pretrained/import_params.py on the unzipped '
+         'folder', lambda w, c: ('pretrained/import_params.py', [
+             _folder(w, c, 'parameters_releasing'), os.path.join(w.dir(c), 'weights')]),
+         ("parameters_releasing is a folder: give the zip file itself",)),
     Case('release-checksum', 'release zip', 'pretrained/import_params.py on a zip whose sha1 '
          'is not the release\'s', lambda w, c: ('pretrained/import_params.py', [
              _release_zip(w, c), os.path.join(w.dir(c), 'weights')]),

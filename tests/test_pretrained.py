@@ -225,6 +225,15 @@ def test_foreign_weights_dir_is_refused(release, tmp_path, capsys):
     assert code == 1 and 'metrics.csv' in err and 'new or empty folder' in err
 
 
+def test_import_again_over_an_imported_and_plotted_folder(release, tmp_path, capsys):
+    wd = tmp_path / 'w'
+    assert import_in_process(capsys, release[0], wd, '--skip-checksum')[0] == 0
+    plot.main([str(wd)])   # plot.py's default output, wd/plot.png
+    assert (wd / 'plot.png').is_file()
+    code, _, err = import_in_process(capsys, release[0], wd, '--skip-checksum')
+    assert code == 0, err
+
+
 @pytest.mark.slow
 def test_resume_from_imported_snapshot(imported, tmp_path):
     """train.py resume_train=True load_epoch=65 with the released run's config: one epoch."""

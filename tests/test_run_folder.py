@@ -72,6 +72,30 @@ def test_data_of_another_preprocessing_output_is_refused_before_a_step(two_outpu
     assert not os.path.exists(tmp_path / 'w')       # nothing written before the data is good
 
 
+def test_a_mean_from_elsewhere_goes_with_any_output_and_a_wrong_path_is_named(two_outputs,
+                                                                            tmp_path):
+    """The original's released mean image, in a folder without a record, serves any
+    preprocessing output; a path to nothing is named as missing, not as another output's."""
+    from alexnet_lib.data import RunData
+    from alexnet_lib.errors import UserError
+    one, _ = two_outputs
+    released = tmp_path / 'weights'
+    released.mkdir()
+    shutil.copy(opts(one)['mean_file'], released / 'img_mean.npy')
+    cfg = load_config('spec_1gpu.yaml', one + FAST + [f'mean_file={released}/img_mean.npy'])
+    assert RunData(cfg).record is not None
+    root = os.path.dirname(opts(one)['label_folder'])
+    for key, typo, says in [
+            ('mean_file', 'mics/img_mean.npy', "mean file '{}' not found"),
+            ('val_folder', 'val_hkl', "batch folder '{}' does not exist"),
+            ('label_folder', 'lables', "label file '{}/val_labels.npy' not found")]:
+        wrong = os.path.join(root, typo)
+        cfg = load_config('spec_1gpu.yaml', one + FAST + [f'{key}={wrong}'])
+        with pytest.raises(UserError) as e:   # one line, no traceback
+            RunData(cfg, for_training=False)
+        assert str(e.value).startswith(says.format(wrong)), (key, str(e.value))
+
+
 @pytest.fixture(scope='module')
 def run_on_one(two_outputs, tmp_path_factory):
     """A run of one epoch on the first output: (weights_dir, train.py's result)."""
