@@ -50,11 +50,17 @@ class PrepError(UserError):
 def run_main(main):
     """Run ``main()``: a PrepError is one line ``error: ...`` and exit status 1, Ctrl-C 130.
     A write over a file-size limit (ulimit -f) fails with EFBIG, like a full disk, instead of
-    killing the process with SIGXFSZ (the decoding processes inherit this)."""
+    killing the process with SIGXFSZ (the decoding processes inherit this). SIGTERM (kill, a
+    batch system's time limit) is a Ctrl-C: the decoding processes are stopped with it."""
     if hasattr(signal, 'SIGXFSZ'):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _interrupt)
     errors.run_main(main, interrupted="interrupted: complete batch files are kept; run the "
                                       "same command again to continue")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def notice(text):

@@ -114,8 +114,9 @@ def write_batch_file(path, images):
 
 # ---------------------------------------------------------------- work done in the pool
 
-def ignore_sigint():
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the main process
+def worker_signals():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the main process,
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # which stops its workers with SIGTERM
 
 
 def batch_sum(images):
@@ -406,7 +407,7 @@ def main():
     else:
         print(f"training order: reusing {order_file}")
 
-    with Pool(args.workers, initializer=ignore_sigint) as pool:
+    with Pool(args.workers, initializer=worker_signals) as pool:
         sums = BatchSums()
         _, train_plan = make_split(pool, args.workers, 'train', train_files, train_dir, train_out,
                                    skipped_report_file(paths, 'train'), drop_last=True,

@@ -329,20 +329,26 @@ def test_ctrl_c_then_rerun_finishes_the_same_batches(tmp_path):
     ok(run(['make_labels.py', '--paths', yaml_path], REPO))
     record = assert_record_describes(paths, order, tree.val_names)
 
-    # a rerun that is interrupted takes the record away from every folder it changes, so
-    # that none describes a half-rewritten output
+    # a rerun that is stopped (by SIGTERM: kill, a batch system's time limit, the same as
+    # Ctrl-C, its decoding processes gone with it) takes the record away from every folder it
+    # changes, so that none describes a half-rewritten output
     for path in list_batch_files(paths['train_batch_dir'])[1:]:
         os.unlink(path)
     second = os.path.join(paths['train_batch_dir'], '0001.hkl')
     proc = subprocess.Popen([sys.executable, os.path.join(PREP, 'make_hkl.py'), '--paths',
-                             yaml_path, '--workers', '1'], stdout=subprocess.PIPE,
+                             yaml_path, '--workers', '2'], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     while not os.path.exists(second) and proc.poll() is None:
         time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
+    workers = subprocess.run(['pgrep', '-P', str(proc.pid)], capture_output=True,
+                             text=True).stdout.split()
+    assert len(workers) == 2
+    proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == 130 and 'Traceback' not in stderr, stderr
+    assert not [w for w in workers if os.path.exists(f'/proc/{w}')]  # no decoder left behind
     assert len(list_batch_files(paths['train_batch_dir'])) < 4
+    assert not [n for n in os.listdir(paths['train_batch_dir']) if '.tmp' in n]
     found = records(paths)
     assert found['train_folder'] is found['val_folder'] is found['mean_file'] is None, found
     assert found['label_folder'] == record  # make_labels.py's, of the run before
