@@ -1,4 +1,4 @@
-"""Benchmark: the report's Table 1 on the machine at hand, plus the peers.
+r"""Benchmark: the report's Table 1 on the machine at hand, plus the peers.
 
     python bench.py                                  # GPUs: 1 and 2 GPUs x parallel/serial loading
     python bench.py precision=fp32 compile=False     # any config key=value, as train.py

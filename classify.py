@@ -1,4 +1,4 @@
-"""Classify images with a snapshot: top-5 classes (all of them with 5 or fewer, n_classes),
+r"""Classify images with a snapshot: top-5 classes (all of them with 5 or fewer, n_classes),
 their probabilities and names.
 
     python classify.py IMAGE|FOLDER [...] [key=value ...] [extra.yaml ...]

@@ -1,4 +1,4 @@
-"""Train AlexNet data-parallel on several GPUs (or CPU processes), as the original
+r"""Train AlexNet data-parallel on several GPUs (or CPU processes), as the original
 train_2gpu.py: one trainer process per GPU, each with its own loader process, exchanging and
 averaging weights and momentum after every minibatch (docs/design.md).
 

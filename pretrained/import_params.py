@@ -1,4 +1,4 @@
-"""Import the original's released AlexNet parameters (parameters_releasing.zip) as snapshot 65.
+r"""Import the original's released AlexNet parameters (parameters_releasing.zip) as snapshot 65.
 
     python pretrained/import_params.py parameters_releasing.zip pretrained/alexnet/weights
     python pretrained/import_params.py my_copy.zip WEIGHTS_DIR --skip-checksum   # not the release

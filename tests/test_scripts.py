@@ -43,6 +43,13 @@ def test_every_script_answers_help(helps, script):
         assert r.returncode == 0, f"{script} {flag}: exit {r.returncode}\n{r.stderr[-2000:]}"
         assert len(r.stdout.splitlines()) >= 3, f"{script} {flag}: {r.stdout!r}"
         assert 'Traceback' not in r.stdout + r.stderr
+    if script.endswith('.py'):
+        # a command continued with a backslash shows on the lines the docstring has it on
+        with open(os.path.join(ROOT, script), encoding='utf-8') as f:
+            continued = [line.strip() for line in f.read().split('"""')[1].splitlines()
+                         if line.endswith(' \\')]
+        shown = [line.strip() for line in helps[script, '--help'].stdout.splitlines()]
+        assert not [line for line in continued if line not in shown], script
     if script in CONFIG_SCRIPTS:
         # every key with its default and comment, from the yaml files
         out = helps[script, '--help'].stdout
