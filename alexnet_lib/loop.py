@@ -33,7 +33,7 @@ from alexnet_lib.files import atomic_write
 from alexnet_lib.sgd import adjust_learning_rate, warmup_factor
 from alexnet_lib.snapshot import (SnapshotError, exchange_file, latest_complete_snapshot,
                                   load_array, load_snapshot, lr_file, prune_snapshots,
-                                  replica_file, save_array, save_snapshot, steps_done_in)
+                                  replica_file, save_array, save_snapshot, progress_in)
 from alexnet_lib.step import (Averaging, TrainStep, UpdateRule, amp_dtype_of, compile_cache,
                               configure_device, eval_batch, precision_of)
 
@@ -115,6 +115,8 @@ class Replica:
         requests = data.train_requests(epoch) if requests is None else requests
         steps_in_epoch = len(requests)
         requests = requests[start_step:]
+        if not requests:    # resumed after the last step of this epoch plan
+            return math.nan, math.nan, math.nan
         loss_sum = torch.zeros((), device=self.device)
         err_sum = torch.zeros((), device=self.device)
         bar = None
@@ -210,7 +212,7 @@ class Replica:
 
     def preempt(self, epoch, steps_done, lr):
         wd = self.cfg['weights_dir']
-        self.snapshot(epoch, lr, steps_done)
+        self.snapshot(epoch, lr, (steps_done, self.data.global_batch))
         if self.exchanger:
             self.exchanger.barrier()   # every replica leaves after the snapshot is complete
         raise Preempted(f"SIGTERM: stopped after step {steps_done} of epoch {epoch} and wrote a "
@@ -266,8 +268,8 @@ class Replica:
         lr = load_snapshot(wd, e, self.net)
         if self.rule is not None:
             self.load_rule_state(wd, e)
-        done = steps_done_in(wd, e)
-        epochs_recorded = e if done is None else e - 1
+        progress = progress_in(wd, e)
+        epochs_recorded = e if progress is None else e - 1
         path = os.path.join(wd, 'val_record.npy')
         record = []
         if epochs_recorded:
@@ -275,12 +277,29 @@ class Replica:
             if len(record) < epochs_recorded:
                 raise SnapshotError(f"{path} has {len(record)} epochs; resuming after epoch "
                                     f"{epochs_recorded} needs {epochs_recorded}")
-        if done is None:
+        if progress is None:
             self.log(f"resumed from snapshot {e} in {wd} (lr {lr:g})")
             return e + 1, 0, lr, record[:e]
-        self.log(f"resumed from snapshot {e} in {wd}, taken after step {done} of epoch {e} "
+        steps, per_step = progress
+        self.log(f"resumed from snapshot {e} in {wd}, taken after step {steps} of epoch {e} "
                  f"(lr {lr:g})")
-        return e, done, lr, record[:e - 1]
+        return e, self.first_step_left(e, steps * (per_step or self.data.global_batch)), lr, \
+            record[:e - 1]
+
+    def first_step_left(self, epoch, images_done):
+        """The step of this run's epoch plan that begins with the first image of ``epoch`` not
+        trained yet: the steps run over the epoch's images in one order whatever the global
+        batch, so a snapshot resumes with other replicas or another batch_size too."""
+        size, steps = self.data.global_batch, self.data.steps_per_epoch
+        step = min(images_done // size, steps)
+        if step == steps:
+            self.log(f"notice: the snapshot was taken after {images_done} images of epoch "
+                     f"{epoch}: no step of {size} images is left in it")
+        elif step * size != images_done:
+            self.log(f"notice: the snapshot was taken after {images_done} images of epoch "
+                     f"{epoch}, not a whole number of steps of {size}: images "
+                     f"{step * size}..{images_done - 1} are trained again")
+        return step
 
     def end_of_epoch(self, epoch, lr_next, record, row):
         """Every replica: val_record.npy, metrics.csv and the snapshot (the lead writes them)."""
@@ -299,7 +318,7 @@ class Replica:
         say) where replicas differ, else the replica's own weights."""
         return contextlib.nullcontext() if self.rule is None else self.rule.result()
 
-    def snapshot(self, epoch, lr, steps_done=None):
+    def snapshot(self, epoch, lr, progress=None):
         """Every replica: snapshot `epoch`, written by the lead; under an exchange rule each
         replica first writes its own weights and momentum, and the lead the rule's state."""
         wd = self.cfg['weights_dir']
@@ -312,7 +331,7 @@ class Replica:
             self.exchanger.barrier()
         with self.result():
             if self.lead:
-                save_snapshot(wd, epoch, self.net, lr, steps_done, shared)
+                save_snapshot(wd, epoch, self.net, lr, progress, shared)
 
     def load_rule_state(self, wd, epoch):
         """This replica's own weights and momentum and the rule's state from snapshot `epoch`."""

@@ -20,7 +20,7 @@ import sys
 
 from alexnet_lib.errors import UserError
 from alexnet_lib.provenance import TRAINED_ON, check_trained_on, write_record
-from alexnet_lib.snapshot import complete_snapshots, steps_done_in
+from alexnet_lib.snapshot import complete_snapshots, progress_in
 
 LOCK_NAME = '.run.lock'
 # the files a run writes (snapshot.py, loop.py): what makes a folder another run's
@@ -53,6 +53,8 @@ def check_writable(weights_dir):
 
 
 def run_files(weights_dir):
+    if not os.path.isdir(weights_dir):     # a new run's folder (the lead makes it)
+        return []
     return sorted(f for f in os.listdir(weights_dir) if RUN_FILE.fullmatch(f))
 
 
@@ -85,7 +87,7 @@ def plan_start(weights_dir, resume_train, load_epoch, n_epochs, overwrite):
 def finished_message(weights_dir, load_epoch, n_epochs):
     """Resuming a snapshot that already ends the run: nothing to train, and how to train more."""
     if load_epoch < n_epochs or load_epoch not in complete_snapshots(weights_dir) or \
-            steps_done_in(weights_dir, load_epoch) is not None:
+            progress_in(weights_dir, load_epoch) is not None:
         return None         # more to train, or a snapshot that resuming will report
     return (f"nothing to train: snapshot {load_epoch} in {weights_dir} already ends this run "
             f"(n_epochs: {n_epochs}); to train more, raise n_epochs "
@@ -102,10 +104,20 @@ class Lock:
         self.held = False
 
     def acquire(self):
-        me = f"{os.getpid()} {socket.gethostname()}"
+        # the lock appears with its owner written (a hard link to a finished file): one that
+        # is empty for an instant would be taken for a dead run's by a second run
+        mine = f"{self.path}.{os.getpid()}"
+        with open(mine, 'w') as f:
+            f.write(f"{os.getpid()} {socket.gethostname()}\n")
+        try:
+            return self._take(mine)
+        finally:
+            os.unlink(mine)
+
+    def _take(self, mine):
         for _ in range(3):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.link(mine, self.path)
             except FileExistsError:
                 owner = self._owner()
                 if owner is None:                       # dead, or unreadable: take it over
@@ -118,8 +130,6 @@ class Lock:
                 raise RunFolderError(
                     f"weights_dir {os.path.dirname(self.path)} is in use by a live run (pid "
                     f"{pid} on {host}); wait for it to end or choose another weights_dir")
-            with os.fdopen(fd, 'w') as f:
-                f.write(me + '\n')
             self.held = True
             return self
         raise RunFolderError(f"cannot take the lock {self.path}; remove it if no run uses "

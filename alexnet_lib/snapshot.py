@@ -5,7 +5,8 @@ layers) in the original layouts, mom_{k}_{e}.npy for the k-th parameter in param
 lr_{e}.npy, the learning rate the next epoch uses. lr_{e}.npy is written last: a snapshot whose
 lr file exists is complete. val_record.npy holds one row [val_error, val_loss] per epoch.
 A run stopped by SIGTERM (preemption) writes snapshot e in the middle of epoch e, with
-progress_{e}.npy holding the number of steps of epoch e done; resuming it finishes epoch e.
+progress_{e}.npy holding [steps of epoch e done, images per step]; resuming it finishes epoch
+e, also with another number of replicas or batch_size (from the first image not yet trained).
 Under an exchange rule whose replicas differ (exchange_rules.py), the W/b files hold the rule's
 model, replica_{r}_{e}.npy replica r's own weights and momentum (flat, alex_net's buffer layout)
 and exchange_{name}_{e}.npy the rule's shared state (its centre, mixing weights, outer momentum).
@@ -74,9 +75,10 @@ def exchange_file(weights_dir, name, epoch):
     return os.path.join(weights_dir, f"exchange_{name}_{epoch}.npy")
 
 
-def save_snapshot(weights_dir, epoch, net, lr, steps_done=None, exchange_state=None):
-    """Snapshot ``epoch``: after the epoch (steps_done None), or in the middle of it, after
-    ``steps_done`` steps (a preempted run), marked by progress_{epoch}.npy; exchange_state:
+def save_snapshot(weights_dir, epoch, net, lr, progress=None, exchange_state=None):
+    """Snapshot ``epoch``: after the epoch (progress None), or in the middle of it, after
+    ``progress`` = (steps done, images per step) (a preempted run), in progress_{epoch}.npy;
+    exchange_state:
     {name: array} of an exchange rule. The lr file goes first and comes back last, so a
     snapshot interrupted while being written is never taken for a complete one."""
     os.makedirs(weights_dir, exist_ok=True)
@@ -85,8 +87,8 @@ def save_snapshot(weights_dir, epoch, net, lr, steps_done=None, exchange_state=N
         if os.path.exists(path):
             os.unlink(path)
     try:
-        if steps_done is not None:
-            save_array(progress_file(weights_dir, epoch), np.int64(steps_done))
+        if progress is not None:
+            save_array(progress_file(weights_dir, epoch), np.array(progress, np.int64))
         for name, a in net.to_original().items():
             save_array(param_file(weights_dir, name, epoch), a)
         for k, a in enumerate(net.momentum_to_original()):
@@ -157,10 +159,19 @@ def _what_is_there(weights_dir):
     return f"its complete snapshots are epochs {', '.join(map(str, epochs))} (fix load_epoch)"
 
 
-def steps_done_in(weights_dir, epoch):
-    """For a mid-epoch snapshot (a preempted run), the steps of ``epoch`` it holds; else None."""
+def progress_in(weights_dir, epoch):
+    """For a mid-epoch snapshot (a preempted run): (steps of ``epoch`` done, images per step;
+    None in a file of an earlier version, which held the steps alone); else None."""
     path = progress_file(weights_dir, epoch)
-    return int(load_array(path, (), 'progress')) if os.path.exists(path) else None
+    if not os.path.exists(path):
+        return None
+    a = load_array(path, what='progress')
+    if a.shape == ():
+        return int(a), None
+    if a.shape != (2,):
+        raise SnapshotError(f"{path} has shape {a.shape}, expected (2,): [steps, images per "
+                            f"step]")
+    return int(a[0]), int(a[1])
 
 
 def load_snapshot(weights_dir, epoch, net, with_momentum=True):

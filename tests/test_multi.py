@@ -219,9 +219,11 @@ def test_exchange_rule_in_the_loop_is_its_reference_and_resumes_exactly(data, me
 
 
 def test_two_nodes_through_torchrun_equal_one_node(data, reference, tmp_path):
+    """Into a weights_dir that does not exist yet: rank 0 makes it, the others start a new run
+    without looking into it first."""
     port = 29000 + os.getpid() % 1000
     args = data + COMMON + ['gpu0=cpu', 'gpu1=cpu', 'batch_size=4', 'exchange=gloo',
-                            f'weights_dir={tmp_path}']
+                            f'weights_dir={tmp_path}/run']
     procs = [subprocess.Popen(
         [sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', f'--node_rank={i}',
          '--nproc_per_node=1', '--master_addr=127.0.0.1', f'--master_port={port}',
@@ -229,7 +231,7 @@ def test_two_nodes_through_torchrun_equal_one_node(data, reference, tmp_path):
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], '\n'.join(o[-3000:] for o in outs)
-    assert_close(snapshot(str(tmp_path)), reference)
+    assert_close(snapshot(str(tmp_path / 'run')), reference)
 
 
 def descendants(pid):

@@ -225,6 +225,37 @@ def test_resume_auto_resumes_the_latest_snapshot_or_starts_afresh(small_dataset,
 
 
 @pytest.mark.slow
+def _take_lock(barrier, folders, wins):
+    from alexnet_lib.run_folder import Lock, RunFolderError
+    for folder in folders:
+        barrier.wait()
+        try:
+            Lock(folder).acquire()      # held until the process ends
+            wins.put(folder)
+        except RunFolderError:
+            pass
+        barrier.wait()
+
+
+def test_of_two_runs_started_at_once_one_takes_the_folder(tmp_path):
+    """Two processes take the lock of the same new folders at the same instant, 100 times:
+    one of them gets each folder (a lock file is never seen empty, as a dead run's)."""
+    import multiprocessing as mp
+    ctx = mp.get_context('fork')
+    folders = [str(tmp_path / f'run{i}') for i in range(100)]
+    for folder in folders:
+        os.makedirs(folder)
+    barrier, wins = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_take_lock, args=(barrier, folders, wins)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    won = [wins.get(timeout=10) for _ in range(wins.qsize())]
+    assert sorted(won) == sorted(folders)      # each folder once, none twice, none without
+
+
 def test_a_second_run_into_a_live_runs_folder_is_refused(small_dataset, tmp_path):
     wd = tmp_path / 'w'
     first = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), *small_dataset,

@@ -1,6 +1,7 @@
 """train.py, validate.py and plot.py end to end on small real batch files (CPU)."""
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -446,6 +447,32 @@ def test_step_writes_fc_weight_gradients_and_updates_as_the_rule_says(precision)
     assert not ours.grad[:fc.start].any() and not ours.grad[fc.stop:].any()
 
 
+@pytest.mark.parametrize('world, batch, first_step, says', [
+    (1, 8, 3, None),        # the run that was stopped: the step after the snapshot's
+    (1, 4, 6, None),        # the same 24 images, in steps of 4
+    (2, 8, 1, 'images 16..23 are trained again'),   # steps of 16: the last 8 again, no more
+    (3, 8, 1, 'no step of 24 images is left in it'),
+])
+def test_a_mid_epoch_snapshot_resumes_at_its_first_untrained_image(small_dataset, tmp_path,
+                                                                   world, batch, first_step,
+                                                                   says):
+    """A snapshot taken after 3 steps of 8 of the 32 images (SIGTERM) resumes with another
+    number of replicas or batch_size from the first image it did not train: no image twice
+    but for the rest of a step, none left out."""
+    rep = train_loop.Replica(cfg_for(small_dataset, tmp_path), 0, 1, 'cpu')
+    rep.snapshot(1, 0.01, (3, 8))
+    lines = []
+    resumed = train_loop.Replica(
+        cfg_for(small_dataset, tmp_path, f'batch_size={batch}', 'resume_train=True',
+                'load_epoch=1'), 0, world, 'cpu', log=lines.append)
+    assert resumed.resume_or_start()[:2] == (1, first_step)
+    notices = [line for line in lines if line.startswith('notice:')]
+    assert len(notices) == (says is not None) and all(says in n for n in notices), lines
+    if first_step == resumed.data.steps_per_epoch:   # nothing left to train in the epoch
+        assert all(math.isnan(x) for x in resumed.train_epoch(1, 0.01, None, False,
+                                                              start_step=first_step))
+
+
 @pytest.mark.slow
 def test_sigterm_finishes_the_step_snapshots_and_resume_matches(small_dataset, two_epochs,
                                                                  tmp_path):
@@ -468,8 +495,8 @@ def test_sigterm_finishes_the_step_snapshots_and_resume_matches(small_dataset, t
     assert p.returncode == 143, text[-2000:]
     assert 'resume_train=True load_epoch=2' in text
     assert (tmp_path / 'progress_2.npy').exists() and (tmp_path / 'lr_2.npy').exists()
-    done = int(np.load(tmp_path / 'progress_2.npy'))
-    assert 2 <= done < 4
+    done, per_step = np.load(tmp_path / 'progress_2.npy').tolist()
+    assert 2 <= done < 4 and per_step == 8
     rep = train_loop.train(cfg_for(small_dataset, tmp_path, 'n_epochs=2', 'shuffle=True',
                                    'resume_train=True', 'load_epoch=2'), progress=False)
     assert torch.equal(rep.net.state, straight)
