@@ -139,7 +139,7 @@ class Host(RankOrderAverage):
                                 f'({path}) is missing') from None
         try:
             if create:
-                os.ftruncate(fd, nbytes)
+                self._reserve(fd, nbytes, path)
             elif os.fstat(fd).st_size != nbytes:
                 raise ExchangeError(f'rank {self.ctl.rank}: segment {path} of rank {rank} holds '
                                     f'{os.fstat(fd).st_size} bytes, expected {nbytes:d}')
@@ -149,6 +149,18 @@ class Host(RankOrderAverage):
         whole = torch.frombuffer(mm, dtype=torch.float32, count=2 * self._cap)
         self._maps[rank] = mm
         self._halves[rank] = (whole[:self._cap], whole[self._cap:])
+
+    def _reserve(self, fd, nbytes, path):
+        """The segment's memory, taken now: a shared-memory folder too small for it (a
+        container's 64 MB /dev/shm) is an error naming it here, not a SIGBUS at a later
+        write."""
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+        except OSError as e:
+            raise ExchangeError(
+                f'rank {self.ctl.rank}: exchange: host needs {nbytes / 2**20:.0f} MiB of shared '
+                f'memory per replica in {os.path.dirname(path)} ({e.strerror}): use exchange: '
+                f'gloo, or give it more room (a container: docker run --shm-size)') from None
 
     def _unmap_all(self):
         self._halves.clear()

@@ -255,7 +255,9 @@ def spawn(worker_fn, world, args=(), *, timeout=None, grace=5.0):
     that failed (exit code or signal, and its exception's message when it raised one), or when
     `timeout` seconds pass; the other workers are stopped first. On SIGINT/SIGTERM the signal is
     forwarded to the workers, which get `grace` seconds, and the launcher exits with 128+signal,
-    printing what the workers reported. worker_fn must be importable by name (a module-level
+    printing what the workers reported (with 0 when every worker had finished its work); a
+    worker exiting with 128+SIGTERM (a SIGTERM that reached it alone) counts as the launcher's
+    SIGTERM. worker_fn must be importable by name (a module-level
     function). A worker that raises a UserError reports its message and exits with the
     error's exit_status, without a traceback."""
     if world < 1:
@@ -287,6 +289,15 @@ def spawn(worker_fn, world, args=(), *, timeout=None, grace=5.0):
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             _collect_errors(conns, received)
+            failed = [(r, p) for r, p in enumerate(procs)
+                      if p.exitcode is not None and p.exitcode != 0]
+            stopped_by = f'{signal.Signals(stop_signal[0]).name} received' if stop_signal else ''
+            if failed and not stop_signal and all(
+                    p.exitcode == 128 + signal.SIGTERM for _, p in failed):
+                # a worker that SIGTERM reached alone (and that stopped cleanly, as a
+                # preempted trainer does): the others stop as on the launcher's SIGTERM
+                stop_signal.append(signal.SIGTERM)
+                stopped_by = f'rank {failed[0][0]} stopped by SIGTERM'
             if stop_signal:
                 signum = stop_signal[0]
                 for p in procs:
@@ -296,17 +307,16 @@ def spawn(worker_fn, world, args=(), *, timeout=None, grace=5.0):
                 for p in procs:
                     p.join(max(0.0, deadline_sig - time.monotonic()))
                 _stop(procs, 1.0)
+                if all(p.exitcode == 0 for p in procs):
+                    return None         # they had finished their work
                 _collect_errors(conns, received)
                 said = ''.join(f'; rank {r}: {received[r]}' for r in sorted(received)
                                if r == min(received) or received[r] != received[min(received)])
-                print('launcher: {} received, workers stopped ({}){}'.format(
-                    signal.Signals(signum).name,
-                    ', '.join(f'rank {r}: {describe_exit(p.exitcode)}'
-                              for r, p in enumerate(procs)), said),
+                print('launcher: {}, workers stopped ({}){}'.format(
+                    stopped_by, ', '.join(f'rank {r}: {describe_exit(p.exitcode)}'
+                                          for r, p in enumerate(procs)), said),
                     file=sys.stderr, flush=True)
                 raise SystemExit(128 + signum)
-            failed = [(r, p) for r, p in enumerate(procs)
-                      if p.exitcode is not None and p.exitcode != 0]
             if failed:
                 # prefer a rank killed by a signal or exiting first: the survivors' errors are
                 # usually consequences ("peer stopped responding")

@@ -453,6 +453,25 @@ def test_failed_peer_gives_clear_error_and_no_orphans(tmp_path, kind, mode, worl
     assert _shm_segments() <= segments_before, 'shared-memory segments left behind'
 
 
+def test_host_exchange_without_room_in_dev_shm_is_one_line_naming_it(tmp_path):
+    """A container's 64 MB /dev/shm (here a mount of that size, private to the run) cannot hold
+    the host exchange's segments: one line naming it and what to do, not a SIGBUS."""
+    from conftest import make_dataset
+    data = make_dataset(str(tmp_path / 'data'), n_train_files=1, file_rows=8, val_sizes=(4,))
+    run = ' '.join([sys.executable, str(ROOT / 'train_2gpu.py'), 'gpus=[cpu,cpu]',
+                    'exchange=host', 'batch_size=4', 'n_epochs=1', 'compile=False',
+                    f'weights_dir={tmp_path}/w', *data])
+    r = subprocess.run(['unshare', '-m', '--propagation', 'private', 'sh', '-c',
+                        f'mount -t tmpfs -o size=64m tmpfs /dev/shm && exec {run}'],
+                       capture_output=True, text=True, timeout=300)
+    if 'mount' in r.stderr.split(':')[0] or 'unshare' in r.stderr.split(':')[0]:
+        pytest.skip(f'cannot mount a small /dev/shm here: {r.stderr.strip()}')
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert 'exchange: host needs' in r.stderr and 'of shared memory per replica in /dev/shm' \
+        in r.stderr and 'use exchange: gloo' in r.stderr, r.stderr[-3000:]
+    assert 'SIGBUS' not in r.stderr and 'Traceback' not in r.stderr
+
+
 # ----------------------------------------------------------------------------------------------
 # launch.spawn
 
@@ -499,9 +518,45 @@ def test_spawn_success_and_timeout(tmp_path):
     assert _wait_gone(_read_pids(str(tmp_path)), 5) == []
 
 
-def _start_launcher(out_dir, world):
+def _w_preempted(rank, world, out_dir):
+    """Rank 1 is preempted at once (a trainer that SIGTERM reached alone: its snapshot written,
+    exit 143); the others are preempted when SIGTERM reaches them."""
+    _write_pid(out_dir, rank)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    if rank == 1:
+        while len(_read_pids(out_dir)) < world:     # every worker ready for SIGTERM
+            time.sleep(0.01)
+        sys.exit(128 + signal.SIGTERM)
+    time.sleep(120)
+
+
+def test_a_worker_stopped_by_sigterm_stops_the_run_as_the_launchers_sigterm(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        launch.spawn(_w_preempted, 3, args=(str(tmp_path),), timeout=60, grace=10)
+    assert info.value.code == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert err.startswith('launcher: rank 1 stopped by SIGTERM, workers stopped (rank 0: exit '
+                          'code 143, rank 1: exit code 143, rank 2: exit code 143)'), err
+    assert _wait_gone(_read_pids(str(tmp_path)), 5) == []
+
+
+def _w_finishing(rank, world, out_dir):
+    """A worker at the end of its work when SIGTERM comes: it finishes and exits 0."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _write_pid(out_dir, rank)
+    time.sleep(2)
+
+
+def test_a_sigterm_after_the_work_is_done_is_no_failure(tmp_path):
+    proc, pids = _start_launcher(str(tmp_path), 2, '_w_finishing')
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert _wait_gone(pids, 5) == []
+
+
+def _start_launcher(out_dir, world, worker='_w_sleep'):
     code = ('from alexnet_lib import launch; import test_exchange; '
-            f'launch.spawn(test_exchange._w_sleep, {world:d}, args=({out_dir!r},))')
+            f'launch.spawn(test_exchange.{worker}, {world:d}, args=({out_dir!r},))')
     # the workers import this module by name: its folder goes on their path
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(Path(__file__).parent)]))
     proc = subprocess.Popen([sys.executable, '-c', code], env=env)

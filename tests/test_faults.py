@@ -323,6 +323,27 @@ def test_sigterm_to_the_launcher_preempts_and_resume_matches(data, ref2, tmp_pat
     resume_and_compare('train_2gpu.py', two_args, data, tmp_path, ref2, 1)
 
 
+def test_sigterm_to_one_trainer_preempts_the_run(data, ref2, tmp_path):
+    """SIGTERM that reaches one trainer alone (a scheduler or an admin signalling one process)
+    preempts the run as one sent to the launcher does: the replicas agree to stop, the snapshot
+    is complete, and the run exits 143 saying how to resume (not 1, as a failure)."""
+    rng = rng_for('sigterm-trainer')
+    it, delay = kill_point(rng, 1, 1)
+    run = Proc('train_2gpu.py', two_args(data, tmp_path))
+    run.wait_for(rf'^iter {it} ')
+    time.sleep(delay)
+    trainers = [p for p in run.members('multiprocessing')
+                if 'resource_tracker' not in cmdline(p) and proc_stat(p)[1] == run.pid]
+    assert len(trainers) == 2, {p: cmdline(p) for p in run.family}
+    victim = rng.choice(sorted(trainers))
+    os.kill(victim, signal.SIGTERM)
+    rc = run.wait()
+    assert_ended_cleanly(run, rc, 143, 'stopped by SIGTERM, workers stopped',
+                         'stopped after epoch 1 and wrote a resumable snapshot',
+                         'resume with resume_train=True load_epoch=1')
+    assert assert_last_complete_is_intact(tmp_path, ref2) == 1
+
+
 def test_sigterm_in_the_last_step_of_an_epoch(data, ref1, tmp_path):
     """SIGTERM while the last step of an epoch runs: the epoch is finished and validated and
     its snapshot is an ordinary complete one (a mid-epoch snapshot holding every step of the
