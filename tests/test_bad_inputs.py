@@ -787,6 +787,16 @@ FAULTS = [
      '143); rank 0: Preempted: SIGTERM: stopped after epoch 1 and wrote a resumable snapshot to '
      '…/w; resume with resume_train=True load_epoch=1` (exit 143; the replicas agree to stop '
      'at a step that is a multiple of 10 or at the epoch\'s end)'),
+    ('SIGTERM to one trainer of train_2gpu.py alone',
+     '`launcher: rank 1 stopped by SIGTERM, workers stopped (rank 0: exit code 143, rank 1: '
+     'exit code 143); rank 0: Preempted: SIGTERM: stopped after epoch 1 and wrote a resumable '
+     'snapshot to …/w; resume with resume_train=True load_epoch=1` (exit 143, as a SIGTERM to '
+     'the launcher)'),
+    ('exchange: host with a /dev/shm too small for its segments (a container\'s 64 MB; '
+     'tests/test_exchange.py)',
+     '`error: worker rank 0 (pid 4242) failed: exit code 1: ExchangeError: rank 0: exchange: host '
+     'needs 930 MiB of shared memory per replica in /dev/shm (No space left on device): use '
+     'exchange: gloo, or give it more room (a container: docker run --shm-size)` (exit 1)'),
     ('SIGTERM to train.py',
      '`preempted: SIGTERM: stopped after step 1 of epoch 2 and wrote a resumable snapshot to …/w; '
      'resume with resume_train=True load_epoch=2` (exit 143; during an epoch\'s last step: '
