@@ -71,18 +71,25 @@ def read_batch_images(folder):
     """The batch fingerprints (batch_fingerprints) the batch files of ``folder`` were cut
     from, or None when it has no BATCH_IMAGES; DataError when that file is malformed."""
     path = record_path(folder, BATCH_IMAGES)
+    fix = "delete it and the batch files beside it, and run preprocessing again"
+    record = _load_json(path, 'batch record', fix)
+    if record is None:
+        return None
+    if not isinstance(record, dict) or record.get('format') != FORMAT or \
+            not isinstance(record.get('batch_sha1'), list):
+        raise DataError(f"batch record {path} is not one of this version's preprocessing: {fix}")
+    return record['batch_sha1']
+
+
+def _load_json(path, what, fix):
+    """The JSON in ``path``, or None when there is no such file; a DataError naming it."""
     try:
         with open(path) as f:
-            record = json.load(f)
+            return json.load(f)
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        record = e
-    if not isinstance(record, dict) or record.get('format') != FORMAT or \
-            not isinstance(record.get('batch_sha1'), list):
-        raise DataError(f"{path} cannot be read: delete it and the batch files beside it, and "
-                        f"run preprocessing again")
-    return record['batch_sha1']
+        raise DataError(f"{what} {path} cannot be read ({e}): {fix}") from None
 
 
 def record_path(folder, name=RECORD_NAME):
@@ -111,14 +118,9 @@ def remove_record(folder):
 def read_record(folder, name=RECORD_NAME):
     """The record of ``folder``, or None when it has none; DataError when it is malformed."""
     path = record_path(folder, name)
-    try:
-        with open(path) as f:
-            record = json.load(f)
-    except FileNotFoundError:
+    record = _load_json(path, 'preprocessing record', 'delete it and run preprocessing again')
+    if record is None:
         return None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise DataError(f"preprocessing record {path} cannot be read ({e}): delete it and run "
-                        f"preprocessing again") from None
     if not isinstance(record, dict) or any(k not in record for k in FIELDS) or \
             record['format'] != FORMAT:
         raise DataError(f"preprocessing record {path} is not a record of this version's "

@@ -248,6 +248,14 @@ def test_sigkill_of_the_loader(data, ref1, tmp_path):
     assert_last_complete_is_intact(tmp_path, ref1)
 
 
+def trainers(run):
+    """The two trainer processes of a train_2gpu.py run, sorted."""
+    found = [p for p in run.members('multiprocessing')
+             if 'resource_tracker' not in cmdline(p) and proc_stat(p)[1] == run.pid]
+    assert len(found) == 2, {p: cmdline(p) for p in run.family}
+    return sorted(found)
+
+
 def test_sigkill_of_one_trainer_of_two(data, ref2, tmp_path):
     """SIGKILL of one trainer (drawn at random) of a two-process run: the launcher names its
     rank, pid and the signal, stops the other trainer and exits 1; both loaders go too; the
@@ -257,10 +265,7 @@ def test_sigkill_of_one_trainer_of_two(data, ref2, tmp_path):
     run = Proc('train_2gpu.py', two_args(data, tmp_path))
     run.wait_for(rf'^iter {it} ')
     time.sleep(delay)
-    trainers = [p for p in run.members('multiprocessing')
-                if 'resource_tracker' not in cmdline(p) and proc_stat(p)[1] == run.pid]
-    assert len(trainers) == 2, {p: cmdline(p) for p in run.family}
-    victim = rng.choice(sorted(trainers))
+    victim = rng.choice(trainers(run))
     os.kill(victim, signal.SIGKILL)
     rc = run.wait()
     assert_ended_cleanly(run, rc, 1)
@@ -332,10 +337,7 @@ def test_sigterm_to_one_trainer_preempts_the_run(data, ref2, tmp_path):
     run = Proc('train_2gpu.py', two_args(data, tmp_path))
     run.wait_for(rf'^iter {it} ')
     time.sleep(delay)
-    trainers = [p for p in run.members('multiprocessing')
-                if 'resource_tracker' not in cmdline(p) and proc_stat(p)[1] == run.pid]
-    assert len(trainers) == 2, {p: cmdline(p) for p in run.family}
-    victim = rng.choice(sorted(trainers))
+    victim = rng.choice(trainers(run))
     os.kill(victim, signal.SIGTERM)
     rc = run.wait()
     assert_ended_cleanly(run, rc, 143, 'stopped by SIGTERM, workers stopped',
