@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from alexnet_lib.config import DATA_KEYS, help_text, load_config
+from alexnet_lib.config import DATA_KEYS, ROOT, help_text, load_config
 from alexnet_lib.errors import run_main
 from alexnet_lib.step import amp_dtype_of, autocast, precision_of
 
@@ -170,9 +170,12 @@ def bench(argv):
     iters = a.iters or (3 if a.cpu else 100)
     warmup = a.warmup if a.warmup is not None else (1 if a.cpu else 15)
     base = ['print_freq=1000000000', 'snapshot_freq=1000000']
-    if a.cpu:
+    # what the user set (key=value, a yaml file named or in the current folder) stays theirs
+    defaults = {os.path.join(ROOT, f) for f in ('config.yaml', 'spec_1gpu.yaml')}
+    given = {k for k, src in load_config('spec_1gpu.yaml', overrides).set_by.items()
+             if src not in defaults}
+    if a.cpu and 'batch_size' not in given:
         base += ['batch_size=8']
-    given = {o.split('=', 1)[0] for o in overrides}
     if not given & set(DATA_KEYS):
         # speed needs batch files, not a particular data set: the quickstart's toy data
         toy = load_config('spec_1gpu.yaml', ['spec_toy.yaml'])

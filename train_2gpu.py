@@ -8,9 +8,9 @@ averaging weights and momentum after every minibatch (docs/design.md).
 
 Several nodes, through torchrun (one process per GPU; exchange nccl, or gloo on CPUs):
 
-    torchrun --nproc_per_node=8 train_2gpu.py exchange=nccl gpus=[0,1,2,3,4,5,6,7]
+    torchrun --nproc_per_node=8 train_2gpu.py my_run.yaml exchange=nccl gpus=[0,1,2,3,4,5,6,7]
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \
-        train_2gpu.py exchange=nccl gpus=[0,1,2,3,4,5,6,7]      # on node 0; node_rank=1 on node 1
+        train_2gpu.py my_run.yaml exchange=nccl gpus=[0,1,2,3,4,5,6,7]  # node 0; node_rank=1: 1
 
 batch_size is per GPU: the replicas together take batch_size x replicas images of each batch
 file, replica r its own slice. How the replicas average: exchange, average, exchange_freq and
@@ -20,10 +20,13 @@ import os
 import sys
 
 from alexnet_lib import exchange_backends, launch
-from alexnet_lib.config import ConfigError, command_line, devices_of
+from alexnet_lib.config import ConfigError, command_line, devices_of, resolve_device
 from alexnet_lib.data import RunData
 from alexnet_lib.errors import run_main
 from alexnet_lib.run_folder import claim, finished_message, plan_start
+
+
+CPU_HINT = 'gpus=[cpu,cpu] exchange=host (processes on the CPU)'
 
 
 def trainer(rank, world, cfg, device):
@@ -54,6 +57,7 @@ def run(cfg):
         device = devices[local] if local < len(devices) else devices[0]
         if device != 'cpu' and local >= len(devices):
             raise ConfigError(f"local rank {local} has no GPU in {devices}")
+        resolve_device(device, 'gpus', cpu_hint=CPU_HINT)
         if rank == 0:      # rank 0 owns weights_dir; the others read how the run starts
             with claim(cfg, RunData(cfg, world)) as run_cfg:
                 return run_cfg and trainer(rank, world, run_cfg, device)
@@ -64,8 +68,11 @@ def run(cfg):
             return None
         run_cfg = type(cfg)(cfg, resume_train=resume, load_epoch=load_epoch)
         return trainer(rank, world, run_cfg, device)
-    # a bad path or weights_dir is one line here, before any trainer starts
-    with claim(cfg, RunData(cfg, len(devices)), len(devices)) as run_cfg:
+    # a bad path, device or weights_dir is one line here, before any trainer starts
+    data = RunData(cfg, len(devices))
+    for device in devices:
+        resolve_device(device, 'gpus', cpu_hint=CPU_HINT)
+    with claim(cfg, data, len(devices)) as run_cfg:
         if run_cfg is None:
             return
         print(f"train_2gpu: {len(devices)} trainers on {devices}, exchange {cfg['exchange']}, "

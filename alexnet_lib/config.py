@@ -206,7 +206,9 @@ def parse_overrides(args):
     """Command-line words: 'key=value' (value read as yaml) or extra '*.yaml' files."""
     files, overrides = [], {}
     for a in args:
-        if '=' in a:
+        if a.endswith(('.yaml', '.yml')) and os.path.isfile(a):   # 'sweep/lr=0.1/run.yaml' too
+            files.append(a)
+        elif '=' in a:
             k, v = a.split('=', 1)
             try:
                 overrides[k.strip()] = yaml.safe_load(v) if v.strip() else ''
@@ -273,12 +275,10 @@ def load_config(spec='spec_1gpu.yaml', argv=(), config='config.yaml'):
     extra_files, overrides = parse_overrides(list(argv))
     cfg, origin, set_by, ignored = Config(), {}, {}, {}
     # the repository's files give every key its default; a config.yaml or spec file of the
-    # same name in the current folder (the original's own, say) is merged over them
-    layers = []
-    for name in (config, spec):
-        layers.append((os.path.join(ROOT, name), 'the defaults'))
-        if _find(name) != os.path.join(ROOT, name):
-            layers.append((_find(name), 'found in the current folder'))
+    # same name in the current folder (the original's own, say) is merged over both of them
+    layers = [(os.path.join(ROOT, name), 'the defaults') for name in (config, spec)]
+    layers += [(_find(name), 'found in the current folder') for name in (config, spec)
+               if _find(name) != os.path.join(ROOT, name)]
     layers += [(_find(f), 'named') for f in extra_files]
     layers.append((None, 'key=value'))
     sources = []
@@ -350,6 +350,8 @@ def check_combination(cfg):
         raise ConfigError(f"lr_step: {cfg['lr_step']} must hold epochs (1 or more)")
     if cfg['n_classes'] < 2:
         raise ConfigError(f"n_classes: {cfg['n_classes']} must be at least 2")
+    if cfg['seed'] < 0:
+        raise ConfigError(f"seed: {cfg['seed']} must be 0 or more")
     if cfg['load_epoch'] < 0:
         raise ConfigError(f"load_epoch: {cfg['load_epoch']} must be 0 or more")
     if not 0 <= cfg['momentum'] < 1:

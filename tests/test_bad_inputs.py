@@ -291,6 +291,15 @@ CASES = [
     Case('bad-argument', 'config', 'a word that is neither `key=value` nor a yaml file: '
          '`n_epochs 2`', lambda w, c: (T, w.train_args(c, 'n_epochs', '2')),
          ("unexpected argument 'n_epochs': give settings as key=value",), rc=2),
+    Case('negative-seed', 'config', 'a negative seed: `seed=-1`',
+         lambda w, c: (T, w.train_args(c, 'seed=-1')),
+         ("seed: -1 must be 0 or more",), rc=2),
+    Case('no-cuda-2gpu', 'config', 'train_2gpu.py on a machine without GPUs (its default '
+         '`gpu0`, `gpu1`)',
+         lambda w, c: ('train_2gpu.py', w.data + ['batch_size=4', 'n_epochs=1',
+                                                  f'weights_dir={w.dir(c)}/w']),
+         ("device cuda:0 asked for, but no CUDA GPU is visible; use gpus=[cpu,cpu] "
+          "exchange=host",), rc=2, skip=NO_CUDA),
     Case('weight-decay', 'config', 'a negative weight decay: `weight_decay=-1`',
          lambda w, c: (T, w.train_args(c, 'weight_decay=-1')),
          ("weight_decay: -1.0 must be 0 or more",), rc=2),

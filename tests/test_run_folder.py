@@ -301,8 +301,8 @@ def test_the_start_block_says_what_was_merged_and_where_the_run_writes(small_dat
         p.kill()
         p.wait()
     block = '\n'.join(lines)
-    assert lines[0] == (f"config: {ROOT}/config.yaml (the defaults); {here}/config.yaml (found "
-                        f"in the current folder); {ROOT}/spec_1gpu.yaml (the defaults); "
+    assert lines[0] == (f"config: {ROOT}/config.yaml (the defaults); {ROOT}/spec_1gpu.yaml (the "
+                        f"defaults); {here}/config.yaml (found in the current folder); "
                         f"{here}/mine.yaml (named); the command line (key=value)"), block
     assert (f"weights_dir: {here}/runs/first (set in {here}/mine.yaml, relative to its folder): "
             f"a new run") in block
@@ -310,6 +310,22 @@ def test_the_start_block_says_what_was_merged_and_where_the_run_writes(small_dat
 
 
 @pytest.mark.slow
+def test_a_config_yaml_in_the_current_folder_is_merged_over_the_repositorys_files(
+        small_dataset, tmp_path, monkeypatch):
+    """Its data keys, batch_size and gpu (keys of the repository's spec file too) are the run's;
+    a yaml file named by a path with '=' in it (a sweep's folder) is a yaml file."""
+    lines = [kv.replace('=', ': ', 1) for kv in small_dataset]
+    (tmp_path / 'config.yaml').write_text('\n'.join(lines + ['batch_size: 4', 'gpu: cpu']))
+    sweep = tmp_path / 'lr=0.001'
+    sweep.mkdir()
+    (sweep / 'run.yaml').write_text('learning_rate: 0.001\n')
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config('spec_1gpu.yaml', ['lr=0.001/run.yaml'])
+    assert cfg['batch_size'] == 4 and cfg['gpu'] == 'cpu' and cfg['learning_rate'] == 0.001
+    assert [cfg[k] for k in ('train_folder', 'val_folder', 'label_folder', 'mean_file')] == \
+        [v for _, v in (kv.split('=', 1) for kv in small_dataset)]
+
+
 def test_another_projects_config_yaml_is_named_with_where_it_was_found(tmp_path):
     (tmp_path / 'config.yaml').write_text('learning_rat: 0.1\n')
     r = script('train.py', cwd=str(tmp_path), timeout=60)
