@@ -12,6 +12,7 @@ reads only its rows of each file, as an HDF5 hyperslab, straight into the memory
 """
 import os
 import re
+import stat
 
 import h5py
 import numpy as np
@@ -41,14 +42,27 @@ def list_batch_files(folder, key='train_folder'):
                 f"{key} to {half.group(1) + '256'!r}, which preprocessing writes")
         raise BatchFileError(f"batch folder {folder!r} does not exist: run preprocessing "
                              f"(preprocessing/generate_data.sh) or fix {key} in the config")
-    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith('.hkl'))
+    # batch i's labels are labels[i*B:(i+1)*B]: numbered files in their numbers' order (10.hkl
+    # after 2.hkl), as preprocessing numbers them (0000.hkl ... 9999.hkl, 10000.hkl)
+    names = sorted((f for f in os.listdir(folder) if f.endswith('.hkl')),
+                   key=lambda f: (0, int(f[:-4]), f) if f[:-4].isdigit() else (1, 0, f))
+    files = [os.path.join(folder, f) for f in names]
     if not files:
         raise BatchFileError(f"batch folder {folder!r} holds no .hkl batch files")
     return files
 
 
+def _open(path):
+    """A batch file, for h5py: it must be a regular file, since h5py's open of a FIFO or a
+    device waits for good holding the GIL (no other thread of the process runs)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise BatchFileError(f"batch file {path!r} is not a regular file (a FIFO or a device?): "
+                             f"put the batch file itself there")
+    return h5py.File(path, 'r')
+
+
 def _dataset(h5, path):
-    if DATASET not in h5:
+    if not isinstance(h5.get(DATASET), h5py.Dataset):
         raise BatchFileError(f"batch file {path!r} has no '{DATASET}' array: not a batch file "
                              f"written by preprocessing/make_hkl.py")
     d = h5[DATASET]
@@ -61,7 +75,7 @@ def _dataset(h5, path):
 def batch_rows(path):
     """Number of images in a batch file."""
     try:
-        with h5py.File(path, 'r') as h5:
+        with _open(path) as h5:
             return int(_dataset(h5, path).shape[0])
     except BatchFileError:
         raise
@@ -85,7 +99,7 @@ def _layout(path):
     key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     got = _layout_cache.get(key)
     if got is None:
-        with h5py.File(path, 'r') as h5:
+        with _open(path) as h5:
             d = _dataset(h5, path)
             off = None
             if d.chunks is None and d.id.get_create_plist().get_nfilters() == 0:
@@ -144,7 +158,7 @@ def read_rows(path, lo, hi, out=None):
         if n and off is not None:
             _pread_into(path, off + lo * out[0].nbytes, out)
         elif n:
-            with h5py.File(path, 'r') as h5:
+            with _open(path) as h5:
                 _dataset(h5, path).read_direct(out, source_sel=np.s_[lo:hi])
     except BatchFileError:
         raise

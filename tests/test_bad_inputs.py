@@ -136,6 +136,18 @@ def _two_files_second_short(d, w):
     write_batch(os.path.join(d, '0001.hkl'), np.zeros((4, 256, 256, 3), np.uint8))
 
 
+def _second_file_a_fifo(d, w):
+    """A stalled file: a FIFO nobody writes (h5py's open of it would wait for good)."""
+    shutil.copy(os.path.join(w.train, '0000.hkl'), d)
+    os.mkfifo(os.path.join(d, '0001.hkl'))
+
+
+def _data_a_group(path):
+    """hickle.dump of a list of images: 'data' is a group, not an array."""
+    with h5py.File(path, 'w') as h5:
+        h5.create_group('data').create_dataset('data0', data=np.zeros((256, 256, 3), np.uint8))
+
+
 def _labels_for_two_files(w, case):
     return w.label_folder(case, lambda p: np.save(p, np.arange(16) % 10))
 
@@ -376,6 +388,16 @@ CASES = [
          lambda w, c: (T, w.train_args(c, train_folder=w.batch_folder(c, lambda d: _h5(
              os.path.join(d, '0000.hkl'), 'images', np.zeros((8, 256, 256, 3), np.uint8))))),
          ("0000.hkl' has no 'data' array",)),
+    Case('data-group', 'batch files', "a batch file whose 'data' is a group (hickle.dump of a "
+         "list of images)",
+         lambda w, c: (T, w.train_args(c, train_folder=w.batch_folder(c, lambda d: _data_a_group(
+             os.path.join(d, '0000.hkl'))))),
+         ("0000.hkl' has no 'data' array",)),
+    Case('fifo-batch', 'batch files', 'a batch file that is a FIFO nobody writes (a stalled '
+         'file), read by the loader process (para_load: True) in the middle of the epoch',
+         lambda w, c: (T, w.train_args(c, 'para_load=True', label_folder=_labels_for_two_files(
+             w, c), train_folder=w.batch_folder(c, lambda d: _second_file_a_fifo(d, w)))),
+         ("0001.hkl' is not a regular file (a FIFO or a device?)",), mode='script'),
     Case('batch-size', 'batch files', 'a batch_size that does not divide the batch files: '
          '`batch_size=3` for files of 8', lambda w, c: (T, w.train_args(c, 'batch_size=3')),
          ("batch_size 3 must divide the 8 images of each training batch file",), rc=2),

@@ -114,6 +114,16 @@ def test_crop_mirror_is_the_original_crop_of_image_minus_mean(device):
 
 
 # -- configuration errors ---------------------------------------------------------------------
+def test_batch_files_are_taken_in_their_numbers_order(tmp_path):
+    """Batch i's labels are labels[i*B:(i+1)*B]: 10.hkl comes after 2.hkl (a text sort puts it
+    before, and its images would take another file's labels)."""
+    from alexnet_lib.batch_files import list_batch_files
+    for name in ('10.hkl', '2.hkl', '0.hkl', '1.hkl', '0003.hkl', 'extra.hkl', 'notes.txt'):
+        (tmp_path / name).write_bytes(b'')
+    assert [os.path.basename(f) for f in list_batch_files(str(tmp_path))] == [
+        '0.hkl', '1.hkl', '2.hkl', '0003.hkl', '10.hkl', 'extra.hkl']
+
+
 def test_unknown_key_names_the_closest_key():
     with pytest.raises(ConfigError, match=r"unknown key 'learning_rat'.*'learning_rate'"):
         load_config('spec_1gpu.yaml', ['learning_rat=0.1'])
