@@ -95,7 +95,11 @@ class ParallelLoader(BatchLoader):
             self._sock.setsockopt(zmq.LINGER, 0)
             self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
             self._sock.bind(self.endpoint)
-            self._buffers = SharedBuffers(self.device, (max_rows,) + IMAGE_SHAPE, prefetch)
+            try:
+                self._buffers = SharedBuffers(self.device, (max_rows,) + IMAGE_SHAPE, prefetch)
+            except OSError as e:    # too many files or mappings for this process
+                raise LoaderError(f"cannot make the loader's {prefetch} buffers ({e.strerror}): "
+                                  f"lower prefetch (2 or 3 keep the GPU fed)") from None
             boot = {'endpoint': self.endpoint, 'parent_pid': os.getpid(),
                     'max_rows': max_rows,
                     'chunk_rows': int(chunk_rows), 'read_threads': int(read_threads),

@@ -398,6 +398,10 @@ CASES = [
          lambda w, c: (T, w.train_args(c, 'para_load=True', label_folder=_labels_for_two_files(
              w, c), train_folder=w.batch_folder(c, lambda d: _second_file_a_fifo(d, w)))),
          ("0001.hkl' is not a regular file (a FIFO or a device?)",), mode='script'),
+    Case('prefetch-huge', 'batch files', 'more loader buffers than the process may have: '
+         '`prefetch=100000`',
+         lambda w, c: (T, w.train_args(c, 'para_load=True', 'prefetch=100000')),
+         ("cannot make the loader's 100000 buffers", "lower prefetch"), mode='script'),
     Case('batch-size', 'batch files', 'a batch_size that does not divide the batch files: '
          '`batch_size=3` for files of 8', lambda w, c: (T, w.train_args(c, 'batch_size=3')),
          ("batch_size 3 must divide the 8 images of each training batch file",), rc=2),
