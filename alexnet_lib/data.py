@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 import alex_net
-from alexnet_lib.batch_files import (IMAGE_SHAPE, batch_rows, list_batch_files, read_rows,
-                                      replica_rows)
+from alexnet_lib.batch_files import (IMAGE_SHAPE, BatchFileError, batch_rows,
+                                      list_batch_files, read_rows, replica_rows)
 from alexnet_lib.config import DATA_KEYS, ConfigError, require_data
 from alexnet_lib.files import DataError, load_npy
 
@@ -239,6 +239,12 @@ class RunData:
             return
         self.train_files = list_batch_files(cfg['train_folder'], 'train_folder')
         self.file_rows = batch_rows(self.train_files[0])
+        last = batch_rows(self.train_files[-1])     # a short last file, found now
+        if last != self.file_rows:
+            raise BatchFileError(
+                f"training batch file {self.train_files[-1]!r} holds {last} images, the first "
+                f"{self.file_rows}: every training batch file holds as many (preprocessing "
+                f"leaves a last partial batch out); remove that file or fill it")
         if self.file_rows % self.batch:
             raise ConfigError(
                 f"batch_size {self.batch} must divide the {self.file_rows} images of each "

@@ -130,10 +130,14 @@ def _truncated_copy(d, w):
         f.write(data[:len(data) // 2])
 
 
-def _two_files_second_short(d, w):
+def _files_one_short(d, w, n, short):
+    """n batch files of 8 images (copies of the good one) but file ``short``, of 4."""
     from alexnet_lib.batch_files import write_batch
-    shutil.copy(os.path.join(w.train, '0000.hkl'), d)
-    write_batch(os.path.join(d, '0001.hkl'), np.zeros((4, 256, 256, 3), np.uint8))
+    for i in range(n):
+        if i == short:
+            write_batch(os.path.join(d, f'{i:04d}.hkl'), np.zeros((4, 256, 256, 3), np.uint8))
+        else:
+            shutil.copy(os.path.join(w.train, '0000.hkl'), os.path.join(d, f'{i:04d}.hkl'))
 
 
 def _second_file_a_fifo(d, w):
@@ -148,8 +152,8 @@ def _data_a_group(path):
         h5.create_group('data').create_dataset('data0', data=np.zeros((256, 256, 3), np.uint8))
 
 
-def _labels_for_two_files(w, case):
-    return w.label_folder(case, lambda p: np.save(p, np.arange(16) % 10))
+def _labels_for_two_files(w, case, files=2):
+    return w.label_folder(case, lambda p: np.save(p, np.arange(8 * files) % 10))
 
 
 def _object_array(n):
@@ -405,13 +409,20 @@ CASES = [
     Case('batch-size', 'batch files', 'a batch_size that does not divide the batch files: '
          '`batch_size=3` for files of 8', lambda w, c: (T, w.train_args(c, 'batch_size=3')),
          ("batch_size 3 must divide the 8 images of each training batch file",), rc=2),
-    Case('short-second-file', 'batch files', 'a later batch file with fewer images than the '
+    Case('short-second-file', 'batch files', 'a middle batch file with fewer images than the '
          'first (found when it is read)',
          lambda w, c: (T, w.train_args(
              c, 'para_load=True', train_folder=w.batch_folder(
-                 c, lambda d: _two_files_second_short(d, w)),
-             label_folder=_labels_for_two_files(w, c))),
+                 c, lambda d: _files_one_short(d, w, 3, 1)),
+             label_folder=_labels_for_two_files(w, c, 3))),
          ("0001.hkl' has 4 images; rows [4, 8) were asked for",), mode='script'),
+    Case('short-last-file', 'batch files', 'a last training batch file with fewer images than '
+         'the first (found at the start)',
+         lambda w, c: (T, w.train_args(
+             c, train_folder=w.batch_folder(c, lambda d: _files_one_short(d, w, 2, 1)),
+             label_folder=_labels_for_two_files(w, c))),
+         ("training batch file", "0001.hkl' holds 4 images, the first 8: every training batch "
+          "file holds as many",)),
     # -- labels --------------------------------------------------------------------------------
     Case('no-label-file', 'labels', 'a label folder without train_labels.npy',
          lambda w, c: (T, w.train_args(c, label_folder=w.label_folder(c, None))),
