@@ -36,8 +36,7 @@ def conv_pool_relu(x, W, b, stride, pad, groups, pool):
         # fuses into the kernel that makes x, where cuDNN would copy it again on its own
         xs = x.chunk(groups, 1) if groups == 1 else [
             xg.contiguous(memory_format=torch.channels_last) for xg in x.chunk(groups, 1)]
-        ys = [F.conv2d(xg, Wg, stride=stride, padding=pad)
-              for xg, Wg in zip(xs, W.chunk(groups, 0))]
+        ys = [conv2d(xg, Wg, stride, pad) for xg, Wg in zip(xs, W.chunk(groups, 0))]
     if pool:
         ys = [max_pool(y) for y in ys]
     y = ys[0] if len(ys) == 1 else torch.cat(ys, 1)
@@ -64,7 +63,43 @@ def conv_by_blocks(x, W, stride):
     Wk = F.pad(W, (0, kb * stride - k, 0, kb * stride - k))
     Wk = (Wk.reshape(O, C, kb, stride, kb, stride).permute(0, 3, 5, 1, 2, 4)
           .reshape(O, stride * stride * C, kb, kb))
-    return F.conv2d(blocks, Wk)
+    return conv2d(blocks, Wk, 1, 0)
+
+
+def conv2d(x, W, stride, pad):
+    """F.conv2d (square kernel, the same padding on every side). In strict float32 on a GPU a
+    stride-1 convolution's gradients come from forward convolutions (ConvGradsByForward)."""
+    if (stride == 1 and x.is_cuda and x.dtype == torch.float32
+            and not torch.is_autocast_enabled('cuda') and not torch.backends.cudnn.allow_tf32):
+        return ConvGradsByForward.apply(x, W, pad)
+    return F.conv2d(x, W, stride=stride, padding=pad)
+
+
+class ConvGradsByForward(torch.autograd.Function):
+    """F.conv2d(x, W, padding=pad) at stride 1, its backward as two forward convolutions: the
+    input's gradient is the output's gradient convolved with the kernel flipped and its in/out
+    swapped (padding k-1-pad); the kernel's gradient is the input, batch and channels swapped,
+    convolved with the output's gradient as the kernel. The same sums of products: cuDNN then
+    chooses among its forward algorithms (FFT, Winograd), where in float32 its backward
+    algorithms for these layers are slow direct kernels."""
+
+    @staticmethod
+    def forward(ctx, x, W, pad):
+        ctx.save_for_backward(x, W)
+        ctx.pad = pad
+        return F.conv2d(x, W, padding=pad)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, W = ctx.saved_tensors
+        pad, k = ctx.pad, W.shape[-1]
+        grad_x = grad_W = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.conv2d(grad_y, W.transpose(0, 1).flip(2, 3), padding=k - 1 - pad)
+        if ctx.needs_input_grad[1]:
+            grad_W = F.conv2d(x.transpose(0, 1), grad_y.transpose(0, 1),
+                              padding=pad).transpose(0, 1)
+        return grad_x, grad_W, None
 
 
 def max_pool(x):

@@ -7,7 +7,8 @@ import torch
 from alex_net import AlexNet, N_PARAMS, N_WEIGHTS, PARAMS, original_init
 import torch.nn.functional as F
 
-from layers import MaxPoolByCodes, conv_by_blocks, conv_pool_relu, lrn, max_pool
+from layers import (ConvGradsByForward, MaxPoolByCodes, conv_by_blocks, conv_pool_relu, lrn,
+                    max_pool)
 from alexnet_lib.sgd import adjust_learning_rate, sgd_step_, sgd_update_
 from alexnet_lib.snapshot import load_snapshot, save_snapshot
 
@@ -180,6 +181,61 @@ def test_conv_by_blocks_is_conv2d(C, k, stride, H, Wd):
     gW_want, = torch.autograd.grad(want, W, gy)
     gW_got, = torch.autograd.grad(got, W, gy)
     torch.testing.assert_close(gW_got, gW_want, rtol=1e-12, atol=1e-12)
+
+
+CONV_SHAPES = [(48, 96, 3, 0, 9), (48, 128, 5, 2, 9), (256, 384, 3, 1, 5), (192, 128, 3, 1, 6)]
+
+
+@pytest.mark.parametrize('compiled', [False, True])
+@pytest.mark.parametrize('C, O, k, pad, H', CONV_SHAPES)
+def test_conv_grads_by_forward_are_conv2d_grads(C, O, k, pad, H, compiled):
+    """The forward convolutions' gradients of x and W are F.conv2d's, in float64, eager and
+    compiled; channels-last input as the step has it (AlexNet's stride-1 layer shapes: conv1
+    over blocks, conv2, conv3, conv5's groups)."""
+    g = torch.Generator().manual_seed(C + k)
+    x = torch.randn(3, C, H, H, generator=g, dtype=torch.float64)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    W = torch.randn(O, C, k, k, generator=g, dtype=torch.float64, requires_grad=True)
+    want = F.conv2d(x, W, padding=pad)
+    conv = ConvGradsByForward.apply
+    if compiled:
+        torch._dynamo.reset()
+        conv = torch.compile(lambda x, W, pad: ConvGradsByForward.apply(x, W, pad), dynamic=False)
+    got = conv(x, W, pad)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    gy = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(got, (x, W), gy), torch.autograd.grad(want, (x, W), gy)):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('C, O, k, pad, H', CONV_SHAPES)
+def test_conv_grads_by_forward_on_the_gpu_are_the_float64_grads(C, O, k, pad, H):
+    """On the GPU in strict float32 (cuDNN's FFT and Winograd algorithms among the choices):
+    the gradients within float32 rounding of the float64 ones, as close as F.conv2d's own."""
+    g = torch.Generator().manual_seed(C + k)
+    x64 = torch.randn(8, C, H, H, generator=g, dtype=torch.float64)
+    W64 = torch.randn(O, C, k, k, generator=g, dtype=torch.float64)
+    gy64 = torch.randn(F.conv2d(x64, W64, padding=pad).shape, generator=g, dtype=torch.float64)
+    xr, Wr = x64.clone().requires_grad_(), W64.clone().requires_grad_()
+    want = torch.autograd.grad(F.conv2d(xr, Wr, padding=pad), (xr, Wr), gy64)
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        errors = []
+        for conv in (ConvGradsByForward.apply, lambda x, W, p: F.conv2d(x, W, padding=p)):
+            x = x64.float().cuda().contiguous(memory_format=torch.channels_last)
+            W = W64.float().cuda().requires_grad_()
+            x.requires_grad_()
+            got = torch.autograd.grad(conv(x, W, pad), (x, W), gy64.float().cuda())
+            errors.append([float((a.double().cpu() - b).norm() / b.norm())
+                           for a, b in zip(got, want)])
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    ours, cudnns = errors
+    assert max(ours) < 1e-5, errors
+    assert all(o <= 10 * max(c, 1e-7) for o, c in zip(ours, cudnns)), errors
 
 
 @pytest.mark.parametrize('C, groups, stride, pad, pool', [(3, 1, 4, 0, True), (8, 2, 1, 2, True),
