@@ -66,40 +66,59 @@ def conv_by_blocks(x, W, stride):
     return conv2d(blocks, Wk, 1, 0)
 
 
+# In strict float32 on a GPU, cuDNN's backward algorithms for stride-1 convolutions of these
+# shapes are slow direct kernels, where the same sums of products as forward convolutions run by
+# FFT or Winograd (bench/bench_convs.py times each pass both ways, BENCHMARKS.md has the
+# figures): (input channels, kernel size) -> (input gradient, weight gradient) by forward
+# convolutions. conv1 over pixel blocks is (48, 3), conv2 (48, 5), conv3 (256, 3), conv4 and
+# conv5 (192, 3).
+FP32_GRADS_BY_FORWARD = {(48, 3): (False, True), (48, 5): (True, True), (256, 3): (True, True),
+                         (192, 3): (True, True)}
+
+
 def conv2d(x, W, stride, pad):
-    """F.conv2d (square kernel, the same padding on every side). In strict float32 on a GPU a
-    stride-1 convolution's gradients come from forward convolutions (ConvGradsByForward)."""
+    """F.conv2d (square kernel, the same padding on every side); in strict float32 on a GPU the
+    gradients FP32_GRADS_BY_FORWARD names come from forward convolutions (ConvGradsByForward)."""
     if (stride == 1 and x.is_cuda and x.dtype == torch.float32
             and not torch.is_autocast_enabled('cuda') and not torch.backends.cudnn.allow_tf32):
-        return ConvGradsByForward.apply(x, W, pad)
+        by_forward = FP32_GRADS_BY_FORWARD.get((W.shape[1], W.shape[-1]), (False, False))
+        if any(by_forward):
+            return ConvGradsByForward.apply(x, W, pad, *by_forward)
     return F.conv2d(x, W, stride=stride, padding=pad)
 
 
 class ConvGradsByForward(torch.autograd.Function):
-    """F.conv2d(x, W, padding=pad) at stride 1, its backward as two forward convolutions: the
+    """F.conv2d(x, W, padding=pad) at stride 1, whose backward computes the input's gradient
+    (dgrad) and/or the kernel's (wgrad) as forward convolutions, the other as PyTorch does: the
     input's gradient is the output's gradient convolved with the kernel flipped and its in/out
     swapped (padding k-1-pad); the kernel's gradient is the input, batch and channels swapped,
-    convolved with the output's gradient as the kernel. The same sums of products: cuDNN then
-    chooses among its forward algorithms (FFT, Winograd), where in float32 its backward
-    algorithms for these layers are slow direct kernels."""
+    convolved with the output's gradient as the kernel. The same sums of products, so cuDNN
+    chooses among its forward algorithms."""
 
     @staticmethod
-    def forward(ctx, x, W, pad):
+    def forward(ctx, x, W, pad, dgrad=True, wgrad=True):
         ctx.save_for_backward(x, W)
-        ctx.pad = pad
+        ctx.pad, ctx.by_forward = pad, (dgrad, wgrad)
         return F.conv2d(x, W, padding=pad)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, W = ctx.saved_tensors
         pad, k = ctx.pad, W.shape[-1]
+        need = ctx.needs_input_grad[:2]
+        by_forward = [n and f for n, f in zip(need, ctx.by_forward)]
         grad_x = grad_W = None
-        if ctx.needs_input_grad[0]:
+        if by_forward[0]:
             grad_x = F.conv2d(grad_y, W.transpose(0, 1).flip(2, 3), padding=k - 1 - pad)
-        if ctx.needs_input_grad[1]:
+        if by_forward[1]:
             grad_W = F.conv2d(x.transpose(0, 1), grad_y.transpose(0, 1),
                               padding=pad).transpose(0, 1)
-        return grad_x, grad_W, None
+        rest = [n and not f for n, f in zip(need, by_forward)]
+        if any(rest):
+            gx, gW, _ = torch.ops.aten.convolution_backward(
+                grad_y, x, W, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, rest + [False])
+            grad_x, grad_W = (gx if rest[0] else grad_x), (gW if rest[1] else grad_W)
+        return grad_x, grad_W, None, None, None
 
 
 def max_pool(x):

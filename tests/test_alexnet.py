@@ -187,20 +187,24 @@ CONV_SHAPES = [(48, 96, 3, 0, 9), (48, 128, 5, 2, 9), (256, 384, 3, 1, 5), (192,
 
 
 @pytest.mark.parametrize('compiled', [False, True])
-@pytest.mark.parametrize('C, O, k, pad, H', CONV_SHAPES)
-def test_conv_grads_by_forward_are_conv2d_grads(C, O, k, pad, H, compiled):
-    """The forward convolutions' gradients of x and W are F.conv2d's, in float64, eager and
-    compiled; channels-last input as the step has it (AlexNet's stride-1 layer shapes: conv1
-    over blocks, conv2, conv3, conv5's groups)."""
+@pytest.mark.parametrize('C, O, k, pad, H, by_forward', [
+    *[(*shape, (True, True)) for shape in CONV_SHAPES],
+    (*CONV_SHAPES[2], (True, False)), (*CONV_SHAPES[2], (False, True))])
+def test_conv_grads_by_forward_are_conv2d_grads(C, O, k, pad, H, by_forward, compiled):
+    """The gradients of x and W, by forward convolutions (both, or one and the other as PyTorch
+    computes it), are F.conv2d's, in float64, eager and compiled; channels-last input as the
+    step has it (AlexNet's stride-1 layer shapes: conv1 over blocks, conv2, conv3, conv5's
+    groups)."""
     g = torch.Generator().manual_seed(C + k)
     x = torch.randn(3, C, H, H, generator=g, dtype=torch.float64)
     x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
     W = torch.randn(O, C, k, k, generator=g, dtype=torch.float64, requires_grad=True)
     want = F.conv2d(x, W, padding=pad)
-    conv = ConvGradsByForward.apply
+    def conv(x, W, pad):
+        return ConvGradsByForward.apply(x, W, pad, *by_forward)
     if compiled:
         torch._dynamo.reset()
-        conv = torch.compile(lambda x, W, pad: ConvGradsByForward.apply(x, W, pad), dynamic=False)
+        conv = torch.compile(conv, dynamic=False)
     got = conv(x, W, pad)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     gy = torch.randn(want.shape, generator=g, dtype=torch.float64)
