@@ -69,11 +69,12 @@ def conv_by_blocks(x, W, stride):
 # In strict float32 on a GPU, cuDNN's backward algorithms for stride-1 convolutions of these
 # shapes are slow direct kernels, where the same sums of products as forward convolutions run by
 # FFT or Winograd (bench/bench_convs.py times each pass both ways, BENCHMARKS.md has the
-# figures): (input channels, kernel size) -> (input gradient, weight gradient) by forward
-# convolutions. conv1 over pixel blocks is (48, 3), conv2 (48, 5), conv3 (256, 3), conv4 and
-# conv5 (192, 3).
-FP32_GRADS_BY_FORWARD = {(48, 3): (False, True), (48, 5): (True, True), (256, 3): (True, True),
-                         (192, 3): (True, True)}
+# figures): a kernel's (out channels, in channels, size) -> whether (the input's gradient, the
+# kernel's gradient) come from forward convolutions. Per group: conv1 over pixel blocks,
+# conv2, conv3, conv4, conv5.
+FP32_GRADS_BY_FORWARD = {(96, 48, 3): (False, True), (128, 48, 5): (True, True),
+                         (384, 256, 3): (True, True), (192, 192, 3): (True, True),
+                         (128, 192, 3): (True, True)}
 
 
 def conv2d(x, W, stride, pad):
@@ -81,7 +82,7 @@ def conv2d(x, W, stride, pad):
     gradients FP32_GRADS_BY_FORWARD names come from forward convolutions (ConvGradsByForward)."""
     if (stride == 1 and x.is_cuda and x.dtype == torch.float32
             and not torch.is_autocast_enabled('cuda') and not torch.backends.cudnn.allow_tf32):
-        by_forward = FP32_GRADS_BY_FORWARD.get((W.shape[1], W.shape[-1]), (False, False))
+        by_forward = FP32_GRADS_BY_FORWARD.get(tuple(W.shape[:3]), (False, False))
         if any(by_forward):
             return ConvGradsByForward.apply(x, W, pad, *by_forward)
     return F.conv2d(x, W, stride=stride, padding=pad)
