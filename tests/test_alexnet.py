@@ -213,6 +213,29 @@ def test_conv_grads_by_forward_are_conv2d_grads(C, O, k, pad, H, by_forward, com
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
 
 
+def test_grads_by_forward_names_the_networks_convolutions():
+    """Every kernel shape in layers.FP32_GRADS_BY_FORWARD is one the network convolves with at
+    stride 1 (a shape the network does not have would silently choose nothing)."""
+    from torch.overrides import TorchFunctionMode
+    import layers
+    from alex_net import FIRST_FC, LAYERS, features
+
+    class Record(TorchFunctionMode):
+        shapes = set()
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is F.conv2d and kwargs.get('stride', 1) == 1:
+                self.shapes.add(tuple(args[1].shape[:3]))
+            return func(*args, **kwargs)
+    params = [(torch.empty(l.n_out, l.n_in // l.groups, l.kernel, l.kernel, device='meta'),
+               torch.empty(l.n_out, device='meta')) for l in LAYERS[:FIRST_FC]]
+    with Record() as rec:
+        features(params, torch.empty(1, 3, 227, 227, device='meta'))
+    assert set(layers.FP32_GRADS_BY_FORWARD) <= rec.shapes, rec.shapes
+    assert len(rec.shapes) == 5, rec.shapes
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize('C, O, k, pad, H', CONV_SHAPES)
 def test_conv_grads_by_forward_on_the_gpu_are_the_float64_grads(C, O, k, pad, H):
