@@ -90,11 +90,9 @@ def conv2d(x, W, stride, pad):
 
 class ConvGradsByForward(torch.autograd.Function):
     """F.conv2d(x, W, padding=pad) at stride 1, whose backward computes the input's gradient
-    (dgrad) and/or the kernel's (wgrad) as forward convolutions, the other as PyTorch does: the
-    input's gradient is the output's gradient convolved with the kernel flipped and its in/out
-    swapped (padding k-1-pad); the kernel's gradient is the input, batch and channels swapped,
-    convolved with the output's gradient as the kernel. The same sums of products, so cuDNN
-    chooses among its forward algorithms."""
+    (dgrad) and/or the kernel's (wgrad) as forward convolutions (input_grad_by_forward,
+    weight_grad_by_forward: the same sums of products, so cuDNN chooses among its forward
+    algorithms), the other as PyTorch does."""
 
     @staticmethod
     def forward(ctx, x, W, pad, dgrad=True, wgrad=True):
@@ -105,21 +103,33 @@ class ConvGradsByForward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, W = ctx.saved_tensors
-        pad, k = ctx.pad, W.shape[-1]
+        pad = ctx.pad
         need = ctx.needs_input_grad[:2]
         by_forward = [n and f for n, f in zip(need, ctx.by_forward)]
         grad_x = grad_W = None
         if by_forward[0]:
-            grad_x = F.conv2d(grad_y, W.transpose(0, 1).flip(2, 3), padding=k - 1 - pad)
+            grad_x = input_grad_by_forward(grad_y, W, pad)
         if by_forward[1]:
-            grad_W = F.conv2d(x.transpose(0, 1), grad_y.transpose(0, 1),
-                              padding=pad).transpose(0, 1)
+            grad_W = weight_grad_by_forward(x, grad_y, pad)
         rest = [n and not f for n, f in zip(need, by_forward)]
         if any(rest):
             gx, gW, _ = torch.ops.aten.convolution_backward(
                 grad_y, x, W, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, rest + [False])
             grad_x, grad_W = (gx if rest[0] else grad_x), (gW if rest[1] else grad_W)
         return grad_x, grad_W, None, None, None
+
+
+def input_grad_by_forward(grad_y, W, pad):
+    """The input's gradient of F.conv2d(x, W, padding=pad) at stride 1, as a forward
+    convolution: the output's gradient with the kernel flipped, in and out swapped."""
+    return F.conv2d(grad_y, W.transpose(0, 1).flip(2, 3), padding=W.shape[-1] - 1 - pad)
+
+
+def weight_grad_by_forward(x, grad_y, pad):
+    """The kernel's gradient of F.conv2d(x, W, padding=pad) at stride 1, as a forward
+    convolution: the input, batch and channels swapped, with the output's gradient as the
+    kernel."""
+    return F.conv2d(x.transpose(0, 1), grad_y.transpose(0, 1), padding=pad).transpose(0, 1)
 
 
 def max_pool(x):

@@ -71,21 +71,6 @@ def conv_by_patches(x, W, stride):
     return y.view(B, Ho, Wo, O).permute(0, 3, 1, 2)
 
 
-def input_grad_by_forward(grad_y, W, pad):
-    """The input's gradient of F.conv2d(x, W, padding=pad) at stride 1, as a forward
-    convolution: the output's gradient with the kernel flipped, in and out swapped."""
-    import torch.nn.functional as F
-    return F.conv2d(grad_y, W.transpose(0, 1).flip(2, 3), padding=W.shape[-1] - 1 - pad)
-
-
-def weight_grad_by_forward(x, grad_y, pad):
-    """The kernel's gradient of F.conv2d(x, W, padding=pad) at stride 1, as a forward
-    convolution: the input, batch and channels swapped, with the output's gradient as the
-    kernel."""
-    import torch.nn.functional as F
-    return F.conv2d(x.transpose(0, 1), grad_y.transpose(0, 1), padding=pad).transpose(0, 1)
-
-
 def conv_pool_relu_grouped(x, W, b, stride, pad, groups, pool):
     """layers.conv_pool_relu with a 2-group convolution as one call (groups=2)."""
     import torch.nn.functional as F
