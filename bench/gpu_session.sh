@@ -152,11 +152,12 @@ convs)
     # first each convolution alone, its passes both ways and in both layouts (bench_convs.py);
     # then the step, each variant in a process of its own (cuDNN's choices stay cached in a
     # process): as it is; cudnngrads: every gradient from cuDNN's backward algorithms;
-    # nolayout+nchw: inductor keeps eager's layouts, the convolutions' inputs NCHW; nograph!:
+    # lrnslice: LRN's window sums from channel slices, not a product with a band matrix
+    # (FFMA in strict fp32); nolayout+nchw: inductor keeps eager's layouts, the convolutions' inputs NCHW; nograph!:
     # the kernel table names each kernel's operator and shapes, layer by layer
     timeout 120 python3 bench/bench_convs.py --precision "${3:-fp32}" \
         --json "$out/convs_alone_${3:-fp32}.json" 2>&1 | tee "$out/convs_alone.log" || true
-    for v in base cudnngrads nolayout+nchw nolayout+nchw+cudnngrads 'nograph!'; do
+    for v in base cudnngrads lrnslice nolayout+nchw nolayout+nchw+cudnngrads 'nograph!'; do
         timeout 150 python3 bench/profile_step.py "$v" spec_toy.yaml "precision=${3:-fp32}" \
             || echo "$v: exit $?"
     done 2>&1 | grep -v 'it/s\]' | tee "$out/convs.log" ;;
