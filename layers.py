@@ -66,15 +66,14 @@ def conv_by_blocks(x, W, stride):
     return conv2d(blocks, Wk, 1, 0)
 
 
-# In strict float32 on a GPU, cuDNN's backward algorithms for stride-1 convolutions of these
-# shapes are slow direct kernels, where the same sums of products as forward convolutions run by
-# FFT or Winograd (bench/bench_convs.py times each pass both ways, BENCHMARKS.md has the
-# figures): a kernel's (out channels, in channels, size) -> whether (the input's gradient, the
-# kernel's gradient) come from forward convolutions. Per group: conv1 over pixel blocks,
-# conv2, conv3, conv4, conv5.
-FP32_GRADS_BY_FORWARD = {(96, 48, 3): (False, True), (128, 48, 5): (True, True),
-                         (384, 256, 3): (True, True), (192, 192, 3): (True, True),
-                         (128, 192, 3): (True, True)}
+# In strict float32 on a GPU, cuDNN's input-gradient algorithms for conv3, conv4 and conv5 are
+# slow direct kernels, where the same sums of products as a forward convolution run by FFT in
+# about a third of the time (bench/bench_convs.py times each pass both ways, BENCHMARKS.md has the
+# figures). The kernel's gradient as a forward convolution is slower for every layer, and so is
+# the input's for conv2. A kernel's (out channels, in channels, size) per group -> whether (the
+# input's gradient, the kernel's gradient) come from forward convolutions.
+FP32_GRADS_BY_FORWARD = {(384, 256, 3): (True, False), (192, 192, 3): (True, False),
+                         (128, 192, 3): (True, False)}
 
 
 def conv2d(x, W, stride, pad):
