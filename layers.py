@@ -36,8 +36,7 @@ def conv_pool_relu(x, W, b, stride, pad, groups, pool):
         # fuses into the kernel that makes x, where cuDNN would copy it again on its own
         xs = x.chunk(groups, 1) if groups == 1 else [
             xg.contiguous(memory_format=torch.channels_last) for xg in x.chunk(groups, 1)]
-        ys = [F.conv2d(xg, Wg, stride=stride, padding=pad)
-              for xg, Wg in zip(xs, W.chunk(groups, 0))]
+        ys = [conv2d(xg, Wg, stride, pad) for xg, Wg in zip(xs, W.chunk(groups, 0))]
     if pool:
         ys = [max_pool(y) for y in ys]
     y = ys[0] if len(ys) == 1 else torch.cat(ys, 1)
@@ -64,7 +63,72 @@ def conv_by_blocks(x, W, stride):
     Wk = F.pad(W, (0, kb * stride - k, 0, kb * stride - k))
     Wk = (Wk.reshape(O, C, kb, stride, kb, stride).permute(0, 3, 5, 1, 2, 4)
           .reshape(O, stride * stride * C, kb, kb))
-    return F.conv2d(blocks, Wk)
+    return conv2d(blocks, Wk, 1, 0)
+
+
+# In strict float32 on a GPU, cuDNN's input-gradient algorithms for conv3, conv4 and conv5 are
+# slow direct kernels, where the same sums of products as a forward convolution run by FFT in
+# about a third of the time (bench/bench_convs.py times each pass both ways, BENCHMARKS.md has the
+# figures). The kernel's gradient as a forward convolution is slower for every layer, and so is
+# the input's for conv2. A kernel's (out channels, in channels, size) per group -> whether (the
+# input's gradient, the kernel's gradient) come from forward convolutions.
+FP32_GRADS_BY_FORWARD = {(384, 256, 3): (True, False), (192, 192, 3): (True, False),
+                         (128, 192, 3): (True, False)}
+
+
+def conv2d(x, W, stride, pad):
+    """F.conv2d (square kernel, the same padding on every side); in strict float32 on a GPU the
+    gradients FP32_GRADS_BY_FORWARD names come from forward convolutions (ConvGradsByForward)."""
+    if (stride == 1 and x.is_cuda and x.dtype == torch.float32
+            and not torch.is_autocast_enabled('cuda') and not torch.backends.cudnn.allow_tf32):
+        by_forward = FP32_GRADS_BY_FORWARD.get(tuple(W.shape[:3]), (False, False))
+        if any(by_forward):
+            return ConvGradsByForward.apply(x, W, pad, *by_forward)
+    return F.conv2d(x, W, stride=stride, padding=pad)
+
+
+class ConvGradsByForward(torch.autograd.Function):
+    """F.conv2d(x, W, padding=pad) at stride 1, whose backward computes the input's gradient
+    (dgrad) and/or the kernel's (wgrad) as forward convolutions (input_grad_by_forward,
+    weight_grad_by_forward: the same sums of products, so cuDNN chooses among its forward
+    algorithms), the other as PyTorch does."""
+
+    @staticmethod
+    def forward(ctx, x, W, pad, dgrad=True, wgrad=True):
+        ctx.save_for_backward(x, W)
+        ctx.pad, ctx.by_forward = pad, (dgrad, wgrad)
+        return F.conv2d(x, W, padding=pad)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, W = ctx.saved_tensors
+        pad = ctx.pad
+        need = ctx.needs_input_grad[:2]
+        by_forward = [n and f for n, f in zip(need, ctx.by_forward)]
+        grad_x = grad_W = None
+        if by_forward[0]:
+            grad_x = input_grad_by_forward(grad_y, W, pad)
+        if by_forward[1]:
+            grad_W = weight_grad_by_forward(x, grad_y, pad)
+        rest = [n and not f for n, f in zip(need, by_forward)]
+        if any(rest):
+            gx, gW, _ = torch.ops.aten.convolution_backward(
+                grad_y, x, W, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, rest + [False])
+            grad_x, grad_W = (gx if rest[0] else grad_x), (gW if rest[1] else grad_W)
+        return grad_x, grad_W, None, None, None
+
+
+def input_grad_by_forward(grad_y, W, pad):
+    """The input's gradient of F.conv2d(x, W, padding=pad) at stride 1, as a forward
+    convolution: the output's gradient with the kernel flipped, in and out swapped."""
+    return F.conv2d(grad_y, W.transpose(0, 1).flip(2, 3), padding=W.shape[-1] - 1 - pad)
+
+
+def weight_grad_by_forward(x, grad_y, pad):
+    """The kernel's gradient of F.conv2d(x, W, padding=pad) at stride 1, as a forward
+    convolution: the input, batch and channels swapped, with the output's gradient as the
+    kernel."""
+    return F.conv2d(x.transpose(0, 1), grad_y.transpose(0, 1), padding=pad).transpose(0, 1)
 
 
 def max_pool(x):

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 import alex_net
+from layers import input_grad_by_forward, weight_grad_by_forward
 from alexnet_lib.step import configure_device
-from profile_step import input_grad_by_forward, weight_grad_by_forward
 
 B = int(os.environ.get('B', 256))
 DTYPES = {'fp32': torch.float32, 'tf32': torch.float32, 'bf16': torch.bfloat16}

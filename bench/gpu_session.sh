@@ -21,8 +21,8 @@
 #   bash bench/gpu_session.sh convs     OUT [P]    # the step's convolutions at precision P
 #                                                  # (fp32 unless given): each alone
 #                                                  # (bench_convs.py), then in the step with
-#                                                  # gradients as forward convolutions, NCHW
-#                                                  # inputs (profile_step.py)
+#                                                  # every gradient from cuDNN's backward,
+#                                                  # NCHW inputs (profile_step.py)
 #   bash bench/gpu_session.sh probe     OUT        # where end to end loses time to loading
 #                                                  # (probe_loading.py: variants in turns)
 #   bash bench/gpu_session.sh precision OUT        # bf16 vs fp32 on the toy data, 8 seeds each
@@ -149,16 +149,15 @@ profile)
     python3 bench/profile_step.py 'base!' unfused fcinto base 'nograph!' spec_toy.yaml \
         "precision=${3:-bf16}" 2>&1 | tee "$out/profile.log" ;;
 convs)
-    # each variant in a process of its own: cuDNN's choices stay cached in a process.
-    # dgradfwd/wgradfwd: gradients of stride-1 convolutions as forward convolutions;
-    # nolayout+nchw: inductor keeps eager's layouts, the convolutions' inputs NCHW
-    # (nograph!: the kernel table names each kernel's operator and shapes, layer by layer);
-    # first each convolution alone, its passes both ways and in both layouts (bench_convs.py)
+    # first each convolution alone, its passes both ways and in both layouts (bench_convs.py);
+    # then the step, each variant in a process of its own (cuDNN's choices stay cached in a
+    # process): as it is; cudnngrads: every gradient from cuDNN's backward algorithms;
+    # lrnslice: LRN's window sums from channel slices, not a product with a band matrix
+    # (FFMA in strict fp32); nolayout+nchw: inductor keeps eager's layouts, the convolutions' inputs NCHW; nograph!:
+    # the kernel table names each kernel's operator and shapes, layer by layer
     timeout 120 python3 bench/bench_convs.py --precision "${3:-fp32}" \
         --json "$out/convs_alone_${3:-fp32}.json" 2>&1 | tee "$out/convs_alone.log" || true
-    # (the most telling first: a call that runs out of time loses the last)
-    for v in base dgradfwd+wgradfwd nolayout+nchw nolayout+nchw+dgradfwd+wgradfwd dgradfwd \
-        wgradfwd 'nograph+dgradfwd+wgradfwd!'; do
+    for v in base cudnngrads lrnslice nolayout+nchw nolayout+nchw+cudnngrads 'nograph!'; do
         timeout 150 python3 bench/profile_step.py "$v" spec_toy.yaml "precision=${3:-fp32}" \
             || echo "$v: exit $?"
     done 2>&1 | grep -v 'it/s\]' | tee "$out/convs.log" ;;

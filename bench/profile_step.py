@@ -27,11 +27,9 @@ stay cached, so time it in a process of its own), grouped (a 2-group convolution
 call with groups=2, not one call per group), direct1 (conv1 as cuDNN's 11x11/4 convolution of
 the 3-channel image, not over blocks of pixels), nolayout (inductor keeps the layouts eager
 PyTorch gives, torch._inductor.config.layout_optimization = False; without it inductor makes
-every convolution's arguments channels-last, nchw's copies included), dgradfwd (a stride-1
-convolution's input gradient as a forward convolution of the output gradient with the flipped,
-transposed kernel, so cuDNN chooses among its forward algorithms: in fp32 it ran slow direct
-dgrad engines), wgradfwd (its weight gradient as a forward convolution of the input, batch and
-channels swapped, with the output gradient as the kernel). Environment: B the batch
+every convolution's arguments channels-last, nchw's copies included), cudnngrads (every
+convolution's gradients from cuDNN's backward algorithms: layers.FP32_GRADS_BY_FORWARD emptied,
+so strict fp32 no longer takes any from forward convolutions). Environment: B the batch
 (default 256), DEV the device (default cuda:0).
 """
 import argparse
@@ -42,7 +40,7 @@ import types
 
 VARIANT_PARTS = ('base', 'eager', 'nograph', 'unfused', 'fcinto', 'nchw', 'lrnslice', 'patches',
                  'torchpool', 'ro', 'mat', 'blim0', 'grouped', 'direct1',
-                 'nolayout', 'dgradfwd', 'wgradfwd')
+                 'nolayout', 'cudnngrads')
 
 B = int(os.environ.get('B', 256))
 dev = None     # the torch.device, set by main
@@ -71,63 +69,6 @@ def conv_by_patches(x, W, stride):
     patches = p.permute(0, 2, 3, 4, 5, 1).reshape(B * Ho * Wo, kh * kw * C)
     y = patches @ W.permute(0, 2, 3, 1).reshape(O, kh * kw * C).t()
     return y.view(B, Ho, Wo, O).permute(0, 3, 1, 2)
-
-
-def input_grad_by_forward(grad_y, W, pad):
-    """The input's gradient of F.conv2d(x, W, padding=pad) at stride 1, as a forward
-    convolution: the output's gradient with the kernel flipped, in and out swapped."""
-    import torch.nn.functional as F
-    return F.conv2d(grad_y, W.transpose(0, 1).flip(2, 3), padding=W.shape[-1] - 1 - pad)
-
-
-def weight_grad_by_forward(x, grad_y, pad):
-    """The kernel's gradient of F.conv2d(x, W, padding=pad) at stride 1, as a forward
-    convolution: the input, batch and channels swapped, with the output's gradient as the
-    kernel."""
-    import torch.nn.functional as F
-    return F.conv2d(x.transpose(0, 1), grad_y.transpose(0, 1), padding=pad).transpose(0, 1)
-
-
-def conv2d_by_forward_convs(dgrad, wgrad):
-    """F.conv2d whose backward, for stride 1, computes the input gradient (dgrad) and/or the
-    weight gradient (wgrad) as forward convolutions; the rest from aten.convolution_backward."""
-    import torch
-    import torch.nn.functional as F
-
-    class Conv(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, W, padding):
-            if torch.is_autocast_enabled(x.device.type):   # cast here: the backward mixes them
-                dtype = torch.get_autocast_dtype(x.device.type)
-                x, W = x.to(dtype), W.to(dtype)
-            ctx.save_for_backward(x, W)
-            ctx.padding = padding
-            with torch.autocast(x.device.type, enabled=False):
-                return F.conv2d(x, W, padding=padding)
-
-        @staticmethod
-        def backward(ctx, gy):
-            x, W = ctx.saved_tensors
-            p = ctx.padding
-            need_x, need_W = ctx.needs_input_grad[:2]
-            gx = gW = None
-            if need_x and dgrad:
-                gx = input_grad_by_forward(gy, W, p)
-            if need_W and wgrad:
-                gW = weight_grad_by_forward(x, gy, p)
-            rest = [need_x and gx is None, need_W and gW is None, False]
-            if any(rest):
-                gx2, gW2, _ = torch.ops.aten.convolution_backward(
-                    gy, x, W, None, [1, 1], [p, p], [1, 1], False, [0, 0], 1, rest)
-                gx = gx2 if gx is None else gx
-                gW = gW2 if gW is None else gW
-            return gx, gW, None
-
-    def conv2d(x, W, stride=1, padding=0, **kw):
-        if stride != 1 or kw or not isinstance(padding, int):
-            return F.conv2d(x, W, stride=stride, padding=padding, **kw)
-        return Conv.apply(x, W, padding)
-    return conv2d
 
 
 def conv_pool_relu_grouped(x, W, b, stride, pad, groups, pool):
@@ -206,6 +147,7 @@ def setup(variant):
     from alexnet_lib import step as step_module
     if not orig:
         orig.update(lrn=alex_net.lrn, conv_by_blocks=layers.conv_by_blocks,
+                    grads_by_forward=layers.FP32_GRADS_BY_FORWARD,
                     conv_pool_relu=layers.conv_pool_relu,
                     max_pool=layers.max_pool, fused=fused_layers.available,
                     classifier_loss=step_module.classifier_loss,
@@ -215,6 +157,7 @@ def setup(variant):
     layers.conv_by_blocks, layers.max_pool = orig['conv_by_blocks'], orig['max_pool']
     layers.conv_pool_relu = alex_net.conv_pool_relu = orig['conv_pool_relu']
     layers.F = F
+    layers.FP32_GRADS_BY_FORWARD = orig['grads_by_forward']
     fused_layers.available = orig['fused']
     step_module.classifier_loss = orig['classifier_loss']
     step_module.WeightGradInto = orig['weight_grad_into']
@@ -238,17 +181,14 @@ def setup(variant):
             mode = 'reduce-overhead'
         elif v == 'mat':
             mode = 'max-autotune-no-cudagraphs'
-        elif v not in ('base', 'eager', 'nograph', 'blim0', 'nolayout', 'nchw', 'dgradfwd',
-                       'wgradfwd'):
+        elif v == 'cudnngrads':
+            layers.FP32_GRADS_BY_FORWARD = {}
+        elif v not in ('base', 'eager', 'nograph', 'blim0', 'nolayout', 'nchw'):
             raise SystemExit(f"unknown variant {v}")
     parts = variant.split('+')
-    conv2d = F.conv2d     # the convolution the layers call, wrapped by the variants below
-    if 'dgradfwd' in parts or 'wgradfwd' in parts:
-        conv2d = conv2d_by_forward_convs('dgradfwd' in parts, 'wgradfwd' in parts)
     if 'nchw' in parts:   # every convolution's input contiguous (B, C, H, W)
-        conv2d = (lambda inner: lambda x, W, **kw: inner(x.contiguous(), W, **kw))(conv2d)
-    if conv2d is not F.conv2d:
-        layers.F = types.SimpleNamespace(**{**vars(F), 'conv2d': conv2d})
+        layers.F = types.SimpleNamespace(**{**vars(F), 'conv2d': lambda x, W, **kw: F.conv2d(
+            x.contiguous(), W, **kw)})
     # the real step (step.TrainStep, as the training loop builds it) on the configured mean
     cfg = load_config('spec_1gpu.yaml', CONFIG_WORDS + [f'gpu={dev}', f'batch_size={B}'])
     from alex_net import AlexNet

@@ -7,7 +7,8 @@ import torch
 from alex_net import AlexNet, N_PARAMS, N_WEIGHTS, PARAMS, original_init
 import torch.nn.functional as F
 
-from layers import MaxPoolByCodes, conv_by_blocks, conv_pool_relu, lrn, max_pool
+from layers import (ConvGradsByForward, MaxPoolByCodes, conv_by_blocks, conv_pool_relu, lrn,
+                    max_pool)
 from alexnet_lib.sgd import adjust_learning_rate, sgd_step_, sgd_update_
 from alexnet_lib.snapshot import load_snapshot, save_snapshot
 
@@ -180,6 +181,95 @@ def test_conv_by_blocks_is_conv2d(C, k, stride, H, Wd):
     gW_want, = torch.autograd.grad(want, W, gy)
     gW_got, = torch.autograd.grad(got, W, gy)
     torch.testing.assert_close(gW_got, gW_want, rtol=1e-12, atol=1e-12)
+
+
+CONV_SHAPES = [(48, 96, 3, 0, 9), (48, 128, 5, 2, 9), (256, 384, 3, 1, 5), (192, 128, 3, 1, 6)]
+
+
+@pytest.mark.parametrize('compiled', [False, True])
+@pytest.mark.parametrize('C, O, k, pad, H, by_forward', [
+    *[(*shape, (True, True)) for shape in CONV_SHAPES],
+    (*CONV_SHAPES[2], (True, False)), (*CONV_SHAPES[2], (False, True))])
+def test_conv_grads_by_forward_are_conv2d_grads(C, O, k, pad, H, by_forward, compiled):
+    """The gradients of x and W, by forward convolutions (both, or one and the other as PyTorch
+    computes it), are F.conv2d's, in float64, eager and compiled; channels-last input as the
+    step has it (AlexNet's stride-1 layer shapes: conv1 over blocks, conv2, conv3, conv5's
+    groups)."""
+    g = torch.Generator().manual_seed(C + k)
+    x = torch.randn(3, C, H, H, generator=g, dtype=torch.float64)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    W = torch.randn(O, C, k, k, generator=g, dtype=torch.float64, requires_grad=True)
+    want = F.conv2d(x, W, padding=pad)
+    def conv(x, W, pad):
+        return ConvGradsByForward.apply(x, W, pad, *by_forward)
+    if compiled:
+        torch._dynamo.reset()
+        conv = torch.compile(conv, dynamic=False)
+    got = conv(x, W, pad)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    gy = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(got, (x, W), gy), torch.autograd.grad(want, (x, W), gy)):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+def test_grads_by_forward_names_the_networks_convolutions():
+    """Every kernel shape in layers.FP32_GRADS_BY_FORWARD is one the network convolves with at
+    stride 1 (a shape the network does not have would silently choose nothing)."""
+    from torch.overrides import TorchFunctionMode
+    import layers
+    from alex_net import FIRST_FC, LAYERS, features
+
+    class Record(TorchFunctionMode):
+        shapes = set()
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is F.conv2d and kwargs.get('stride', 1) == 1:
+                self.shapes.add(tuple(args[1].shape[:3]))
+            return func(*args, **kwargs)
+    params = [(torch.empty(l.n_out, l.n_in // l.groups, l.kernel, l.kernel, device='meta'),
+               torch.empty(l.n_out, device='meta')) for l in LAYERS[:FIRST_FC]]
+    with Record() as rec:
+        features(params, torch.empty(1, 3, 227, 227, device='meta'))
+    assert set(layers.FP32_GRADS_BY_FORWARD) <= rec.shapes, rec.shapes
+    assert len(rec.shapes) == 5, rec.shapes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('C, O, k, pad, H', CONV_SHAPES)
+def test_conv_grads_by_forward_on_the_gpu_are_the_float64_grads(C, O, k, pad, H):
+    """On the GPU in strict float32 (cuDNN's FFT and Winograd algorithms among the choices):
+    the gradients within float32 rounding of the float64 ones: as close as cuDNN's own forward
+    convolution (the same algorithms) or its own backward."""
+    g = torch.Generator().manual_seed(C + k)
+    x64 = torch.randn(8, C, H, H, generator=g, dtype=torch.float64)
+    W64 = torch.randn(O, C, k, k, generator=g, dtype=torch.float64)
+    xr, Wr = x64.clone().requires_grad_(), W64.clone().requires_grad_()
+    y64 = F.conv2d(xr, Wr, padding=pad)
+    gy64 = torch.randn(y64.shape, generator=g, dtype=torch.float64)
+    want = torch.autograd.grad(y64, (xr, Wr), gy64)
+
+    def error(a, b):
+        return float((a.double().cpu() - b).norm() / b.norm())
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        errors = []
+        for conv in (ConvGradsByForward.apply, lambda x, W, p: F.conv2d(x, W, padding=p)):
+            x = x64.float().cuda().contiguous(memory_format=torch.channels_last)
+            W = W64.float().cuda().requires_grad_()
+            x.requires_grad_()
+            y = conv(x, W, pad)
+            got = torch.autograd.grad(y, (x, W), gy64.float().cuda())
+            errors.append([error(y.detach(), y64.detach())]
+                          + [error(a, b) for a, b in zip(got, want)])
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    ours, cudnns = errors
+    assert max(ours) < 1e-5, errors
+    noise = max(cudnns)         # cuDNN's own: forward, input and weight gradient
+    assert max(ours[1:]) <= 10 * noise, errors
 
 
 @pytest.mark.parametrize('C, groups, stride, pad, pool', [(3, 1, 4, 0, True), (8, 2, 1, 2, True),
