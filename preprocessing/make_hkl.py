@@ -26,8 +26,9 @@ Writes, as the original preprocessing did:
                                             first, before anything changes
 
 Every core decodes (a process pool; --workers N for fewer). A batch file appears only when it is
-complete, so the run can be stopped at any moment; running the same command again skips the
-complete batches (and reads them back for the mean).
+complete, so the run can be stopped at any moment (Ctrl-C, or SIGTERM: the decoding processes are
+killed with it); running the same command again skips the complete batches (and reads them back
+for the mean).
 
 Class folders hold images only: a folder inside one (or inside val_img_dir) stops the run
 with an error naming it; files not named as images (.jpeg, .jpg, .png, .bmp, .webp, ... in any
@@ -42,13 +43,18 @@ skipped_val_images.txt; later batches move up to fill the gap, and make_labels.p
 same images out of the label files. While a report exists, its images stay left out.
 """
 import argparse
+import contextlib
 import io
 import math
+import multiprocessing
 import os
-import queue
+import pickle
 import signal
+import struct
+import time
+import traceback
 from collections import deque
-from multiprocessing import Pool
+from multiprocessing.connection import wait
 
 import numpy as np
 from tqdm import tqdm
@@ -114,11 +120,6 @@ def write_batch_file(path, images):
 
 # ---------------------------------------------------------------- work done in the pool
 
-def worker_signals():
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the main process,
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # which stops its workers with SIGTERM
-
-
 def batch_sum(images):
     """The pixel-wise sum of a batch, exact: uint32 holds 256 * 255 with room to spare (and
     is twice as fast as float64); the main process adds the batches up in float64."""
@@ -158,6 +159,206 @@ def run_task(task):
     return 'ok', k, len(image_paths), batch_sum(images) if want_sum else None
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+HEADER = struct.Struct('<Q')  # the length of a pickled result, before it
+
+
+def decode_loop(tasks, results, parent):
+    """A decoding process: run_task for each task from the connection ``tasks``, its result
+    written, pickled after its length, to the pipe ``results``, until the main process sends
+    None or is gone."""
+    # Ctrl-C and SIGTERM (also when sent to the whole process group: a terminal, a batch
+    # system) are the main process's to handle: it kills its decoders
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    while True:
+        try:
+            while not tasks.poll(1.0):
+                if os.getppid() != parent:
+                    return  # the main process was killed: no one waits for a result
+            task = tasks.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        try:
+            result = run_task(task)
+        except Exception:
+            result = 'crash', task[1], traceback.format_exc()
+        data = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+        out = memoryview(HEADER.pack(len(data)) + data)
+        try:
+            while out:
+                out = out[os.write(results.fileno(), out):]
+        except OSError:
+            return  # the main process is gone
+
+
+class Decoders:
+    """``n`` decoding processes (decode_loop), each with pipes of its own: one task at a time
+    goes out, its result comes back. They share no lock, so stopping them (Ctrl-C, SIGTERM, a
+    failed write) is a SIGKILL and a bounded wait for each: multiprocessing.Pool's terminate()
+    can wait forever on the lock of its result queue when it kills a worker that is sending a
+    result (a training batch's sum is larger than a pipe holds). The main process waits in one
+    place only, wait() in result(), which a decoding process that dies or a signal ends (the
+    results are read without blocking): a dead process is an error naming it, not a wait for
+    a result that never comes."""
+
+    def __init__(self, n):
+        ctx = multiprocessing.get_context()
+        self.procs, self.to_procs, self.from_procs, self.inbox, self.tasks = [], [], [], [], []
+        self.wakeup = None
+        try:
+            # blocked while processes start: none is left out of self.procs, and the children
+            # start with them blocked until they ignore them (one in between would be a
+            # KeyboardInterrupt there, a traceback)
+            with signals_held():
+                for _ in range(n):
+                    task_r, task_w = ctx.Pipe(duplex=False)
+                    result_r, result_w = ctx.Pipe(duplex=False)
+                    proc = ctx.Process(target=decode_loop,
+                                       args=(task_r, result_w, os.getpid()), daemon=True)
+                    try:
+                        proc.start()
+                    finally:
+                        task_r.close()  # the child's ends
+                        result_w.close()
+                    os.set_blocking(result_r.fileno(), False)
+                    self.procs.append(proc)
+                    self.to_procs.append(task_w)
+                    self.from_procs.append(result_r)
+                    self.inbox.append(bytearray())
+                    self.tasks.append(None)
+            # Ctrl-C or SIGTERM ends that wait (Python then raises KeyboardInterrupt there)
+            # also when another thread receives it: tqdm's monitor, OpenBLAS's threads
+            self.wakeup, wakeup_w = os.pipe()
+            for fd in (self.wakeup, wakeup_w):
+                os.set_blocking(fd, False)
+            self.old_wakeup = signal.set_wakeup_fd(wakeup_w)
+        except BaseException:
+            self.stop()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.stop()
+
+    def idle(self):
+        return self.tasks.count(None)
+
+    def busy(self):
+        return len(self.tasks) - self.idle()
+
+    def submit(self, task):
+        i = self.tasks.index(None)
+        self.tasks[i] = task
+        try:
+            self.to_procs[i].send(task)  # the process waits for it; a dead one's pipe is broken
+        except OSError:
+            self._died(i)
+
+    def result(self):
+        """The next result of a busy process (run_task's); a PrepError when one has died."""
+        busy = [i for i, t in enumerate(self.tasks) if t is not None]
+        assert busy, 'no task is running'
+        while True:
+            # a process's sentinel is ready when it has died
+            ready = wait([self.from_procs[i] for i in busy]
+                         + [self.procs[i].sentinel for i in busy] + [self.wakeup])
+            if self.wakeup in ready:
+                os.read(self.wakeup, 512)
+            for i in busy:
+                died = self.procs[i].sentinel in ready
+                if died or self.from_procs[i] in ready:
+                    result, closed = self._read(i)
+                    if result is not None:
+                        return result
+                    if closed or died:  # all it wrote is read: no result will come
+                        self._died(i)
+
+    def _read(self, i):
+        """(process i's result, or None while it is incomplete; whether its pipe is closed),
+        from what has arrived, without waiting for more."""
+        inbox, closed = self.inbox[i], False
+        while True:
+            try:
+                data = os.read(self.from_procs[i].fileno(), 1 << 20)
+            except BlockingIOError:
+                break
+            if not data:
+                closed = True
+                break
+            inbox += data
+        if len(inbox) >= HEADER.size:
+            end = HEADER.size + HEADER.unpack_from(inbox)[0]
+            if len(inbox) >= end:
+                result = pickle.loads(inbox[HEADER.size:end])
+                del inbox[:end]
+                self.tasks[i] = None
+                return result, closed
+        return None, closed
+
+    def _died(self, i):
+        proc, task = self.procs[i], self.tasks[i]
+        proc.join(5)
+        code = proc.exitcode
+        if code is None or code >= 0:
+            how = 'its pipe closed' if code is None else f'exit code {code}'
+        else:
+            try:
+                how = f'signal {signal.Signals(-code).name}'
+            except ValueError:
+                how = f'signal {-code}'
+        raise PrepError(f"a decoding process (pid {proc.pid}) died ({how}) with {task[2]} to "
+                        f"{task[0]}: out of memory? (--workers N runs fewer); run the same "
+                        f"command again to continue")
+
+    def close(self, seconds=10.0):
+        """The end of the work: each process is told to return."""
+        for conn in self.to_procs:
+            try:
+                conn.send(None)
+            except OSError:
+                pass  # it has died
+        deadline = time.monotonic() + seconds
+        for proc in self.procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        self.stop()
+
+    def stop(self, seconds=10.0):
+        """Kill the processes (SIGKILL: a half-written batch is a temporary file the caller
+        removes; nothing else needs tidying) and wait, at most ``seconds``, for them to end."""
+        with signals_held():  # a second Ctrl-C does not leave one alive
+            for proc in self.procs:
+                proc.kill()
+        deadline = time.monotonic() + seconds
+        for proc in self.procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        for conn in self.to_procs + self.from_procs:
+            conn.close()
+        self.tasks = [None] * len(self.tasks)
+        if self.wakeup is not None:
+            os.close(signal.set_wakeup_fd(self.old_wakeup))
+            os.close(self.wakeup)
+            self.wakeup = None
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Ctrl-C and SIGTERM wait until the block is done (and are raised then, as usual)."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 # ---------------------------------------------------------------- one split
 
 class BatchSums:
@@ -191,32 +392,28 @@ class BatchSums:
 
 
 
-def run_tasks(pool, workers, tasks, name, done, sums, skip_bad):
-    """Run ``tasks`` in the pool, keeping every worker busy. Fills ``done`` {k: n_images} and,
-    for training batches, ``sums``.
-    Returns the 'bad' results: without skip_bad the first one at once; with skip_bad no further
-    task starts after the first one (the running ones finish), since the batches after a
-    left-out image change."""
-    results = queue.SimpleQueue()
+def run_tasks(decoders, tasks, name, done, sums, skip_bad):
+    """Run ``tasks`` in the decoding processes, keeping every one busy. Fills ``done``
+    {k: n_images} and, for training batches, ``sums``.
+    Returns the 'bad' results: without skip_bad the first one at once (other tasks may still
+    be running: the caller stops the decoders); with skip_bad no further task starts after the
+    first one (the running ones finish), since the batches after a left-out image change."""
     pending = deque(tasks)
-    running = 0
     bad = []
     to_make = {t[1] for t in tasks if t[0] == 'make'}
     total = sum(len(t[3]) for t in tasks if t[0] == 'make')
     with tqdm(total=total, unit='img', desc=f'  {name}', smoothing=0.05, mininterval=0.5,
               dynamic_ncols=True, disable=total == 0) as bar:
-        while pending or running:
-            while pending and running < 2 * workers and not bad:
-                pool.apply_async(run_task, (pending.popleft(),), callback=results.put,
-                                 error_callback=results.put)
-                running += 1
-            if not running:
+        while True:
+            while pending and decoders.idle() and not bad:
+                decoders.submit(pending.popleft())
+            if not decoders.busy():
                 break
-            result = results.get()
-            running -= 1
-            if isinstance(result, BaseException):
-                raise result  # a bug in the worker: keep its traceback
+            result = decoders.result()
             status, k = result[:2]
+            if status == 'crash':  # a bug in the decoder: keep its traceback
+                raise RuntimeError(f"making batch {k} failed in a decoding process:\n"
+                                   f"{result[2]}")
             if status == 'io_error':
                 raise PrepError(result[2])
             if status == 'bad':
@@ -271,8 +468,8 @@ def batches_made_from(name, plan, n_batches, out_dir):
     return made_from
 
 
-def make_split(pool, workers, name, files, src_dir, out_dir, report_file, drop_last, sums,
-               skip_bad, made_from):
+def make_split(decoders, name, files, src_dir, out_dir, report_file, drop_last, sums, skip_bad,
+               made_from):
     """Write the batches of one split; return ({batch index: n_images}, the images the batches
     were cut from, in their order: those of a dropped last partial batch included). With a
     BatchSums ``sums``, add the sum of every batch's images to it (complete batches are read
@@ -324,12 +521,11 @@ def make_split(pool, workers, name, files, src_dir, out_dir, report_file, drop_l
         print(f"{name}: {len(plan)} images -> {n_batches_text(n_batches)} in {out_dir} "
               f"({n_batches - n_make} complete, {n_make} to make)")
         try:
-            bad_results = run_tasks(pool, workers, tasks, name, done, sums, skip_bad)
+            bad_results = run_tasks(decoders, tasks, name, done, sums, skip_bad)
         except BaseException:
             # a failed write or Ctrl-C: stop the other writers and take away their
             # half-written files (the complete batches stay)
-            pool.terminate()
-            pool.join()
+            decoders.stop()
             remove_leftover_tmp_files(out_dir, quiet=True)
             raise
         if not bad_results:
@@ -339,6 +535,8 @@ def make_split(pool, workers, name, files, src_dir, out_dir, report_file, drop_l
             for i, message in items:
                 newly_bad[plan[k * BATCH_SIZE + i]] = message
         if not skip_bad:
+            decoders.stop()  # the batches still being made are not wanted
+            remove_leftover_tmp_files(out_dir, quiet=True)
             # deleting the file is no way out: the validation ground truth goes by position,
             # and the training order must list every training image
             message = next(iter(newly_bad.values()))
@@ -407,9 +605,9 @@ def main():
     else:
         print(f"training order: reusing {order_file}")
 
-    with Pool(args.workers, initializer=worker_signals) as pool:
+    with Decoders(args.workers) as decoders:
         sums = BatchSums()
-        _, train_plan = make_split(pool, args.workers, 'train', train_files, train_dir, train_out,
+        _, train_plan = make_split(decoders, 'train', train_files, train_dir, train_out,
                                    skipped_report_file(paths, 'train'), drop_last=True,
                                    sums=sums, skip_bad=args.skip_bad,
                                    made_from=made_from['train'])
@@ -418,7 +616,7 @@ def main():
         print(f"train: {n_batches_text(sums.n_batches)}; mean of their {sums.n_images} images -> "
               f"{mean_file}")
 
-        done, val_plan = make_split(pool, args.workers, 'val', val_files, val_dir, val_out,
+        done, val_plan = make_split(decoders, 'val', val_files, val_dir, val_out,
                                     skipped_report_file(paths, 'val'), drop_last=False,
                                     sums=None, skip_bad=args.skip_bad,
                                     made_from=made_from['val'])
