@@ -43,34 +43,51 @@ skipped_val_images.txt; later batches move up to fill the gap, and make_labels.p
 same images out of the label files. While a report exists, its images stay left out.
 """
 import argparse
-import contextlib
 import io
 import math
-import multiprocessing
 import os
-import pickle
-import signal
-import struct
-import time
-import traceback
 from collections import deque
-from multiprocessing.connection import wait
 
 import numpy as np
 from tqdm import tqdm
 
-
 from alexnet_lib.batch_files import IMAGE_SHAPE, BatchFileError, batch_rows, read_rows
-from alexnet_lib.imagenet import (BATCH_SIZE, TOY_IMAGES, PrepError, add_paths_argument,
-                                  available_cores, list_train_images, list_val_images,
-                                  load_paths, read_skipped, remove_records, require_dir,
-                                  run_main, save_npy, save_train_order, shuffled_train_file,
-                                  skipped_report_file, train_order, write_file_atomic, write_record,
-                                  write_skipped, write_text_atomic)
+from alexnet_lib.imagenet import (
+    BATCH_SIZE,
+    TOY_IMAGES,
+    PrepError,
+    add_paths_argument,
+    available_cores,
+    list_train_images,
+    list_val_images,
+    load_paths,
+    read_skipped,
+    remove_records,
+    require_dir,
+    run_main,
+    save_npy,
+    save_train_order,
+    shuffled_train_file,
+    skipped_report_file,
+    train_order,
+    write_file_atomic,
+    write_record,
+    write_skipped,
+    write_text_atomic,
+)
 from alexnet_lib.images import ImageDecodeError, load_image_256
-from alexnet_lib.provenance import (BATCH_IMAGES, RECORD_NAME, batch_fingerprints,
-                                    batch_images_text, fingerprint, make_record,
-                                    read_batch_images, read_record, record_path)
+from alexnet_lib.provenance import (
+    BATCH_IMAGES,
+    RECORD_NAME,
+    batch_fingerprints,
+    batch_images_text,
+    fingerprint,
+    make_record,
+    read_batch_images,
+    read_record,
+    record_path,
+)
+from alexnet_lib.task_processes import ProcessDied, TaskProcesses
 
 
 def n_batches_text(n):
@@ -118,7 +135,7 @@ def write_batch_file(path, images):
         write_file_atomic(path, data, 'batch file')
 
 
-# ---------------------------------------------------------------- work done in the pool
+# ---------------------------------------------------------------- work of the decoding processes
 
 def batch_sum(images):
     """The pixel-wise sum of a batch, exact: uint32 holds 256 * 255 with room to spare (and
@@ -157,206 +174,6 @@ def run_task(task):
     except PrepError as e:
         return 'io_error', k, str(e)
     return 'ok', k, len(image_paths), batch_sum(images) if want_sum else None
-
-
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-HEADER = struct.Struct('<Q')  # the length of a pickled result, before it
-
-
-def decode_loop(tasks, results, parent):
-    """A decoding process: run_task for each task from the connection ``tasks``, its result
-    written, pickled after its length, to the pipe ``results``, until the main process sends
-    None or is gone."""
-    # Ctrl-C and SIGTERM (also when sent to the whole process group: a terminal, a batch
-    # system) are the main process's to handle: it kills its decoders
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    while True:
-        try:
-            while not tasks.poll(1.0):
-                if os.getppid() != parent:
-                    return  # the main process was killed: no one waits for a result
-            task = tasks.recv()
-        except (EOFError, OSError):
-            return
-        if task is None:
-            return
-        try:
-            result = run_task(task)
-        except Exception:
-            result = 'crash', task[1], traceback.format_exc()
-        data = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
-        out = memoryview(HEADER.pack(len(data)) + data)
-        try:
-            while out:
-                out = out[os.write(results.fileno(), out):]
-        except OSError:
-            return  # the main process is gone
-
-
-class Decoders:
-    """``n`` decoding processes (decode_loop), each with pipes of its own: one task at a time
-    goes out, its result comes back. They share no lock, so stopping them (Ctrl-C, SIGTERM, a
-    failed write) is a SIGKILL and a bounded wait for each: multiprocessing.Pool's terminate()
-    can wait forever on the lock of its result queue when it kills a worker that is sending a
-    result (a training batch's sum is larger than a pipe holds). The main process waits in one
-    place only, wait() in result(), which a decoding process that dies or a signal ends (the
-    results are read without blocking): a dead process is an error naming it, not a wait for
-    a result that never comes."""
-
-    def __init__(self, n):
-        ctx = multiprocessing.get_context()
-        self.procs, self.to_procs, self.from_procs, self.inbox, self.tasks = [], [], [], [], []
-        self.wakeup = None
-        try:
-            # blocked while processes start: none is left out of self.procs, and the children
-            # start with them blocked until they ignore them (one in between would be a
-            # KeyboardInterrupt there, a traceback)
-            with signals_held():
-                for _ in range(n):
-                    task_r, task_w = ctx.Pipe(duplex=False)
-                    result_r, result_w = ctx.Pipe(duplex=False)
-                    proc = ctx.Process(target=decode_loop,
-                                       args=(task_r, result_w, os.getpid()), daemon=True)
-                    try:
-                        proc.start()
-                    finally:
-                        task_r.close()  # the child's ends
-                        result_w.close()
-                    os.set_blocking(result_r.fileno(), False)
-                    self.procs.append(proc)
-                    self.to_procs.append(task_w)
-                    self.from_procs.append(result_r)
-                    self.inbox.append(bytearray())
-                    self.tasks.append(None)
-            # Ctrl-C or SIGTERM ends that wait (Python then raises KeyboardInterrupt there)
-            # also when another thread receives it: tqdm's monitor, OpenBLAS's threads
-            self.wakeup, wakeup_w = os.pipe()
-            for fd in (self.wakeup, wakeup_w):
-                os.set_blocking(fd, False)
-            self.old_wakeup = signal.set_wakeup_fd(wakeup_w)
-        except BaseException:
-            self.stop()
-            raise
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.stop()
-
-    def idle(self):
-        return self.tasks.count(None)
-
-    def busy(self):
-        return len(self.tasks) - self.idle()
-
-    def submit(self, task):
-        i = self.tasks.index(None)
-        self.tasks[i] = task
-        try:
-            self.to_procs[i].send(task)  # the process waits for it; a dead one's pipe is broken
-        except OSError:
-            self._died(i)
-
-    def result(self):
-        """The next result of a busy process (run_task's); a PrepError when one has died."""
-        busy = [i for i, t in enumerate(self.tasks) if t is not None]
-        assert busy, 'no task is running'
-        while True:
-            # a process's sentinel is ready when it has died
-            ready = wait([self.from_procs[i] for i in busy]
-                         + [self.procs[i].sentinel for i in busy] + [self.wakeup])
-            if self.wakeup in ready:
-                os.read(self.wakeup, 512)
-            for i in busy:
-                died = self.procs[i].sentinel in ready
-                if died or self.from_procs[i] in ready:
-                    result, closed = self._read(i)
-                    if result is not None:
-                        return result
-                    if closed or died:  # all it wrote is read: no result will come
-                        self._died(i)
-
-    def _read(self, i):
-        """(process i's result, or None while it is incomplete; whether its pipe is closed),
-        from what has arrived, without waiting for more."""
-        inbox, closed = self.inbox[i], False
-        while True:
-            try:
-                data = os.read(self.from_procs[i].fileno(), 1 << 20)
-            except BlockingIOError:
-                break
-            if not data:
-                closed = True
-                break
-            inbox += data
-        if len(inbox) >= HEADER.size:
-            end = HEADER.size + HEADER.unpack_from(inbox)[0]
-            if len(inbox) >= end:
-                result = pickle.loads(inbox[HEADER.size:end])
-                del inbox[:end]
-                self.tasks[i] = None
-                return result, closed
-        return None, closed
-
-    def _died(self, i):
-        proc, task = self.procs[i], self.tasks[i]
-        proc.join(5)
-        code = proc.exitcode
-        if code is None or code >= 0:
-            how = 'its pipe closed' if code is None else f'exit code {code}'
-        else:
-            try:
-                how = f'signal {signal.Signals(-code).name}'
-            except ValueError:
-                how = f'signal {-code}'
-        raise PrepError(f"a decoding process (pid {proc.pid}) died ({how}) with {task[2]} to "
-                        f"{task[0]}: out of memory? (--workers N runs fewer); run the same "
-                        f"command again to continue")
-
-    def close(self, seconds=10.0):
-        """The end of the work: each process is told to return."""
-        for conn in self.to_procs:
-            try:
-                conn.send(None)
-            except OSError:
-                pass  # it has died
-        deadline = time.monotonic() + seconds
-        for proc in self.procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
-        self.stop()
-
-    def stop(self, seconds=10.0):
-        """Kill the processes (SIGKILL: a half-written batch is a temporary file the caller
-        removes; nothing else needs tidying) and wait, at most ``seconds``, for them to end."""
-        with signals_held():  # a second Ctrl-C does not leave one alive
-            for proc in self.procs:
-                proc.kill()
-        deadline = time.monotonic() + seconds
-        for proc in self.procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
-        for conn in self.to_procs + self.from_procs:
-            conn.close()
-        self.tasks = [None] * len(self.tasks)
-        if self.wakeup is not None:
-            os.close(signal.set_wakeup_fd(self.old_wakeup))
-            os.close(self.wakeup)
-            self.wakeup = None
-
-
-@contextlib.contextmanager
-def signals_held():
-    """Ctrl-C and SIGTERM wait until the block is done (and are raised then, as usual)."""
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 # ---------------------------------------------------------------- one split
@@ -409,11 +226,13 @@ def run_tasks(decoders, tasks, name, done, sums, skip_bad):
                 decoders.submit(pending.popleft())
             if not decoders.busy():
                 break
-            result = decoders.result()
+            try:
+                result = decoders.result()
+            except ProcessDied as e:
+                raise PrepError(f"a decoding process (pid {e.pid}) died ({e.how}) with "
+                                f"{e.task[2]} to {e.task[0]}: out of memory? (--workers N runs "
+                                f"fewer); run the same command again to continue") from None
             status, k = result[:2]
-            if status == 'crash':  # a bug in the decoder: keep its traceback
-                raise RuntimeError(f"making batch {k} failed in a decoding process:\n"
-                                   f"{result[2]}")
             if status == 'io_error':
                 raise PrepError(result[2])
             if status == 'bad':
@@ -605,7 +424,7 @@ def main():
     else:
         print(f"training order: reusing {order_file}")
 
-    with Decoders(args.workers) as decoders:
+    with TaskProcesses(args.workers, run_task) as decoders:
         sums = BatchSums()
         _, train_plan = make_split(decoders, 'train', train_files, train_dir, train_out,
                                    skipped_report_file(paths, 'train'), drop_last=True,
