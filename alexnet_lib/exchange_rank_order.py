@@ -113,13 +113,17 @@ class Host(RankOrderAverage):
     """Shared-memory segments, one file per rank in /dev/shm (mode 0600) holding its two halves.
     Segments grow to the largest buffer seen (every rank sees the same sizes, so they grow
     together) and are unlinked as soon as every peer has mapped them: nothing is left behind,
-    even after a crash. GPU buffers are staged through pinned memory."""
+    even after a crash. GPU buffers are staged through pinned memory. A segment's name,
+    xchg-<pid of rank 0>-<random>-r<rank>-g<generation>, says which run it belongs to."""
     name = 'host'
 
     def __init__(self, ctl, device):
         super().__init__(ctl, device)
         shm = '/dev/shm' if os.path.isdir('/dev/shm') else tempfile.gettempdir()
-        token = ctl.all_gather_bytes(secrets.token_hex(8).encode(), 'setup')[0].decode()
+        # rank 0's pid first: runs that share the folder (and a check for leftovers that looks
+        # at one run only) tell their segments apart without asking anyone
+        token = ctl.all_gather_bytes(f'{os.getpid()}-{secrets.token_hex(8)}'.encode(),
+                                     'setup')[0].decode()
         self._prefix = os.path.join(shm, f'xchg-{token}')
         self._maps = {}              # rank -> mmap of that rank's segment (own included)
         self._halves = {}            # rank -> (half 0, half 1) float32 tensors over the mmap

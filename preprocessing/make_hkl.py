@@ -26,8 +26,9 @@ Writes, as the original preprocessing did:
                                             first, before anything changes
 
 Every core decodes (a process pool; --workers N for fewer). A batch file appears only when it is
-complete, so the run can be stopped at any moment; running the same command again skips the
-complete batches (and reads them back for the mean).
+complete, so the run can be stopped at any moment (Ctrl-C, or SIGTERM: the decoding processes are
+killed with it); running the same command again skips the complete batches (and reads them back
+for the mean).
 
 Class folders hold images only: a folder inside one (or inside val_img_dir) stops the run
 with an error naming it; files not named as images (.jpeg, .jpg, .png, .bmp, .webp, ... in any
@@ -45,26 +46,48 @@ import argparse
 import io
 import math
 import os
-import queue
-import signal
 from collections import deque
-from multiprocessing import Pool
 
 import numpy as np
 from tqdm import tqdm
 
-
 from alexnet_lib.batch_files import IMAGE_SHAPE, BatchFileError, batch_rows, read_rows
-from alexnet_lib.imagenet import (BATCH_SIZE, TOY_IMAGES, PrepError, add_paths_argument,
-                                  available_cores, list_train_images, list_val_images,
-                                  load_paths, read_skipped, remove_records, require_dir,
-                                  run_main, save_npy, save_train_order, shuffled_train_file,
-                                  skipped_report_file, train_order, write_file_atomic, write_record,
-                                  write_skipped, write_text_atomic)
+from alexnet_lib.imagenet import (
+    BATCH_SIZE,
+    TOY_IMAGES,
+    PrepError,
+    add_paths_argument,
+    available_cores,
+    list_train_images,
+    list_val_images,
+    load_paths,
+    read_skipped,
+    remove_records,
+    require_dir,
+    run_main,
+    save_npy,
+    save_train_order,
+    shuffled_train_file,
+    skipped_report_file,
+    train_order,
+    write_file_atomic,
+    write_record,
+    write_skipped,
+    write_text_atomic,
+)
 from alexnet_lib.images import ImageDecodeError, load_image_256
-from alexnet_lib.provenance import (BATCH_IMAGES, RECORD_NAME, batch_fingerprints,
-                                    batch_images_text, fingerprint, make_record,
-                                    read_batch_images, read_record, record_path)
+from alexnet_lib.provenance import (
+    BATCH_IMAGES,
+    RECORD_NAME,
+    batch_fingerprints,
+    batch_images_text,
+    fingerprint,
+    make_record,
+    read_batch_images,
+    read_record,
+    record_path,
+)
+from alexnet_lib.task_processes import ProcessDied, TaskProcesses
 
 
 def n_batches_text(n):
@@ -112,12 +135,7 @@ def write_batch_file(path, images):
         write_file_atomic(path, data, 'batch file')
 
 
-# ---------------------------------------------------------------- work done in the pool
-
-def worker_signals():
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the main process,
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # which stops its workers with SIGTERM
-
+# ---------------------------------------------------------------- work of the decoding processes
 
 def batch_sum(images):
     """The pixel-wise sum of a batch, exact: uint32 holds 256 * 255 with room to spare (and
@@ -191,31 +209,29 @@ class BatchSums:
 
 
 
-def run_tasks(pool, workers, tasks, name, done, sums, skip_bad):
-    """Run ``tasks`` in the pool, keeping every worker busy. Fills ``done`` {k: n_images} and,
-    for training batches, ``sums``.
-    Returns the 'bad' results: without skip_bad the first one at once; with skip_bad no further
-    task starts after the first one (the running ones finish), since the batches after a
-    left-out image change."""
-    results = queue.SimpleQueue()
+def run_tasks(decoders, tasks, name, done, sums, skip_bad):
+    """Run ``tasks`` in the decoding processes, keeping every one busy. Fills ``done``
+    {k: n_images} and, for training batches, ``sums``.
+    Returns the 'bad' results: without skip_bad the first one at once (other tasks may still
+    be running: the caller stops the decoders); with skip_bad no further task starts after the
+    first one (the running ones finish), since the batches after a left-out image change."""
     pending = deque(tasks)
-    running = 0
     bad = []
     to_make = {t[1] for t in tasks if t[0] == 'make'}
     total = sum(len(t[3]) for t in tasks if t[0] == 'make')
     with tqdm(total=total, unit='img', desc=f'  {name}', smoothing=0.05, mininterval=0.5,
               dynamic_ncols=True, disable=total == 0) as bar:
-        while pending or running:
-            while pending and running < 2 * workers and not bad:
-                pool.apply_async(run_task, (pending.popleft(),), callback=results.put,
-                                 error_callback=results.put)
-                running += 1
-            if not running:
+        while True:
+            while pending and decoders.idle() and not bad:
+                decoders.submit(pending.popleft())
+            if not decoders.busy():
                 break
-            result = results.get()
-            running -= 1
-            if isinstance(result, BaseException):
-                raise result  # a bug in the worker: keep its traceback
+            try:
+                result = decoders.result()
+            except ProcessDied as e:
+                raise PrepError(f"a decoding process (pid {e.pid}) died ({e.how}) with "
+                                f"{e.task[2]} to {e.task[0]}: out of memory? (--workers N runs "
+                                f"fewer); run the same command again to continue") from None
             status, k = result[:2]
             if status == 'io_error':
                 raise PrepError(result[2])
@@ -271,8 +287,8 @@ def batches_made_from(name, plan, n_batches, out_dir):
     return made_from
 
 
-def make_split(pool, workers, name, files, src_dir, out_dir, report_file, drop_last, sums,
-               skip_bad, made_from):
+def make_split(decoders, name, files, src_dir, out_dir, report_file, drop_last, sums, skip_bad,
+               made_from):
     """Write the batches of one split; return ({batch index: n_images}, the images the batches
     were cut from, in their order: those of a dropped last partial batch included). With a
     BatchSums ``sums``, add the sum of every batch's images to it (complete batches are read
@@ -324,12 +340,11 @@ def make_split(pool, workers, name, files, src_dir, out_dir, report_file, drop_l
         print(f"{name}: {len(plan)} images -> {n_batches_text(n_batches)} in {out_dir} "
               f"({n_batches - n_make} complete, {n_make} to make)")
         try:
-            bad_results = run_tasks(pool, workers, tasks, name, done, sums, skip_bad)
+            bad_results = run_tasks(decoders, tasks, name, done, sums, skip_bad)
         except BaseException:
             # a failed write or Ctrl-C: stop the other writers and take away their
             # half-written files (the complete batches stay)
-            pool.terminate()
-            pool.join()
+            decoders.stop()
             remove_leftover_tmp_files(out_dir, quiet=True)
             raise
         if not bad_results:
@@ -339,6 +354,8 @@ def make_split(pool, workers, name, files, src_dir, out_dir, report_file, drop_l
             for i, message in items:
                 newly_bad[plan[k * BATCH_SIZE + i]] = message
         if not skip_bad:
+            decoders.stop()  # the batches still being made are not wanted
+            remove_leftover_tmp_files(out_dir, quiet=True)
             # deleting the file is no way out: the validation ground truth goes by position,
             # and the training order must list every training image
             message = next(iter(newly_bad.values()))
@@ -407,9 +424,9 @@ def main():
     else:
         print(f"training order: reusing {order_file}")
 
-    with Pool(args.workers, initializer=worker_signals) as pool:
+    with TaskProcesses(args.workers, run_task) as decoders:
         sums = BatchSums()
-        _, train_plan = make_split(pool, args.workers, 'train', train_files, train_dir, train_out,
+        _, train_plan = make_split(decoders, 'train', train_files, train_dir, train_out,
                                    skipped_report_file(paths, 'train'), drop_last=True,
                                    sums=sums, skip_bad=args.skip_bad,
                                    made_from=made_from['train'])
@@ -418,7 +435,7 @@ def main():
         print(f"train: {n_batches_text(sums.n_batches)}; mean of their {sums.n_images} images -> "
               f"{mean_file}")
 
-        done, val_plan = make_split(pool, args.workers, 'val', val_files, val_dir, val_out,
+        done, val_plan = make_split(decoders, 'val', val_files, val_dir, val_out,
                                     skipped_report_file(paths, 'val'), drop_last=False,
                                     sums=None, skip_bad=args.skip_bad,
                                     made_from=made_from['val'])

@@ -19,6 +19,7 @@ import functools
 import json
 import multiprocessing as mp
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -76,10 +77,14 @@ def _read_pids(out_dir):
     return pids
 
 
-def _shm_segments():
+def _shm_segments(pids):
+    """The host exchange's segments in /dev/shm of the groups whose rank 0 is one of `pids`
+    (their names start with its pid): this test's own, not those of a run that another test
+    worker has going at the same time."""
     if not os.path.isdir('/dev/shm'):
         return set()
-    return {n for n in os.listdir('/dev/shm') if n.startswith('xchg-')}
+    prefixes = tuple(f'xchg-{p}-' for p in pids)
+    return {n for n in os.listdir('/dev/shm') if n.startswith(prefixes)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,7 +143,9 @@ def __getattr__(name):           # the test planes, made when a worker asks for 
     raise AttributeError(name)
 
 
-def _w_average(rank, world, kinds, device_type, expect_kinds, port):
+def _w_average(rank, world, kinds, device_type, expect_kinds, port, out_dir=None):
+    if out_dir:
+        _write_pid(out_dir, rank)
     import torch
     from alexnet_lib import exchange, exchange_backends
     from alexnet_lib.exchange_rank_order import RankOrderAverage
@@ -220,12 +227,52 @@ def _w_average(rank, world, kinds, device_type, expect_kinds, port):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('world', [2, 3])
-def test_host_and_gloo_average_exactly(world):
-    segments_before = _shm_segments()
+def test_host_and_gloo_average_exactly(tmp_path, world):
     launch.spawn(_w_average, world, args=(('host', 'gloo', 'p2p', 'copying', 'refusing'), 'cpu',
                                           ('host', 'gloo', 'host', 'copying', 'host'),
-                                          launch.free_port()), timeout=180)
-    assert _shm_segments() <= segments_before, 'shared-memory segments left behind'
+                                          launch.free_port(), str(tmp_path)), timeout=180)
+    assert not _shm_segments(_read_pids(str(tmp_path))), 'shared-memory segments left behind'
+
+
+class _OneRank:
+    """The control group of a world of one, for a plane in this process."""
+    rank, world = 0, 1
+
+    def __init__(self):
+        self.at_barrier = set()         # the segments in /dev/shm at a barrier
+
+    def all_gather_bytes(self, data, what=''):
+        return [data]
+
+    def gather_i64(self, values, what=''):
+        import torch
+        return torch.tensor([values], dtype=torch.int64)
+
+    def barrier(self, what=''):        # a segment exists until every rank has mapped it
+        self.at_barrier |= {n for n in os.listdir('/dev/shm') if n.startswith('xchg-')}
+
+    def guard(self, what):
+        import contextlib
+        return contextlib.nullcontext()
+
+
+@pytest.mark.skipif(not os.path.isdir('/dev/shm'), reason='no /dev/shm')
+def test_host_segments_are_named_after_rank_0s_process():
+    """The leak checks here look only at the segments of their own runs, found by rank 0's pid
+    in the name: a segment named otherwise would go unseen."""
+    import torch
+    from alexnet_lib.exchange_rank_order import Host
+    ctl = _OneRank()
+    plane = Host(ctl, torch.device('cpu'))
+    try:
+        flat = torch.arange(6.0)
+        plane.average_(flat)
+        assert torch.equal(flat, torch.arange(6.0))
+        mine = [n for n in ctl.at_barrier
+                if re.fullmatch(rf'xchg-{os.getpid()}-[0-9a-f]{{16}}-r0-g1', n)]
+        assert len(mine) == 1 and _shm_segments([os.getpid()]) == set(), sorted(ctl.at_barrier)
+    finally:
+        plane.close()
 
 
 def test_world_of_one_is_a_no_op():
@@ -413,7 +460,6 @@ def _w_peer_fails(rank, world, rdv, out_dir, kind, mode, timeout):
 @pytest.mark.parametrize('kind,mode,world', [('host', 'killed', 3), ('gloo', 'stuck', 2)])
 def test_failed_peer_gives_clear_error_and_no_orphans(tmp_path, kind, mode, world):
     timeout = 4.0
-    segments_before = _shm_segments()
     rdv = tmp_path / 'rdv'
     rdv.mkdir()
     ctx = mp.get_context('spawn')
@@ -450,7 +496,7 @@ def test_failed_peer_gives_clear_error_and_no_orphans(tmp_path, kind, mode, worl
                 p.kill()
             p.join(5)
     assert _wait_gone([p.pid for p in procs], 5) == []
-    assert _shm_segments() <= segments_before, 'shared-memory segments left behind'
+    assert not _shm_segments([p.pid for p in procs]), 'shared-memory segments left behind'
 
 
 def test_host_exchange_without_room_in_dev_shm_is_one_line_naming_it(tmp_path):

@@ -1,6 +1,8 @@
 """End-to-end tests of preprocessing/: the real scripts (and shell scripts) in subprocesses, on
 trees with every quirk of the real ImageNet (tests/preproc_tree.py), checked image by image."""
+import ctypes
 import os
+import re
 import resource
 import shutil
 import signal
@@ -360,6 +362,120 @@ def test_ctrl_c_then_rerun_finishes_the_same_batches(tmp_path):
 
     ok(run(['make_hkl.py', '--paths', yaml_path, '--workers', '2'], REPO))
     assert assert_record_describes(paths, order, tree.val_names) == record
+
+
+def wait_until_idle(pids, seconds=30.0):
+    """Until every process of ``pids`` has been asleep (state S) for a second without using the
+    CPU: stuck on a pipe or a lock, or waiting for work."""
+    def sample():
+        out = []
+        for pid in pids:
+            with open(f'/proc/{pid}/stat') as f:
+                fields = f.read().rsplit(')', 1)[1].split()
+            out.append((fields[0], int(fields[11]) + int(fields[12])))  # state, utime + stime
+        return out
+
+    deadline = time.monotonic() + seconds
+    last = sample()
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = sample()
+        if now == last and all(state == 'S' for state, _ in now):
+            return
+        last = now
+    raise AssertionError(f'processes {pids} still busy after {seconds:.0f} s')
+
+
+def signal_thread(pid, tid, signum):
+    """``signum`` to thread ``tid`` of process ``pid`` alone (tgkill): as the kernel may deliver
+    a signal sent to the process."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, 'tgkill'):
+        pytest.skip('no tgkill in this C library')
+    if libc.tgkill(pid, tid, signum) != 0:
+        raise OSError(ctypes.get_errno(), f'tgkill {pid} {tid}')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('case', ['to every process', 'to another thread'])
+def test_sigterm_stops_the_run_at_once_whatever_its_processes_do(tmp_path, case):
+    """SIGTERM stops the run at once, as Ctrl-C does, and no decoding process is left.
+    'to every process' (a batch system's time limit, kill -TERM -PGID) while a decoding process
+    is in the middle of sending its result, a batch's sum, larger than a pipe holds (the main
+    process is held by SIGSTOP meanwhile, so that the results wait in the pipes): one killed
+    there kept the lock of multiprocessing.Pool's result queue for ever, and stopping the pool
+    waited for that lock. 'to another thread': the signal reaches a thread of the main process
+    other than the one that waits for the decoding processes (tqdm's monitor; the kernel may
+    choose any), while those cannot answer (held by SIGSTOP): the wait still ends."""
+    tree = build_tree(tmp_path / 'imagenet', per_class=(400, 300, 330), n_val=10, quirks=False)
+    yaml_path = tree.write_paths_yaml(tmp_path / 'paths.yaml', tmp_path / 'out')
+    paths = load_paths(yaml_path)
+    first = os.path.join(paths['train_batch_dir'], '0000.hkl')
+    proc = subprocess.Popen([sys.executable, os.path.join(PREP, 'make_hkl.py'), '--paths',
+                             yaml_path, '--workers', '2'], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint,
+                            start_new_session=True)
+    try:
+        while not os.path.exists(first) and proc.poll() is None:
+            time.sleep(0.01)
+        workers = subprocess.run(['pgrep', '-P', str(proc.pid)], capture_output=True,
+                                 text=True).stdout.split()
+        assert len(workers) == 2  # three of four training batches still to come
+        if case == 'to every process':
+            os.kill(proc.pid, signal.SIGSTOP)
+            wait_until_idle(workers)
+            os.killpg(proc.pid, signal.SIGTERM)
+            os.kill(proc.pid, signal.SIGCONT)
+        else:
+            for pid in workers:
+                os.kill(int(pid), signal.SIGSTOP)
+            wait_until_idle([str(proc.pid)])
+            others = [int(t) for t in os.listdir(f'/proc/{proc.pid}/task') if t != str(proc.pid)]
+            assert others
+            signal_thread(proc.pid, others[0], signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 130 and 'interrupted' in stderr and 'Traceback' not in stderr, \
+        stderr
+    assert not [w for w in workers if os.path.exists(f'/proc/{w}')]
+    assert len(list_batch_files(paths['train_batch_dir'])) < 4
+    assert not [n for n in os.listdir(paths['train_batch_dir']) if '.tmp' in n]
+
+
+@pytest.mark.slow
+def test_a_decoding_process_that_dies_stops_the_run_naming_it(tmp_path):
+    """A decoding process killed (by the kernel's out-of-memory killer, say) stops the run with
+    one line naming it, at once: not a wait for results that never come (a pool that starts a
+    new worker in its place loses the task the dead one had)."""
+    tree = build_tree(tmp_path / 'imagenet', per_class=(400, 300, 330), n_val=10, quirks=False)
+    yaml_path = tree.write_paths_yaml(tmp_path / 'paths.yaml', tmp_path / 'out')
+    paths = load_paths(yaml_path)
+    first = os.path.join(paths['train_batch_dir'], '0000.hkl')
+    proc = subprocess.Popen([sys.executable, os.path.join(PREP, 'make_hkl.py'), '--paths',
+                             yaml_path, '--workers', '2'], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        while not os.path.exists(first) and proc.poll() is None:
+            time.sleep(0.01)
+        workers = subprocess.run(['pgrep', '-P', str(proc.pid)], capture_output=True,
+                                 text=True).stdout.split()
+        assert len(workers) == 2
+        for pid in workers:  # three of four training batches still to come
+            os.kill(int(pid), signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    line = error_line(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    assert re.fullmatch(r'error: a decoding process \(pid (\d+)\) died \(signal SIGKILL\) '
+                        r'with \S+\.hkl to (make|read): out of memory\? \(--workers N runs '
+                        r'fewer\); run the same command again to continue', line), line
+    assert re.search(r'pid (\d+)', line).group(1) in workers
+    assert not [n for n in os.listdir(paths['train_batch_dir']) if '.tmp' in n]
 
 
 # ---------------------------------------------------------------- unreadable images
