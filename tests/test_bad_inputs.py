@@ -572,6 +572,9 @@ ELSEWHERE = [
     ('tests/test_preprocessing.py',
      'test_a_devkit_without_words_gives_the_wnids_alone_with_a_notice'),
     ('tests/test_preprocessing.py', 'test_a_file_size_limit_is_one_line_naming_the_file'),
+    ('tests/test_preprocessing.py', 'test_a_decoding_process_that_dies_stops_the_run_naming_it'),
+    ('tests/test_preprocessing.py',
+     'test_sigterm_stops_the_run_at_once_whatever_its_processes_do'),
 ]
 
 
@@ -900,6 +903,12 @@ ELSEWHERE_TEXT = [
     'preprocessing under a file-size limit (`ulimit -f`): `error: cannot write batch file '
     '…/0000.hkl (File too large): over the file-size limit (ulimit -f); raise the limit '
     '(ulimit -f unlimited) and run the same command again: complete files are kept` (exit 1)',
+    "a decoding process of make_hkl.py killed (the kernel's out-of-memory killer): `error: a "
+    'decoding process (pid N) died (signal SIGKILL) with …/0001.hkl to make: out of memory? '
+    '(--workers N runs fewer); run the same command again to continue` (exit 1, at once)',
+    'SIGTERM to make_hkl.py (a batch system\'s time limit; to the whole process group too): '
+    '`interrupted` (exit 130, at once), as Ctrl-C: its decoding processes are gone, the complete '
+    'batch files stay and the same command goes on from them',
 ]
 
 if __name__ == '__main__':
