@@ -112,9 +112,10 @@ def check_table(table, rank):
 class Host(RankOrderAverage):
     """Shared-memory segments, one file per rank in /dev/shm (mode 0600) holding its two halves.
     Segments grow to the largest buffer seen (every rank sees the same sizes, so they grow
-    together) and are unlinked as soon as every peer has mapped them: nothing is left behind,
-    even after a crash. GPU buffers are staged through pinned memory. A segment's name,
-    xchg-<pid of rank 0>-<random>-r<rank>-g<generation>, says which run it belongs to."""
+    together) and are unlinked as soon as every peer has mapped them: a crash leaves nothing
+    behind, unless a rank is killed in the moment between making a segment and its peers
+    mapping it. GPU buffers are staged through pinned memory. A segment's name,
+    xchg-<pid of rank 0>-<random>-r<rank>-g<generation>, says which run left it."""
     name = 'host'
 
     def __init__(self, ctl, device):
