@@ -297,17 +297,30 @@ def test_stale_batches_beyond_the_run_are_refused(done):
         os.unlink(extra)
 
 
-@pytest.mark.slow
-def test_ctrl_c_then_rerun_finishes_the_same_batches(tmp_path):
+def make_hkl_past_its_first_batch(tmp_path, workers, **popen):
+    """make_hkl.py (--workers ``workers``) on a tree of four training batches, running, once
+    it has written the first: (the process, the tree, its paths.yaml, load_paths of it)."""
     tree = build_tree(tmp_path / 'imagenet', per_class=(400, 300, 330), n_val=10, quirks=False)
     yaml_path = tree.write_paths_yaml(tmp_path / 'paths.yaml', tmp_path / 'out')
     paths = load_paths(yaml_path)
     first = os.path.join(paths['train_batch_dir'], '0000.hkl')
     proc = subprocess.Popen([sys.executable, os.path.join(PREP, 'make_hkl.py'), '--paths',
-                             yaml_path, '--workers', '1'], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
-    while not os.path.exists(first) and proc.poll() is None:
+                             yaml_path, '--workers', str(workers)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+    deadline = time.monotonic() + 120
+    while not os.path.exists(first) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
+    if not os.path.exists(first):
+        proc.kill()
+        _, stderr = proc.communicate()
+        raise AssertionError(f'make_hkl.py wrote no batch file: {stderr[-2000:]}')
+    return proc, tree, yaml_path, paths
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_rerun_finishes_the_same_batches(tmp_path):
+    proc, tree, yaml_path, paths = make_hkl_past_its_first_batch(tmp_path, 1,
+                                                                 preexec_fn=default_sigint)
     proc.send_signal(signal.SIGINT)  # Ctrl-C after the first of four training batches
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
@@ -407,17 +420,9 @@ def test_sigterm_stops_the_run_at_once_whatever_its_processes_do(tmp_path, case)
     waited for that lock. 'to another thread': the signal reaches a thread of the main process
     other than the one that waits for the decoding processes (tqdm's monitor; the kernel may
     choose any), while those cannot answer (held by SIGSTOP): the wait still ends."""
-    tree = build_tree(tmp_path / 'imagenet', per_class=(400, 300, 330), n_val=10, quirks=False)
-    yaml_path = tree.write_paths_yaml(tmp_path / 'paths.yaml', tmp_path / 'out')
-    paths = load_paths(yaml_path)
-    first = os.path.join(paths['train_batch_dir'], '0000.hkl')
-    proc = subprocess.Popen([sys.executable, os.path.join(PREP, 'make_hkl.py'), '--paths',
-                             yaml_path, '--workers', '2'], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint,
-                            start_new_session=True)
+    proc, _, _, paths = make_hkl_past_its_first_batch(tmp_path, 2, preexec_fn=default_sigint,
+                                                      start_new_session=True)
     try:
-        while not os.path.exists(first) and proc.poll() is None:
-            time.sleep(0.01)
         workers = subprocess.run(['pgrep', '-P', str(proc.pid)], capture_output=True,
                                  text=True).stdout.split()
         assert len(workers) == 2  # three of four training batches still to come
@@ -450,16 +455,8 @@ def test_a_decoding_process_that_dies_stops_the_run_naming_it(tmp_path):
     """A decoding process killed (by the kernel's out-of-memory killer, say) stops the run with
     one line naming it, at once: not a wait for results that never come (a pool that starts a
     new worker in its place loses the task the dead one had)."""
-    tree = build_tree(tmp_path / 'imagenet', per_class=(400, 300, 330), n_val=10, quirks=False)
-    yaml_path = tree.write_paths_yaml(tmp_path / 'paths.yaml', tmp_path / 'out')
-    paths = load_paths(yaml_path)
-    first = os.path.join(paths['train_batch_dir'], '0000.hkl')
-    proc = subprocess.Popen([sys.executable, os.path.join(PREP, 'make_hkl.py'), '--paths',
-                             yaml_path, '--workers', '2'], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc, _, _, paths = make_hkl_past_its_first_batch(tmp_path, 2, start_new_session=True)
     try:
-        while not os.path.exists(first) and proc.poll() is None:
-            time.sleep(0.01)
         workers = subprocess.run(['pgrep', '-P', str(proc.pid)], capture_output=True,
                                  text=True).stdout.split()
         assert len(workers) == 2
