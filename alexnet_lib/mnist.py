@@ -7,6 +7,7 @@ that format.
     (train_x, train_y), valid, test = load_data('mnist.pkl.gz')   # or load_data(None)
 """
 import gzip
+import io
 import pickle
 import zlib
 
@@ -56,6 +57,12 @@ class RestrictedUnpickler(pickle.Unpickler):
             import _codecs
             return _codecs.encode
         raise _Refused(f'refusing to load {module}.{name}: this file may only hold NumPy arrays')
+
+
+def loads_arrays(data):
+    """The object pickled in ``data``, by RestrictedUnpickler: NumPy arrays and plain values
+    (also what make_hkl.py's decoding processes send back)."""
+    return RestrictedUnpickler(io.BytesIO(data)).load()
 
 
 MNIST_FORMAT = ('--dataset must be the gzip pickle mnist.pkl.gz of ((train_x, train_y), '
