@@ -73,6 +73,7 @@ def test_validate_and_plot_scripts(small_dataset, two_epochs):
     rec = np.load(d / 'val_record.npy')
     assert (res['top1_error'] == pytest.approx(rec[1, 0])
             and res['loss'] == pytest.approx(rec[1, 1], rel=1e-5))
+    assert 'notice' not in r.stderr       # a snapshot of a whole epoch
     r = run_script('plot.py', str(d))
     assert r.returncode == 0, r.stderr
     assert (d / 'plot.png').read_bytes()[:4] == b'\x89PNG'
@@ -507,6 +508,13 @@ def test_sigterm_finishes_the_step_snapshots_and_resume_matches(small_dataset, t
     assert (tmp_path / 'progress_2.npy').exists() and (tmp_path / 'lr_2.npy').exists()
     done, per_step = np.load(tmp_path / 'progress_2.npy').tolist()
     assert 2 <= done < 4 and per_step == 8
+    r = run_script('validate.py', *small_dataset, 'gpu=cpu', 'batch_size=8', 'para_load=False',
+                   f'weights_dir={tmp_path}', 'load_epoch=2')
+    assert r.returncode == 0, r.stderr
+    assert (f'notice: snapshot 2 was written in the middle of epoch 2 (a run stopped after '
+            f'{done} of its steps)') in r.stderr and 'resume_train=True load_epoch=2' in r.stderr
+    assert set(json.loads(r.stdout.strip().splitlines()[-1])) == {'top1_error', 'top5_error',
+                                                                  'loss', 'images'}
     rep = train_loop.train(cfg_for(small_dataset, tmp_path, 'n_epochs=2', 'shuffle=True',
                                    'resume_train=True', 'load_epoch=2'), progress=False)
     assert torch.equal(rep.net.state, straight)
